@@ -1,0 +1,67 @@
+"""Canonical JSON, timestamps and hashes: the byte-exact conventions signatures rely on.
+
+Signatures cover the exact manifest bytes stored in the bundle, so the reader never has to
+re-serialize. The writer still emits canonical JSON (sorted keys, no whitespace, ASCII) so two
+builds of the same release produce identical manifests and diffs of manifests stay readable.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from typing import Any
+
+from ..errors import MalformedBundle
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            # Duplicate keys let two parsers disagree about what was signed.
+            raise ValueError(f"duplicate key {k!r} in JSON")
+        d[k] = v
+    return d
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. Raises MalformedBundle."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_object,
+                          parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MalformedBundle(f"{what} is not valid JSON ({e}); rebuild the bundle with `edgepack bundle`") from None
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def format_time(t: _dt.datetime) -> str:
+    return t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: Any, what: str) -> _dt.datetime:
+    if not isinstance(s, str):
+        raise MalformedBundle(f"{what} must be a UTC time string like 2030-01-01T00:00:00Z")
+    try:
+        return _dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        raise MalformedBundle(f"{what} {s!r} is not a UTC time like 2030-01-01T00:00:00Z") from None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_hex(s: Any, n: int) -> bool:
+    return isinstance(s, str) and len(s) == n and all(c in "0123456789abcdef" for c in s)

@@ -1,0 +1,204 @@
+"""Apply delta payloads on the board, streaming, in bounded memory.
+
+Two patch encodings (docs/bundle-format.md, "Delta payloads"):
+
+``tensor-delta`` (ONNX): the new file is rebuilt as a sequence of ops. The "glue" (all bytes
+that are not large initializer tensors: graph, node attributes, small tensors) is one zstd frame
+compressed with the base file's glue as a raw prefix. Each large tensor is either copied from
+the base (unchanged), or rebuilt from the base tensor plus a zstd-compressed XOR or wrap-around
+difference whose bytes are grouped by byte plane (all byte-0s, then all byte-1s, ...), chunk by
+chunk. Memory: the glue (capped at MAX_GLUE) plus a few 1 MiB chunks, independent of model size.
+
+``zstd-patch-from`` (anything else): one zstd frame compressed with the whole base file as a
+raw prefix and long-distance matching. The decoder needs the base in memory, so this encoding is
+capped at MAX_PATCH_FROM_BASE; bigger non-ONNX files fall back to full zstd on the host.
+
+Nothing here trusts the patch: every offset and length is bounds-checked and errors are named
+(MalformedPatch, LengthExceeded, TruncatedBundle). The caller verifies the reconstructed bytes
+against the signed SHA-256 before anything is renamed into place.
+"""
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO, Iterator
+
+import numpy as np
+from backports import zstd
+
+from ._internal.encoding import parse_json
+from ._internal.streams import CHUNK, FrameReader, zstd_stream
+from .errors import MalformedBundle, MalformedPatch
+
+PATCH_MAGIC = b"EPTDELT1"
+MAX_PATCH_HEADER = 16 << 20
+MAX_OPS = 1 << 20
+MAX_GLUE = 64 << 20
+MAX_PATCH_FROM_BASE = 256 << 20
+PATCH_FROM_WINDOW_LOG = 31
+ELEM_SIZES = (1, 2, 4, 8)
+_UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def chunk_bytes(elem: int) -> int:
+    """Bytes per byte-plane chunk: a multiple of the element size close to 1 MiB."""
+    return (CHUNK // elem) * elem
+
+
+def to_planes(data: bytes, elem: int) -> bytes:
+    """Group bytes by plane: for float32 the sign/exponent bytes of all weights end up together,
+    where consecutive fine-tuned weights share them and zstd finds long runs."""
+    if elem == 1:
+        return bytes(data)
+    a = np.frombuffer(data, dtype=np.uint8).reshape(-1, elem)
+    return a.T.tobytes()
+
+
+def from_planes(data: bytes, elem: int) -> bytes:
+    if elem == 1:
+        return bytes(data)
+    a = np.frombuffer(data, dtype=np.uint8).reshape(elem, -1)
+    return a.T.tobytes()
+
+
+def xor_encode(new: bytes, old: bytes, elem: int) -> bytes:
+    d = np.bitwise_xor(np.frombuffer(new, np.uint8), np.frombuffer(old, np.uint8))
+    return to_planes(d.tobytes(), elem)
+
+
+def sub_encode(new: bytes, old: bytes, elem: int) -> bytes:
+    dt = _UINT[elem]
+    d = np.frombuffer(new, dt) - np.frombuffer(old, dt)  # wraps modulo 2**bits
+    return to_planes(d.tobytes(), elem)
+
+
+def _decode(kind: str, planes: bytes, old: bytes, elem: int) -> bytes:
+    d = from_planes(planes, elem)
+    if kind == "x":
+        return np.bitwise_xor(np.frombuffer(d, np.uint8), np.frombuffer(old, np.uint8)).tobytes()
+    dt = _UINT[elem]
+    return (np.frombuffer(old, dt) + np.frombuffer(d, dt)).tobytes()
+
+
+def _read_base(base: BinaryIO, off: int, n: int) -> bytes:
+    base.seek(off)
+    b = base.read(n)
+    if len(b) != n:
+        raise MalformedPatch(f"patch reads base bytes {off}..{off + n} past the base's end; rebuild the delta")
+    return b
+
+
+def _rechunk(stream: Iterator[bytes], size: int) -> Iterator[bytes]:
+    buf = bytearray()
+    for piece in stream:
+        buf += piece
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
+
+
+def _ints(op: list, n: int, what: str) -> list[int]:
+    vals = op[1:]
+    if len(vals) != n or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in vals):
+        raise MalformedPatch(f"{what}: op {op[:1]} needs {n} non-negative integers; rebuild the delta")
+    return vals
+
+
+def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target_length: int,
+                      what: str) -> Iterator[bytes]:
+    """Yield the reconstructed file, chunk by chunk, from a tensor-delta patch read off ``src``."""
+    try:
+        magic = src.read_exact(8, f"{what} magic")
+        if magic != PATCH_MAGIC:
+            raise MalformedPatch(f"{what} is not a tensor-delta patch (bad magic); rebuild the delta")
+        (hlen,) = struct.unpack(">I", src.read_exact(4, f"{what} header length"))
+        if hlen > MAX_PATCH_HEADER:
+            raise MalformedPatch(f"{what} header is {hlen} bytes (max {MAX_PATCH_HEADER}); rebuild the delta")
+        header = parse_json(src.read_exact(hlen, f"{what} header"), f"{what} header")
+    except MalformedBundle as e:
+        raise MalformedPatch(str(e)) from None
+    if not isinstance(header, dict):
+        raise MalformedPatch(f"{what} header is not an object; rebuild the delta")
+    if header.get("base_length") != base_length or header.get("target_length") != target_length:
+        raise MalformedPatch(f"{what} header lengths disagree with the signed manifest; rebuild the delta")
+    glue = header.get("glue")
+    ops = header.get("ops")
+    if not isinstance(glue, dict) or not isinstance(ops, list) or len(ops) > MAX_OPS:
+        raise MalformedPatch(f"{what} header needs 'glue' and 'ops'; rebuild the delta")
+    spans = glue.get("base_spans")
+    if not isinstance(spans, list) or len(spans) > MAX_OPS:
+        raise MalformedPatch(f"{what}: glue base_spans must be a list; rebuild the delta")
+    glue_len, glue_comp = _ints(["glue", glue.get("length"), glue.get("comp_length")], 2, what)
+    if glue_len > MAX_GLUE:
+        raise MalformedPatch(f"{what}: glue of {glue_len} bytes exceeds {MAX_GLUE}; rebuild the delta")
+    prefix = bytearray()
+    for sp in spans:
+        if not isinstance(sp, list):
+            raise MalformedPatch(f"{what}: glue span is not a list; rebuild the delta")
+        off, n = _ints(["span", *sp], 2, what)
+        if off + n > base_length or len(prefix) + n > MAX_GLUE:
+            raise MalformedPatch(f"{what}: glue span {off}+{n} is outside the base; rebuild the delta")
+        prefix += _read_base(base, off, n)
+    zd = zstd.ZstdDict(bytes(prefix), is_raw=True).as_prefix if prefix else None
+    glue_bytes = b"".join(zstd_stream(src, glue_comp, glue_len, f"{what} glue", zstd_dict=zd))
+    del prefix, zd
+    gpos = 0
+    produced = 0
+    for op in ops:
+        if not isinstance(op, list) or not op or not isinstance(op[0], str):
+            raise MalformedPatch(f"{what}: malformed op; rebuild the delta")
+        k = op[0]
+        if k == "g":
+            (n,) = _ints(op, 1, what)
+            if gpos + n > glue_len:
+                raise MalformedPatch(f"{what}: ops use more glue than the patch carries; rebuild the delta")
+            for i in range(gpos, gpos + n, CHUNK):
+                yield glue_bytes[i:min(i + CHUNK, gpos + n)]
+            gpos += n
+        elif k == "c":
+            off, n = _ints(op, 2, what)
+            if off + n > base_length:
+                raise MalformedPatch(f"{what}: copy op reads past the base; rebuild the delta")
+            for i in range(0, n, CHUNK):
+                yield _read_base(base, off + i, min(CHUNK, n - i))
+        elif k == "z":
+            n, comp = _ints(op, 2, what)
+            if produced + n > target_length:
+                raise MalformedPatch(f"{what}: ops produce more than the target length; rebuild the delta")
+            yield from zstd_stream(src, comp, n, f"{what} tensor data")
+        elif k in ("x", "s"):
+            elem, off, n, comp = _ints(op, 4, what)
+            if elem not in ELEM_SIZES or n % elem or off + n > base_length or produced + n > target_length:
+                raise MalformedPatch(f"{what}: tensor op out of bounds or misaligned; rebuild the delta")
+            cb = chunk_bytes(elem)
+            pos = 0
+            for planes in _rechunk(zstd_stream(src, comp, n, f"{what} tensor delta"), cb):
+                old = _read_base(base, off + pos, len(planes))
+                if len(planes) % elem:
+                    raise MalformedPatch(f"{what}: tensor delta chunk misaligned; rebuild the delta")
+                yield _decode(k, planes, old, elem)
+                pos += len(planes)
+        else:
+            raise MalformedPatch(f"{what}: unknown op {k!r}; update the device agent or rebuild the delta")
+        produced += n
+        if produced > target_length:
+            raise MalformedPatch(f"{what}: ops produce more than the target length; rebuild the delta")
+    if gpos != glue_len or produced != target_length:
+        raise MalformedPatch(f"{what}: ops do not rebuild exactly the target ({produced} of {target_length} bytes); "
+                             "rebuild the delta")
+
+
+def iter_patch_from(src: FrameReader, base: BinaryIO, base_length: int, target_length: int, comp_length: int,
+                    what: str) -> Iterator[bytes]:
+    """Yield the file rebuilt from a zstd frame compressed with the whole base as its prefix."""
+    if base_length > MAX_PATCH_FROM_BASE:
+        raise MalformedPatch(f"{what}: patch-from base of {base_length} bytes exceeds {MAX_PATCH_FROM_BASE}; "
+                             "send a full bundle instead")
+    base.seek(0)
+    data = base.read()
+    if len(data) != base_length:
+        raise MalformedPatch(f"{what}: base file changed while applying; retry")
+    zd = zstd.ZstdDict(data, is_raw=True).as_prefix if data else None
+    yield from zstd_stream(src, comp_length, target_length, what, zstd_dict=zd,
+                           window_log_max=PATCH_FROM_WINDOW_LOG)

@@ -1,0 +1,183 @@
+"""Activation calibration in bounded memory, once, for every calibration method.
+
+ONNX Runtime's calibrators keep every intermediate output of every calibration sample in memory
+before reducing them (2.8 GB for EfficientNet-Lite0 with Entropy, see ../shared/ASSETS.md), and
+each method needs its own pass. Here one streaming collector keeps, per tensor, the running
+min/max (pass 1) and a fixed-edge 2048-bin histogram (pass 2), so memory is bounded by one batch
+of activations, and MinMax, Percentile and Entropy ranges all come from the same statistics.
+The ranges are handed to ONNX Runtime's QDQ quantizer through its calibration cache, so every
+candidate model (per method, per set of float layers) is built without re-running calibration.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .data import Dataset
+from .errors import DataError
+
+METHODS = ("minmax", "percentile", "entropy")
+BINS = 2048
+
+
+@dataclass
+class TensorStats:
+    lo: float = np.inf
+    hi: float = -np.inf
+    hist: np.ndarray | None = None  # BINS counts over [-absmax, absmax]
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.lo), abs(self.hi), 1e-12)
+
+
+@dataclass
+class Calibration:
+    """Per-tensor statistics of one calibration run, and the ranges each method derives."""
+
+    stats: dict[str, TensorStats]
+    samples: int
+    seconds: float = 0.0
+    percentile: float = 99.99
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def ranges(self, method: str) -> dict[str, tuple[float, float]]:
+        if method not in METHODS:
+            raise ValueError(f"calibration method must be one of {METHODS}")
+        if method not in self._cache:
+            f = {"minmax": _minmax, "percentile": lambda s: _percentile(s, self.percentile),
+                 "entropy": _entropy}[method]
+            self._cache[method] = {k: f(s) for k, s in self.stats.items()}
+        return self._cache[method]
+
+    def write_ort_cache(self, method: str, path: Path) -> Path:
+        """Write ranges in ONNX Runtime's calibration-cache format (read by quantize_static)."""
+        from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, TensorsData,
+                                                         save_tensors_data)
+
+        data = {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                for k, (lo, hi) in self.ranges(method).items()}
+        # The cache is labelled MinMax: it holds final ranges, whichever method chose them.
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+        return path
+
+
+def _minmax(s: TensorStats) -> tuple[float, float]:
+    return float(min(s.lo, 0.0)), float(max(s.hi, 0.0))
+
+
+def _edges(s: TensorStats) -> np.ndarray:
+    return np.linspace(-s.absmax, s.absmax, BINS + 1)
+
+
+def _percentile(s: TensorStats, pct: float) -> tuple[float, float]:
+    """Clip (100 - pct)/2 % of the mass from each tail; never widen beyond min/max."""
+    if s.hist is None or s.hist.sum() == 0:
+        return _minmax(s)
+    c = np.cumsum(s.hist) / s.hist.sum()
+    tail = (100.0 - pct) / 200.0
+    e = _edges(s)
+    lo = e[int(np.searchsorted(c, tail, side="left"))]
+    hi = e[min(int(np.searchsorted(c, 1 - tail, side="left")) + 1, BINS)]
+    return float(min(max(lo, s.lo), 0.0)), float(max(min(hi, s.hi), 0.0))
+
+
+def _entropy(s: TensorStats) -> tuple[float, float]:
+    """TensorRT-style KL threshold on |x|: the clip that best preserves the distribution."""
+    if s.hist is None or s.hist.sum() == 0:
+        return _minmax(s)
+    half = BINS // 2
+    absh = (s.hist[half:] + s.hist[:half][::-1]).astype(np.float64)  # |x| histogram, BINS/2 bins
+    levels = 255 if s.lo >= 0 else 127
+    width = s.absmax / half
+    best, best_i = np.inf, half
+    start = min(levels + 1, half)
+    for i in range(start, half + 1, max(1, (half - start) // 64)):
+        p = absh[:i].copy()
+        p[-1] += absh[i:].sum()
+        nz = p > 0
+        # quantize the first i bins into `levels` buckets, spreading each bucket over its non-empty bins
+        idx = (np.arange(i) * levels // i)
+        bucket_sum = np.bincount(idx, weights=absh[:i], minlength=levels)
+        bucket_cnt = np.bincount(idx, weights=nz.astype(np.float64), minlength=levels)
+        q = np.where(nz, bucket_sum[idx] / np.maximum(bucket_cnt[idx], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if qs == 0:
+            continue
+        pn, qn = p[nz] / ps, q[nz] / qs
+        kl = float(np.sum(pn * np.log(pn / np.maximum(qn, 1e-12))))
+        if kl < best:
+            best, best_i = kl, i
+    t = best_i * width
+    return float(min(max(s.lo, -t), 0.0)), float(max(min(s.hi, t), 0.0))
+
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs and node outputs that carry activations (not weights or constants)."""
+    inits = {i.name for i in model.graph.initializer}
+    const_out = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    for n in model.graph.node:
+        if n.op_type in ("Constant", "Shape", "Size", "ConstantOfShape"):
+            continue
+        names += [o for o in n.output if o and o not in const_out]
+    return list(dict.fromkeys(names))
+
+
+def _exposing_session(model: onnx.ModelProto, names: list[str], threads: int) -> ort.InferenceSession:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(n))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as td:  # >2 GB protobufs cannot go through bytes
+        p = Path(td) / "m.onnx"
+        onnx.save(m, str(p))
+        return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+
+
+def collect(model: onnx.ModelProto, data: Dataset, input_name: str, *, batch_size: int = 8,
+            threads: int = 0, percentile: float = 99.99,
+            progress: Callable[[int, int], None] | None = None) -> Calibration:
+    """Two streaming passes over ``data``: running min/max, then histograms with fixed edges."""
+    import time
+
+    if len(data) == 0:
+        raise DataError("calibration set is empty")
+    t0 = time.perf_counter()
+    names = activation_tensors(model)
+    sess = _exposing_session(model, names, threads)
+    out_names = [o.name for o in sess.get_outputs()]
+    stats: dict[str, TensorStats] = {}
+    total = 2 * len(data)
+    done = 0
+    for pass_no in (1, 2):
+        for idx, x in data.batches(batch_size):
+            outs = sess.run(out_names, {input_name: x})
+            for name, y in zip(out_names, outs):
+                if not isinstance(y, np.ndarray) or y.dtype not in (np.float32, np.float16) or y.size == 0:
+                    continue
+                s = stats.setdefault(name, TensorStats())
+                if pass_no == 1:
+                    s.lo, s.hi = min(s.lo, float(y.min())), max(s.hi, float(y.max()))
+                else:
+                    a = s.absmax
+                    b = np.clip(((y.ravel() + a) * (BINS / (2 * a))).astype(np.int64), 0, BINS - 1)
+                    h = np.bincount(b, minlength=BINS)
+                    s.hist = h if s.hist is None else s.hist + h
+            done += len(idx)
+            if progress:
+                progress(done, total)
+    return Calibration(stats, len(data), time.perf_counter() - t0, percentile)

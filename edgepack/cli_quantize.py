@@ -1,0 +1,175 @@
+"""CLI: `edgepack quantize` and `edgepack targets`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .data import ImagePreprocess, load_dataset, load_hook
+from .errors import DataError
+from .modelinfo import load_model
+
+out = Console()
+
+
+class RichProgress:
+    """Adapter from the library's Progress protocol to rich bars (on stderr)."""
+
+    def __init__(self, enabled: bool = True):
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled,
+                          transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        self.p.__exit__(*a)
+
+    def start(self, description: str, total: int) -> None:
+        self.task = self.p.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.p.advance(self.task, n)
+
+    def done(self) -> None:
+        if self.task is not None:
+            self.p.remove_task(self.task)
+            self.task = None
+
+
+def _preprocessing(model: Path, spec: Optional[str], hook: Optional[str]):
+    if hook:
+        return load_hook(hook)
+    if spec:
+        return ImagePreprocess.parse(spec)
+    try:
+        declared = load_model(model, allow_quantized=True).metadata.get("edgepack.preprocess", "")
+    except Exception:
+        return None  # the model error is reported by the pipeline itself
+    if declared and "=" in declared:
+        return ImagePreprocess.parse(declared)
+    return None
+
+
+def render_report(r, console: Console) -> None:
+    from .quantize import QuantizeReport
+
+    assert isinstance(r, QuantizeReport)
+    t = Table(title=f"edgepack quantize -> {r.target}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
+    t.add_row("size", f"{mb(r.fp32_size_bytes)} -> {mb(r.int8_size_bytes)} ({r.size_ratio:.2f}x smaller)")
+    if r.fp32_top1 is not None:
+        t.add_row("top-1 FP32 / INT8", f"{r.fp32_top1:.2f} % / {r.int8_top1:.2f} %  (drop {r.drop_points:+.2f} points, "
+                  f"McNemar p={r.mcnemar_p:.2g})")
+    t.add_row("top-1 agreement with FP32", f"{r.agreement:.2f} % over {r.holdout_samples} held-out samples")
+    ok = "[green]met[/]" if r.budget_met else "[red]NOT met[/]"
+    t.add_row("accuracy budget", f"{r.metric} drop <= {r.budget_points:g} points: {ok} ({r.drop_points:.2f})")
+    t.add_row("calibration", f"{r.calibration_method} on {r.calibration_samples} samples "
+              f"(tried: {', '.join(sorted({c.method for c in r.candidates}))})")
+    t.add_row("weights / activations", f"int8 {'per-channel' if r.per_channel else 'per-tensor'}, "
+              f"{r.weight_rounding} rounding / {r.activation_dtype}")
+    t.add_row("most sensitive layers", "\n".join(f"{s['name']} ({s['op']}, SQNR {s['sqnr_db']} dB)"
+                                                 for s in r.sensitive_layers[:5]) or "(not needed)")
+    t.add_row("layers kept in float", "\n".join(r.float_layers) or "none")
+    for row in r.latency:
+        t.add_row(f"latency, {row.threads} thread(s)", f"FP32 {row.fp32_ms:.2f} ms -> INT8 {row.int8_ms:.2f} ms "
+                  f"= {row.ratio:.2f}x (median of {row.runs})")
+    t.add_row("evaluations / time / peak RSS", f"{r.evaluations} / {r.seconds:.1f} s / {r.peak_rss_mb:.0f} MB")
+    console.print(t)
+    for w in r.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def register(app: typer.Typer) -> None:
+    from .cli import run_guarded
+
+    @app.command()
+    def quantize(
+        model: Path = typer.Argument(..., help="FP32 ONNX model"),
+        target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
+        calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
+        eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
+        output: Path = typer.Option(..., "-o", "--output", help="INT8 ONNX model to write"),
+        search: Optional[Path] = typer.Option(None, "--search", help="data for ranking/selection; "
+                                              "default: half of --eval, the other half held out"),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: target's)"),
+        calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
+        method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy"),
+        rounding: str = typer.Option("gptq", "--rounding", help="weight rounding: gptq (advanced PTQ) or nearest"),
+        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
+                                                 "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
+        preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook", help="FILE.py:FUNC mapping an image path to an array"),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="labels file (file,label) for --eval"),
+        threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
+        require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
+        max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
+        as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+        report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUTPUT with .json)"),
+    ) -> None:
+        """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
+
+        def go() -> None:
+            from .calibrate import METHODS
+            from .quantize import QuantizeOptions, quantize as run
+            from .targets import load_target
+
+            tgt = load_target(target)
+            bad = [m for m in method if m not in METHODS]
+            if bad:
+                raise DataError(f"unknown calibration method(s) {bad}; choose from {list(METHODS)}")
+            if rounding not in ("gptq", "nearest"):
+                raise DataError("--rounding must be gptq or nearest")
+            load_model(model)  # fail fast on a bad model, before data is opened
+            pp = _preprocessing(model, preprocess, preprocess_hook)
+            cal = load_dataset(calib, pp)
+            ev = load_dataset(eval_, pp, labels_file=labels)
+            se = load_dataset(search, pp) if search else None
+            opts = QuantizeOptions(max_drop=max_drop, calib_size=calib_size,
+                                   methods=tuple(method) or METHODS, weight_rounding=rounding,
+                                   latency_threads=tuple(threads), require_speedup=require_speedup,
+                                   max_evals=max_evals)
+            with RichProgress(enabled=not as_json) as pg:
+                r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
+            rp = report or output.with_suffix(".json")
+            rp.write_text(r.to_json())
+            if as_json:
+                print(r.to_json())
+            else:
+                render_report(r, out)
+                out.print(f"wrote {output} and {rp}")
+            if not r.budget_met:
+                raise typer.Exit(4)
+
+        run_guarded(go)
+
+    @app.command()
+    def targets(as_json: bool = typer.Option(False, "--json")) -> None:
+        """List the board profiles."""
+
+        def go() -> None:
+            from .targets import list_targets, load_target
+
+            ts = [load_target(n) for n in list_targets()]
+            if as_json:
+                print(json.dumps([{"name": t.name, "description": t.description, "ram_mb": t.ram_mb,
+                                   "ota_budget_mb": t.ota_budget_mb, "float_allowed": t.float_allowed,
+                                   "max_top1_drop": t.max_top1_drop} for t in ts], indent=2))
+                return
+            tb = Table("target", "description", "RAM", "OTA budget", "float", "max drop")
+            for t in ts:
+                tb.add_row(t.name, t.description, f"{t.ram_mb} MB", f"{t.ota_budget_mb:g} MB",
+                           "yes" if t.float_allowed else "no", f"{t.max_top1_drop:g}")
+            out.print(tb)
+
+        run_guarded(go)

@@ -1,0 +1,46 @@
+"""Latency on this machine, measured fairly between two models.
+
+Shared machines are noisy, so the two models are timed in alternating rounds (A, B, A, B, ...)
+after a warm-up, and the figures are medians and p90 over many single-sample runs; the ratio of
+medians is what the speed gate looks at.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .evaluate import session
+
+
+@dataclass
+class LatencyStats:
+    threads: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+
+    @classmethod
+    def of(cls, threads: int, times_s: list[float]) -> "LatencyStats":
+        a = np.asarray(times_s) * 1e3
+        return cls(threads, len(a), float(np.median(a)), float(np.percentile(a, 90)))
+
+
+def compare_latency(model_a, model_b, sample: np.ndarray, *, threads: int, rounds: int = 10,
+                    per_round: int = 10, warmup: int = 5) -> tuple[LatencyStats, LatencyStats]:
+    """Batch-1 latency of two models (paths or bytes) with the same input and thread count."""
+    sa, sb = session(model_a, threads), session(model_b, threads)
+    x = sample[None].astype(np.float32)
+    feeds = [(s, {s.get_inputs()[0].name: x}) for s in (sa, sb)]
+    for s, f in feeds:
+        for _ in range(warmup):
+            s.run(None, f)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for k, (s, f) in enumerate(feeds):
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, f)
+                times[k].append(time.perf_counter() - t)
+    return LatencyStats.of(threads, times[0]), LatencyStats.of(threads, times[1])

