@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import os
-import shutil
 import struct
 import tempfile
 import zipfile
@@ -139,7 +137,8 @@ def trust_for_check(roots: Sequence[Mapping[str, Any]], release_keys_doc: Mappin
 def _check_model(p: Path) -> str:
     if not p.is_file():
         raise ModelError(f"model file {p} not found")
-    head = p.read_bytes()[:8] if p.stat().st_size < 8 else open(p, "rb").read(8)
+    with open(p, "rb") as f:
+        head = f.read(8)
     suffix = p.suffix.lower()
     if suffix == ".tflite" or head[4:8] == b"TFL3":
         return "model"

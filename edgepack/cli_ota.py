@@ -1,8 +1,282 @@
-"""CLI for OTA bundles: keys, bundle, delta, verify (issue 3). Placeholder until implemented."""
+"""CLI for OTA bundles: ``edgepack keys ...``, ``bundle``, ``delta``, ``verify`` (issue 3).
+
+Thin shell over edgepack.keys / edgepack.bundle / edgepack.delta and the board's reader
+(device_agent.bundle). Board-side errors (device_agent.errors.OtaError) are reported like
+EdgepackError: one line on stderr, non-zero exit. Private key material is never printed.
+"""
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from device_agent.errors import OtaError
+
+out = Console()
+keys_app = typer.Typer(no_args_is_help=True, help="Root keys, release keys, key lists: create, rotate, revoke.")
+
+
+def _guard(fn: Callable[[], None]) -> None:
+    from .cli import fail, run_guarded
+
+    def wrapped() -> None:
+        try:
+            fn()
+        except OtaError as e:
+            fail(e)
+
+    run_guarded(wrapped)
+
+
+def _emit(as_json: bool, data: Any, table: Table | None = None, lines: list[str] | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    if table is not None:
+        out.print(table)
+    for line in lines or []:
+        out.print(line, highlight=False)
+
+
+def _kv_table(title: str, rows: dict[str, Any]) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    for k, v in rows.items():
+        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+    return t
+
+
+def _files_table(files: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title)
+    for c in ("path", "role", "encoding", "length", "transport", "sha256"):
+        t.add_column(c, justify="right" if c in ("length", "transport") else "left")
+    for f in files:
+        t.add_row(f["path"], f.get("role", ""), f["encoding"], f"{f['length']:,}", f"{f['transport_length']:,}",
+                  f["sha256"][:16] + "…")
+    return t
+
+
+# --------------------------------------------------------------------------- keys
+@keys_app.command("init-root")
+def keys_init_root(directory: Path = typer.Argument(..., help="Directory for root-N.key files and root.json"),
+                   count: int = typer.Option(3, help="Number of root keys"),
+                   threshold: int = typer.Option(2, help="Root signatures needed to sign a key list or a new root"),
+                   expires_days: float = typer.Option(3650, help="Root document lifetime"),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Create the root keys (0600 files: move them offline) and root.json v1 to flash onto boards."""
+    def run() -> None:
+        from .keys import init_root
+        path, ks = init_root(directory, count=count, threshold=threshold, expires_days=expires_days)
+        data = {"root": str(path), "threshold": threshold,
+                "keys": [{"keyid": k.keyid, "file": str(Path(directory) / f"root-{i + 1}.key")} for i, k in enumerate(ks)]}
+        _emit(as_json, data, _kv_table("root v1", {"root document": path, "threshold": f"{threshold} of {count}",
+                                                  "key ids": [k.keyid[:16] for k in ks]}),
+              ["[dim]Keep root-*.key offline; boards get root.json.[/]"])
+    _guard(run)
+
+
+@keys_app.command("new-release-key")
+def keys_new_release_key(path: Path = typer.Argument(..., help="Private key file to create (0600); PATH.pub is written too"),
+                         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Create a release-signing key. Add it to the key list with `keys sign-release-keys`."""
+    def run() -> None:
+        from .keys import generate_key, pub_path
+        k = generate_key(path)
+        _emit(as_json, {"keyid": k.keyid, "private": str(path), "public": str(pub_path(path))},
+              lines=[f"release key {k.keyid}", f"private: {path} (0600)", f"public:  {pub_path(path)}"])
+    _guard(run)
+
+
+def _load_signers(paths: list[Path]) -> list:
+    from .keys import load_signing_key
+    return [load_signing_key(p) for p in paths]
+
+
+@keys_app.command("sign-release-keys")
+def keys_sign_release_keys(root: Path = typer.Option(..., help="Current root.json"),
+                           root_key: List[Path] = typer.Option(..., help="Root private key (repeat to reach the threshold)"),
+                           key: List[Path] = typer.Option([], help="Release public key (.pub) to list (repeat)"),
+                           version: int = typer.Option(..., help="List version: higher than the one boards hold"),
+                           revoke: List[str] = typer.Option([], help="Key id to list as revoked (repeat)"),
+                           threshold: int = typer.Option(1, help="Release signatures a bundle needs"),
+                           expires_days: float = typer.Option(365),
+                           output: Path = typer.Option(..., "-o", "--output"),
+                           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Sign the list of release keys with root keys (also the way to rotate release keys)."""
+    def run() -> None:
+        from .keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
+        doc = make_release_keys(read_doc(root), _load_signers(root_key), [load_public_key(k) for k in key],
+                                version=version, revoked=revoke, threshold=threshold, expires_days=expires_days)
+        write_doc(output, doc)
+        d = describe_doc(doc)
+        _emit(as_json, {"output": str(output), **d},
+              _kv_table(f"release-key list v{version} -> {output}", {"keys": [k[:16] for k in d["keys"]],
+                        "revoked": [k[:16] for k in d["revoked"]] or "-", "signed by": [k[:16] for k in d["signatures"]]}))
+    _guard(run)
+
+
+@keys_app.command("revoke")
+def keys_revoke(keyid: List[str] = typer.Argument(..., help="Release key id(s) (or unique prefix) to revoke"),
+                root: Path = typer.Option(..., help="Current root.json"),
+                release_keys: Path = typer.Option(..., help="Current release-key list"),
+                root_key: List[Path] = typer.Option(..., help="Root private key (repeat to reach the threshold)"),
+                expires_days: float = typer.Option(365),
+                output: Path = typer.Option(..., "-o", "--output"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Publish a new key list (version + 1) that revokes release keys. Ship it in the next bundle."""
+    def run() -> None:
+        from .keys import describe_doc, read_doc, revoke as do_revoke, write_doc
+        doc = do_revoke(read_doc(release_keys), read_doc(root), _load_signers(root_key), keyid,
+                        expires_days=expires_days)
+        write_doc(output, doc)
+        d = describe_doc(doc)
+        _emit(as_json, {"output": str(output), **d},
+              _kv_table(f"release-key list v{d['version']} -> {output}",
+                        {"keys": [k[:16] for k in d["keys"]] or "-", "revoked": [k[:16] for k in d["revoked"]]}))
+    _guard(run)
+
+
+@keys_app.command("rotate-root")
+def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (version n)"),
+                     old_key: List[Path] = typer.Option(..., help="Current root private key (threshold of them)"),
+                     new_key: List[Path] = typer.Option(..., help="Private key of the new root (all new keys; they sign too)"),
+                     threshold: int = typer.Option(2),
+                     expires_days: float = typer.Option(3650),
+                     output: Path = typer.Option(..., "-o", "--output"),
+                     as_json: bool = typer.Option(False, "--json")) -> None:
+    """Make root v(n+1) signed by the old and new root keys. Ship it in bundles (`bundle --root`)."""
+    def run() -> None:
+        from .keys import describe_doc, read_doc, rotate_root, write_doc
+        news = _load_signers(new_key)
+        doc = rotate_root(read_doc(root), _load_signers(old_key), news, news, threshold, expires_days=expires_days)
+        write_doc(output, doc)
+        d = describe_doc(doc)
+        _emit(as_json, {"output": str(output), **d},
+              _kv_table(f"root v{d['version']} -> {output}", {"threshold": d["threshold"],
+                        "keys": [k[:16] for k in d["keys"]], "signed by": [k[:16] for k in d["signatures"]]}))
+    _guard(run)
+
+
+@keys_app.command("show")
+def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list, or a .pub/.key file"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a trust document or a key's id (never the private key)."""
+    def run() -> None:
+        from .keys import describe_doc, key_id, load_public_key, read_doc
+        from device_agent.errors import MalformedBundle
+        try:
+            data = describe_doc(read_doc(path))
+        except MalformedBundle:
+            data = {"keyid": key_id(load_public_key(path))}
+        _emit(as_json, data, _kv_table(str(path), data))
+    _guard(run)
+
+
+# --------------------------------------------------------------------------- bundle / delta / verify
+def _roots(paths: list[Path]) -> list[dict]:
+    from .keys import read_doc
+    return [read_doc(p) for p in paths]
+
+
+def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onnx or .tflite"),
+               name: str = typer.Option(..., help="Model name (same across releases)"),
+               release: int = typer.Option(..., help="Monotonic release number (boards refuse lower ones)"),
+               version: str = typer.Option(..., help="Human version label, e.g. 1.4.0"),
+               target: List[str] = typer.Option(..., help="Compatible target (repeat)"),
+               key: List[Path] = typer.Option(..., help="Release private key (repeat for multi-signature)"),
+               release_keys: Path = typer.Option(..., help="Release-key list signed by the root keys"),
+               root: List[Path] = typer.Option(..., help="root.json; repeat with rotated roots to ship the chain"),
+               settings: Optional[Path] = typer.Option(None, help="Runtime settings JSON (runtime, threads, execution_provider)"),
+               golden: Optional[Path] = typer.Option(None, help=".npz with input* arrays and output* reference outputs"),
+               expires_days: float = typer.Option(90, help="Manifest lifetime (boards refuse expired bundles)"),
+               level: int = typer.Option(9, help="zstd level"),
+               output: Path = typer.Option(..., "-o", "--output"),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Build a signed full bundle; it is read back with the board's verifier before it is kept."""
+    def run() -> None:
+        from .bundle import build_bundle
+        from .keys import read_doc
+        rep = build_bundle(output, models=model, name=name, release=release, version=version, targets=target,
+                           signer=_load_signers(key), release_keys_doc=read_doc(release_keys), roots=_roots(root),
+                           settings=settings, golden=golden, expires_days=expires_days, level=level)
+        data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),
+                "files": rep.files, "release": release}
+        _emit(as_json, data, _files_table(rep.files, f"{rep.path} ({rep.bundle_bytes:,} bytes)"))
+    _guard(run)
+
+
+def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"),
+              new: Path = typer.Argument(..., help="Full bundle to reach"),
+              output: Path = typer.Option(..., "-o", "--output"),
+              key: List[Path] = typer.Option(..., help="Release private key to sign the delta manifest"),
+              root: List[Path] = typer.Option(..., help="root.json the boards hold (to verify OLD and NEW)"),
+              release_keys: Optional[Path] = typer.Option(None, help="Release-key list, if the bundles do not carry one"),
+              level: int = typer.Option(19, help="zstd level for patches"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """Make a delta bundle OLD -> NEW (tensor-aware for ONNX); writes NEW itself if no delta is smaller."""
+    def run() -> None:
+        from device_agent.trust import TrustRoot
+        from .bundle import trust_for_check
+        from .delta import make_delta_bundle
+        from .keys import read_doc
+        trust = trust_for_check(_roots(root), None)
+        if release_keys is not None:
+            trust = trust.update_release_keys(read_doc(release_keys))
+        rep = make_delta_bundle(old, new, output, trust=trust, signer=_load_signers(key), level=level)
+        data = {"output": str(rep.path), "fallback_to_full": rep.fallback, "bundle_bytes": rep.bundle_bytes,
+                "full_bundle_bytes": rep.full_bundle_bytes, "ratio": round(rep.bundle_bytes / rep.full_bundle_bytes, 4),
+                "base_release": rep.base_release, "release": rep.release, "files": rep.files,
+                "seconds": round(rep.seconds, 3)}
+        t = Table(title=f"delta {rep.base_release} -> {rep.release}: {rep.path}")
+        for c in ("path", "encoding", "bytes"):
+            t.add_column(c)
+        for f in rep.files:
+            t.add_row(f["path"], f["encoding"], f"{f['bytes']:,}")
+        note = ("[yellow]delta was not smaller: wrote the full bundle[/]" if rep.fallback else
+                f"{rep.bundle_bytes:,} bytes = {data['ratio']:.1%} of the full bundle ({rep.full_bundle_bytes:,})")
+        _emit(as_json, data, t, [note])
+    _guard(run)
+
+
+def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle to verify"),
+               root: Path = typer.Option(..., help="root.json (what the board has flashed)"),
+               release_keys: Optional[Path] = typer.Option(None, help="Release-key list the board already holds"),
+               target: Optional[str] = typer.Option(None, help="Board target to check compatibility against"),
+               min_release: int = typer.Option(0, help="Lowest release accepted (anti-rollback counter)"),
+               base_dir: Optional[Path] = typer.Option(None, help="Directory holding the base release (delta bundles)"),
+               extract_to: Optional[Path] = typer.Option(None, "--extract", help="Also write the verified files here"),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Verify a bundle exactly as a board does (signatures, policy, every payload hash)."""
+    def run() -> None:
+        from device_agent.bundle import extract, open_bundle, verify_payloads
+        from device_agent.trust import TrustRoot
+        trust = TrustRoot.from_files(root, release_keys)
+        vm = open_bundle(bundle, trust, target=target, min_release=min_release)
+        if extract_to is not None:
+            written = extract(vm, extract_to, base_dir=base_dir)
+        else:
+            verify_payloads(vm, base_dir=base_dir)
+            written = []
+        s = vm.summary()
+        rebuilt = vm.kind == "full" or base_dir is not None
+        data = {"ok": True, "payloads_rebuilt": rebuilt, "written": [str(p) for p in written], **s}
+        lines = ["[green]OK[/]: signature, policy and every payload hash verified"
+                 + ("" if rebuilt else " (delta: transport hashes only; pass --base-dir to rebuild and check files)")]
+        _emit(as_json, data, _kv_table(str(bundle), {k: s[k] for k in ("kind", "model", "release", "version", "targets",
+                                                                           "expires", "content_sha256")}), lines)
+        if not as_json:
+            out.print(_files_table(s["files"], "files"))
+    _guard(run)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.add_typer(keys_app, name="keys")
+    app.command("bundle")(bundle_cmd)
+    app.command("delta")(delta_cmd)
+    app.command("verify")(verify_cmd)

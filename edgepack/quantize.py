@@ -310,9 +310,6 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
                     break
                 else:
                     k = (lo + hi) // 2
-        elif best[0] > budget and not target.float_allowed:
-            warnings.append(f"target {target.name} runs INT8 only: no layer may stay in float, "
-                            "so the remaining drop cannot be bought back with mixed precision")
 
         # Of the candidates that meet the budget prefer the fewest float layers; else the best.
         meeting = [c for c in candidates if c.search_drop <= budget]
@@ -328,6 +325,9 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         if not met:
             warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
                             f"points > {budget:g} allowed")
+            if not target.float_allowed:
+                warnings.append(f"target {target.name} runs INT8 only: no layer may stay in float, "
+                                "so the remaining drop cannot be bought back with mixed precision")
 
         lat = []
         sample = holdout.loader(0)

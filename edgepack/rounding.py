@@ -249,32 +249,35 @@ def _conv_pads(lay: _Layer, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def _conv_patches(lay: _Layer, x: np.ndarray) -> np.ndarray:
-    """im2col of a conv input (N, Cin, *spatial) -> (G, M, K), columns in weight order."""
+    """im2col of a conv input (N, Cin, *spatial) -> (G, K, M), rows in weight-column order
+    (cin, kh, kw). This layout keeps each group's ``P Pᵀ`` a single contiguous BLAS call, which
+    is ~8x faster than (G, M, K) patches for depthwise convs."""
     if x.ndim == 3:  # 1-D conv as 2-D with height 1
         x = x[:, :, None, :]
-    kh, kw = (1, *lay.kernel) if len(lay.kernel) == 1 else lay.kernel
-    sh, sw = (1, *lay.strides) if len(lay.strides) == 1 else lay.strides
-    dh, dw = (1, *lay.dilations) if len(lay.dilations) == 1 else lay.dilations
-    pads = _conv_pads(lay, tuple(x.shape[2:]) if len(lay.kernel) == 2 else (x.shape[3],))
-    if len(pads) == 1:
+    one = len(lay.kernel) == 1
+    kh, kw = (1, *lay.kernel) if one else lay.kernel
+    sh, sw = (1, *lay.strides) if one else lay.strides
+    dh, dw = (1, *lay.dilations) if one else lay.dilations
+    pads = _conv_pads(lay, (x.shape[3],) if one else tuple(x.shape[2:]))
+    if one:
         pads = [(0, 0), *pads]
     n, c = x.shape[:2]
     g = lay.groups
-    if kh == kw == 1 and all(p == (0, 0) for p in pads):
-        xs = x[:, :, ::sh, ::sw]
-        ho, wo = xs.shape[2:]
-        return xs.reshape(n, g, c // g, ho, wo).transpose(1, 0, 3, 4, 2).reshape(g, n * ho * wo, c // g)
-    xp = np.pad(x, [(0, 0), (0, 0), *pads]) if any(p != (0, 0) for p in pads) else x
-    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, Ho, Wo, kh, kw)
-    ho, wo = win.shape[2:4]
-    win = win.reshape(n, g, c // g, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-    return win.reshape(g, n * ho * wo, (c // g) * kh * kw)
+    cg = c // g
+    if any(p != (0, 0) for p in pads):
+        x = np.pad(x, [(0, 0), (0, 0), *pads])
+    ho = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    wo = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    P = np.empty((g, cg, kh, kw, n, ho, wo), dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            sl = x[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+            P[:, :, i, j] = sl.reshape(n, g, cg, ho, wo).transpose(1, 2, 0, 3, 4)
+    return P.reshape(g, cg * kh * kw, n * ho * wo)
 
 
 def _layer_rows(lay: _Layer, x: np.ndarray) -> Iterator[np.ndarray]:
-    """The layer input as (G, M, K) float32 row blocks of bounded size."""
+    """The layer input as (G, K, M) float32 blocks of bounded size (M = samples/positions)."""
     if lay.op == "Conv":
         per_image = max(1, int(np.prod(x.shape[1:])) * int(np.prod(lay.kernel)) * 4)
         step = max(1, _PATCH_BYTES // per_image)
@@ -282,12 +285,12 @@ def _layer_rows(lay: _Layer, x: np.ndarray) -> Iterator[np.ndarray]:
             yield _conv_patches(lay, x[i:i + step])
         return
     if lay.op == "Gemm":
-        a = x.T if lay.trans_a else x
+        a = x if lay.trans_a else x.T  # (K, M)
     else:
-        a = x.reshape(-1, x.shape[-1])
-    step = max(1, _PATCH_BYTES // max(1, a.shape[1] * 4))
-    for i in range(0, a.shape[0], step):
-        yield a[None, i:i + step]
+        a = x.reshape(-1, x.shape[-1]).T
+    step = max(1, _PATCH_BYTES // max(1, a.shape[0] * 4))
+    for i in range(0, a.shape[1], step):
+        yield a[None, :, i:i + step]
 
 
 def _accumulate(lay: _Layer, x: np.ndarray) -> None:
@@ -296,15 +299,15 @@ def _accumulate(lay: _Layer, x: np.ndarray) -> None:
         lay.xmin = min(lay.xmin, float(x.min()))
         lay.xmax = max(lay.xmax, float(x.max()))
     for p in _layer_rows(lay, x):
-        h = np.matmul(p.transpose(0, 2, 1), p)  # (G, K, K), float32 BLAS
-        s = p.sum(axis=1, dtype=np.float64)
+        G, K, M = p.shape
         if lay.H is None:
-            lay.H = h.astype(np.float64)
-            lay.S = s
-        else:
-            lay.H += h
-            lay.S += s
-        lay.n += p.shape[1]
+            lay.H = np.zeros((G, K, K))
+            lay.S = np.zeros((G, K))
+        for gi in range(G):
+            pg = p[gi]
+            lay.H[gi] += pg @ pg.T  # float32 BLAS (syrk), accumulated in float64
+        lay.S += p.sum(axis=2, dtype=np.float64)
+        lay.n += M
 
 
 def _batch_iter(batches) -> Iterator[dict[str, np.ndarray]]:
@@ -332,7 +335,11 @@ def _collect(model: onnx.ModelProto, layers: list[_Layer], batches,
     out_names = [o.name for o in probe.graph.output]
     sess = None
     if out_names:
-        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        so = ort.SessionOptions()
+        # ORT's idle worker threads spin by default and then fight numpy's BLAS threads for the
+        # same cores while we accumulate statistics between runs (measured 5x slower on 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del probe
     by_input: dict[str, list[_Layer]] = {}
     for lay in layers:

@@ -46,14 +46,21 @@ def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: np.ndarray
     layers = [n for n in fp32.graph.node if n.op_type in WEIGHT_OPS]
 
     def ancestor(t: str) -> str | None:
-        """Nearest tensor upstream of t that exists under the same name in both models."""
-        seen = 0
-        while t not in qdq_tensors and seen < 8:
+        """Output of the nearest upstream weight layer (or the graph input) on the main path.
+
+        Both ends of the difference are then pre-activation outputs of weight layers, measured
+        the same way in both models (an activation that the QDQ model folded away, such as a
+        ReLU6 Clip, is stepped over)."""
+        for _ in range(16):
             p = producers.get(t)
-            if p is None or not p.input:
+            if p is None:
+                return t if t in qdq_tensors else None
+            if p.op_type in WEIGHT_OPS:
+                return t if t in qdq_tensors else None
+            if not p.input:
                 return None
-            t, seen = p.input[0], seen + 1
-        return t if t in qdq_tensors else None
+            t = p.input[0]
+        return None
 
     plan = []
     for n in layers:
