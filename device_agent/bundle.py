@@ -111,6 +111,8 @@ def read_header(f: BinaryIO) -> BundleHeader:
     """Parse the container header from the current position. No trust decisions are made here."""
     magic = f.read(len(MAGIC))
     if magic != MAGIC:
+        if not magic:
+            raise NotABundle("not an edgepack bundle (empty file, bad magic); pass a file made by `edgepack bundle`")
         if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
             raise TruncatedBundle("bundle ends inside its magic; the file is cut short: copy it again")
         raise NotABundle("not an edgepack bundle (bad magic); pass a file made by `edgepack bundle` or `edgepack delta`")

@@ -2,7 +2,7 @@
 
 Two patch encodings (docs/bundle-format.md, "Delta payloads"):
 
-``tensor-delta`` (ONNX): the new file is rebuilt as a sequence of ops. The "glue" (all bytes
+``tensor-delta`` (ONNX): a zstd-compressed JSON header lists the ops; the new file is rebuilt as a sequence of ops. The "glue" (all bytes
 that are not large initializer tensors: graph, node attributes, small tensors) is one zstd frame
 compressed with the base file's glue as a raw prefix. Each large tensor is either copied from
 the base (unchanged), or rebuilt from the base tensor plus a zstd-compressed XOR or wrap-around
@@ -71,12 +71,16 @@ def sub_encode(new: bytes, old: bytes, elem: int) -> bytes:
     return to_planes(d.tobytes(), elem)
 
 
-def _decode(kind: str, planes: bytes, old: bytes, elem: int) -> bytes:
-    d = from_planes(planes, elem)
+def _decode(kind: str, planes: bytes, old: bytes, elem: int) -> memoryview:
+    """Inverse of xor_encode/sub_encode for one chunk; returns a flat byte view (no extra copy)."""
+    d = np.frombuffer(planes, dtype=np.uint8).reshape(elem, -1).T  # a view: bytes back in element order
+    o = np.frombuffer(old, dtype=np.uint8).reshape(-1, elem)
     if kind == "x":
-        return np.bitwise_xor(np.frombuffer(d, np.uint8), np.frombuffer(old, np.uint8)).tobytes()
-    dt = _UINT[elem]
-    return (np.frombuffer(old, dt) + np.frombuffer(d, dt)).tobytes()
+        res = np.bitwise_xor(d, o)
+    else:
+        dt = _UINT[elem]
+        res = np.add(np.ascontiguousarray(d).view(dt), o.view(dt))  # wraps modulo 2**bits
+    return np.ascontiguousarray(res).reshape(-1).data.cast("B")
 
 
 def _read_base(base: BinaryIO, off: int, n: int) -> bytes:
@@ -88,12 +92,17 @@ def _read_base(base: BinaryIO, off: int, n: int) -> bytes:
 
 
 def _rechunk(stream: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """Regroup decompressed pieces into ``size``-byte chunks (the encoder's plane-chunk size)."""
     buf = bytearray()
     for piece in stream:
+        if not buf and len(piece) == size:
+            yield piece  # the common case: zstd_stream already yields CHUNK-sized pieces
+            continue
         buf += piece
         while len(buf) >= size:
-            yield bytes(buf[:size])
+            out = bytes(memoryview(buf)[:size])
             del buf[:size]
+            yield out
     if buf:
         yield bytes(buf)
 
@@ -112,10 +121,11 @@ def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target
         magic = src.read_exact(8, f"{what} magic")
         if magic != PATCH_MAGIC:
             raise MalformedPatch(f"{what} is not a tensor-delta patch (bad magic); rebuild the delta")
-        (hlen,) = struct.unpack(">I", src.read_exact(4, f"{what} header length"))
-        if hlen > MAX_PATCH_HEADER:
+        hcomp, hlen = struct.unpack(">II", src.read_exact(8, f"{what} header length"))
+        if hlen > MAX_PATCH_HEADER or hcomp > MAX_PATCH_HEADER:
             raise MalformedPatch(f"{what} header is {hlen} bytes (max {MAX_PATCH_HEADER}); rebuild the delta")
-        header = parse_json(src.read_exact(hlen, f"{what} header"), f"{what} header")
+        raw = b"".join(zstd_stream(src, hcomp, hlen, f"{what} header"))
+        header = parse_json(raw, f"{what} header")
     except MalformedBundle as e:
         raise MalformedPatch(str(e)) from None
     if not isinstance(header, dict):

@@ -39,9 +39,11 @@ def run_guarded(fn: Callable[[], None]) -> None:
 # Command groups live in their own modules; each exposes register(app).
 from . import cli_quantize  # noqa: E402
 from . import cli_ota  # noqa: E402
+from . import cli_agent  # noqa: E402
 
 cli_quantize.register(app)
 cli_ota.register(app)
+cli_agent.register(app)
 
 
 def main() -> None:

@@ -171,9 +171,14 @@ def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list
         from .keys import describe_doc, key_id, load_public_key, read_doc
         from device_agent.errors import MalformedBundle
         try:
-            data = describe_doc(read_doc(path))
+            doc = read_doc(path)
         except MalformedBundle:
-            data = {"keyid": key_id(load_public_key(path))}
+            doc = {}
+        if "signed" in doc:
+            data = describe_doc(doc)
+        else:
+            raw = load_public_key(path)
+            data = {"keyid": key_id(raw), "public": raw.hex()}
         _emit(as_json, data, _kv_table(str(path), data))
     _guard(run)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import math
-import mmap
 import os
 import shutil
 import struct
@@ -167,32 +166,28 @@ def _window_for(n: int) -> int:
     return max(10, min(31, math.ceil(math.log2(max(n, 1024)))))
 
 
+SELECT_LEVEL = 3  # candidates are compared at a cheap level; only the winner gets the full level
+
+
 def _tensor_candidates(new: memoryview, old: memoryview, elem: int, level: int) -> tuple[str, bytes]:
+    """Smallest of XOR, wrap-around difference (both byte-plane grouped) and the plain tensor."""
     cb = chunk_bytes(elem)
     n = len(new)
-    best: tuple[str, bytes] | None = None
-    for kind in ("x", "s"):
+
+    def chunks(kind: str) -> Iterator[bytes]:
+        if kind == "z":
+            return (bytes(new[i:i + CHUNK]) for i in range(0, n, CHUNK))
         enc = xor_encode if kind == "x" else sub_encode
-        data = _compress_chunks((enc(new[i:i + cb], old[i:i + cb], elem) for i in range(0, n, cb)), level)
-        if best is None or len(data) < len(best[1]):
-            best = (kind, data)
-    plain = _compress_chunks((bytes(new[i:i + CHUNK]) for i in range(0, n, CHUNK)), level)
-    if len(plain) < len(best[1]):  # type: ignore[index]
-        best = ("z", plain)
-    return best  # type: ignore[return-value]
+        return (enc(new[i:i + cb], old[i:i + cb], elem) for i in range(0, n, cb))
+
+    sel = min(("x", "s", "z"), key=lambda k: len(_compress_chunks(chunks(k), min(level, SELECT_LEVEL))))
+    return sel, _compress_chunks(chunks(sel), level)
 
 
 def tensor_delta(old_path: Path, new_path: Path, out: BinaryIO, *, level: int = DEFAULT_LEVEL) -> dict[str, Any]:
     """Write a tensor-delta patch for two ONNX files into ``out``; returns stats. Raises _NotOnnx."""
-    with open(old_path, "rb") as fo, open(new_path, "rb") as fn:
-        old = mmap.mmap(fo.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(old_path) else b""
-        new = mmap.mmap(fn.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(new_path) else b""
-        try:
-            return _tensor_delta(memoryview(old), memoryview(new), out, level)
-        finally:
-            for m in (old, new):
-                if isinstance(m, mmap.mmap):
-                    m.close()
+    # Host side: plain reads (the host has memory; the board's apply is the part that streams).
+    return _tensor_delta(memoryview(Path(old_path).read_bytes()), memoryview(Path(new_path).read_bytes()), out, level)
 
 
 def _tensor_delta(old: memoryview, new: memoryview, out: BinaryIO, level: int) -> dict[str, Any]:
@@ -247,10 +242,11 @@ def _tensor_delta(old: memoryview, new: memoryview, out: BinaryIO, level: int) -
     gdata = gc.compress(bytes(glue), zstd.ZstdCompressor.FLUSH_FRAME)
     header = canonical_json({"base_length": len(old), "target_length": len(new), "ops": ops,
                              "glue": {"length": len(glue), "comp_length": len(gdata), "base_spans": base_spans}})
-    out.write(PATCH_MAGIC + struct.pack(">I", len(header)) + header + gdata)
+    hdata = _compressor(level).compress(header, zstd.ZstdCompressor.FLUSH_FRAME)
+    out.write(PATCH_MAGIC + struct.pack(">II", len(hdata), len(header)) + hdata + gdata)
     for b in blobs:
         out.write(b)
-    stats.update(glue_bytes=len(glue), glue_comp=len(gdata), header_bytes=len(header))
+    stats.update(glue_bytes=len(glue), glue_comp=len(gdata), header_bytes=len(header), header_comp=len(hdata))
     return stats
 
 

@@ -1,0 +1,227 @@
+"""Runtime adapters: one small ``Session`` interface over ONNX Runtime, LiteRT and OpenVINO.
+
+Runtimes are imported lazily (an install that is refused never pays for importing one, and a
+board carries only the runtime it uses). A requested accelerator (ORT execution provider,
+LiteRT delegate, OpenVINO device) that is missing or fails to initialise raises
+``AcceleratorUnavailable``: it is never silently replaced by the CPU, because a board that
+quietly runs 10x slower than its budget is worse than one that says why it refuses.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .agent_errors import AcceleratorUnavailable, Incompatible, ModelLoadError, RuntimeUnavailable
+
+ALIASES = {"onnxruntime": "onnxruntime", "ort": "onnxruntime", "onnx": "onnxruntime", "litert": "litert",
+           "tflite": "litert", "ai_edge_litert": "litert", "tensorflow-lite": "litert", "openvino": "openvino"}
+MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert", "openvino": "openvino"}
+FORMATS = {".onnx": ("onnxruntime", "openvino"), ".tflite": ("litert",)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+@dataclass
+class Session:
+    """A loaded model. ``provider`` is what actually runs it, as the runtime reports it."""
+
+    runtime: str
+    runtime_version: str
+    provider: str
+    providers: list[str]
+    threads: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    load_seconds: float
+    _impl: Any = field(repr=False, default=None)
+
+    def run(self, feeds: dict[str, Any]) -> list[Any]:
+        return self._impl(feeds)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "runtime_version": self.runtime_version, "provider": self.provider,
+                "providers": self.providers, "threads": self.threads,
+                "inputs": [[t.name, list(t.shape), t.dtype] for t in self.inputs],
+                "outputs": [[t.name, list(t.shape), t.dtype] for t in self.outputs]}
+
+
+def normalize(name: str) -> str:
+    n = ALIASES.get(name.lower())
+    if n is None:
+        raise Incompatible(f"unknown runtime {name!r}; known: onnxruntime, litert (tflite), openvino")
+    return n
+
+
+def installed(runtime: str) -> bool:
+    return importlib.util.find_spec(MODULES[normalize(runtime)]) is not None
+
+
+def choose_runtime(model: Path, board_runtimes: list[str], requested: str | None = None) -> str:
+    """The runtime that will run ``model`` on this board; raises Incompatible if there is none.
+
+    ``requested`` (the bundle's settings) must be one the board lists and has installed;
+    otherwise the board's preference order decides among runtimes that read the format.
+    """
+    fmt = FORMATS.get(model.suffix.lower())
+    if fmt is None:
+        raise Incompatible(f"model {model.name}: no runtime reads {model.suffix!r} files (use .onnx or .tflite)")
+    board = [normalize(r) for r in board_runtimes]
+    if requested:
+        r = normalize(requested)
+        if r not in fmt:
+            raise Incompatible(f"bundle asks for runtime {requested!r} but its model is {model.suffix}")
+        if r not in board:
+            raise Incompatible(f"bundle needs runtime {r}, this board offers {', '.join(board)}")
+        if not installed(r):
+            raise RuntimeUnavailable(f"bundle needs runtime {r}, which is not installed on this board")
+        return r
+    for r in board:
+        if r in fmt and installed(r):
+            return r
+    raise Incompatible(f"model {model.name} ({model.suffix}) needs one of {', '.join(fmt)}; this board has "
+                       f"{', '.join(r for r in board if installed(r)) or 'none installed'}")
+
+
+def load_model(path: str | Path, runtime: str, *, threads: int = 0, accelerator: str | None = None) -> Session:
+    """Load ``path`` in ``runtime``. Raises RuntimeUnavailable/AcceleratorUnavailable/ModelLoadError."""
+    runtime = normalize(runtime)
+    path = Path(path)
+    if not installed(runtime):
+        raise RuntimeUnavailable(f"runtime {runtime} is not installed on this board (pip install "
+                                 f"{ {'onnxruntime': 'onnxruntime', 'litert': 'ai-edge-litert', 'openvino': 'openvino'}[runtime]})")
+    return {"onnxruntime": _load_ort, "litert": _load_litert, "openvino": _load_openvino}[runtime](
+        path, threads, accelerator)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
+              "tensor(bool)": "bool"}
+
+
+def _ort_spec(a: Any) -> TensorSpec:
+    return TensorSpec(a.name, tuple(d if isinstance(d, int) else None for d in a.shape), _ORT_TYPES.get(a.type, a.type))
+
+
+def _load_ort(path: Path, threads: int, accelerator: str | None) -> Session:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if accelerator and accelerator != "CPUExecutionProvider":
+        avail = ort.get_available_providers()
+        if accelerator not in avail:
+            raise AcceleratorUnavailable(f"execution provider {accelerator} is not available in this onnxruntime "
+                                         f"(has {', '.join(avail)}); install the matching onnxruntime build")
+        providers = [accelerator, "CPUExecutionProvider"]  # CPU only for nodes the EP does not take
+    t0 = time.perf_counter()
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelLoadError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0][:300]}") from None
+    dt = time.perf_counter() - t0
+    used = sess.get_providers()
+    if accelerator and accelerator not in used:
+        raise AcceleratorUnavailable(f"execution provider {accelerator} failed to initialise (session runs on "
+                                     f"{', '.join(used)}); refusing to fall back silently")
+    out_names = [o.name for o in sess.get_outputs()]
+    return Session(runtime="onnxruntime", runtime_version=ort.__version__, provider=used[0], providers=used,
+                   threads=threads or int(so.intra_op_num_threads) or 0,
+                   inputs=[_ort_spec(i) for i in sess.get_inputs()], outputs=[_ort_spec(o) for o in sess.get_outputs()],
+                   load_seconds=dt, _impl=lambda feeds: sess.run(out_names, feeds))
+
+
+# --------------------------------------------------------------------------- LiteRT
+def _load_litert(path: Path, threads: int, accelerator: str | None) -> Session:
+    from ai_edge_litert import interpreter as tfl
+    import numpy as np
+    delegates = []
+    provider = "XNNPACK"  # LiteRT applies its XNNPACK delegate by default for float/int8 CPU kernels
+    if accelerator and accelerator.lower() not in ("xnnpack", "cpu"):
+        try:
+            delegates = [tfl.load_delegate(accelerator)]
+        except (ValueError, OSError, RuntimeError) as e:
+            raise AcceleratorUnavailable(f"LiteRT delegate {accelerator!r} cannot be loaded ({str(e)[:200]}); "
+                                         "install it on the board or drop the request") from None
+        provider = accelerator
+    t0 = time.perf_counter()
+    try:
+        kw: dict[str, Any] = {"model_path": str(path), "num_threads": threads or None}
+        if delegates:
+            kw["experimental_delegates"] = delegates
+        elif accelerator and accelerator.lower() == "cpu":
+            kw["experimental_op_resolver_type"] = tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            provider = "CPU (builtin kernels)"
+        it = tfl.Interpreter(**kw)
+        it.allocate_tensors()
+    except Exception as e:
+        raise ModelLoadError(f"LiteRT cannot load {path.name}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    dt = time.perf_counter() - t0
+    ins, outs = it.get_input_details(), it.get_output_details()
+
+    def run(feeds: dict[str, Any]) -> list[Any]:
+        for d in ins:
+            x = np.asarray(feeds[d["name"]])
+            if tuple(x.shape) != tuple(d["shape"]):
+                it.resize_tensor_input(d["index"], x.shape)
+                it.allocate_tensors()
+            it.set_tensor(d["index"], x)
+        it.invoke()
+        return [it.get_tensor(o["index"]).copy() for o in outs]
+
+    def spec(d: dict) -> TensorSpec:
+        sig = d.get("shape_signature")
+        shape = tuple(None if (sig is not None and sig[i] < 0) else int(v) for i, v in enumerate(d["shape"]))
+        return TensorSpec(d["name"], shape, np.dtype(d["dtype"]).name)
+
+    try:
+        import importlib.metadata as md
+        ver = md.version("ai-edge-litert")
+    except Exception:
+        ver = "unknown"
+    return Session(runtime="litert", runtime_version=ver, provider=provider, providers=[provider], threads=threads,
+                   inputs=[spec(d) for d in ins], outputs=[spec(d) for d in outs], load_seconds=dt, _impl=run)
+
+
+# --------------------------------------------------------------------------- OpenVINO (optional)
+def _load_openvino(path: Path, threads: int, accelerator: str | None) -> Session:
+    import openvino as ov
+    core = ov.Core()
+    device = accelerator or "CPU"
+    if device not in core.available_devices:
+        raise AcceleratorUnavailable(f"OpenVINO device {device} is not present (has {', '.join(core.available_devices)})")
+    t0 = time.perf_counter()
+    try:
+        cfg = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        compiled = core.compile_model(core.read_model(str(path)), device, cfg)
+    except Exception as e:
+        raise ModelLoadError(f"OpenVINO cannot load {path.name}: {str(e).splitlines()[0][:300]}") from None
+    dt = time.perf_counter() - t0
+    req = compiled.create_infer_request()
+
+    def run(feeds: dict[str, Any]) -> list[Any]:
+        res = req.infer(feeds)
+        return [res[o] for o in compiled.outputs]
+
+    def spec(p: Any) -> TensorSpec:
+        ps = p.get_partial_shape()
+        return TensorSpec(p.get_any_name(), tuple(d.get_length() if d.is_static else None for d in ps),
+                          str(p.get_element_type()))
+
+    return Session(runtime="openvino", runtime_version=ov.__version__, provider=device, providers=[device],
+                   threads=threads, inputs=[spec(i) for i in compiled.inputs], outputs=[spec(o) for o in compiled.outputs],
+                   load_seconds=dt, _impl=run)
+
+
+__all__ = ["Session", "TensorSpec", "load_model", "choose_runtime", "installed", "normalize"]

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Benchmark `edgepack quantize` against plain ONNX Runtime `quantize_static` (its defaults),
+side by side in one run, on the real models and data. Writes bench-results/quantize.json.
+
+    .venv/bin/python scripts/bench_quantize.py [--rounds 7]
+
+Per model: size, accuracy (labels) / top-1 agreement with FP32 (label-free natural images),
+latency at 1 and 2 threads (FP32, ORT-default INT8 and edgepack INT8 timed in interleaved rounds;
+medians over rounds), and edgepack's wall time and peak RSS (its own process) for the quantize.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepack.assets import asset  # noqa: E402
+from edgepack.data import ImagePreprocess, load_dataset  # noqa: E402
+from edgepack.evaluate import compare, predict, session  # noqa: E402
+
+
+def log(m: str) -> None:
+    print(f"[bench] {m}", file=sys.stderr, flush=True)
+
+
+def ort_default(model: Path, calib, out: Path, input_name: str) -> float:
+    """Plain quantize_static with every default (QDQ, per-tensor, MinMax, int8/int8)."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = (x for _, x in calib.batches(1))
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {input_name: x}
+
+    t = time.perf_counter()
+    quantize_static(str(model), str(out), Reader())
+    return time.perf_counter() - t
+
+
+def edgepack_cli(args: list[str]) -> tuple[float, float, dict]:
+    """Run `edgepack quantize` in its own process: wall seconds, peak RSS (MB), JSON report."""
+    t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "quantize", *args, "--json"],
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if r.returncode not in (0, 4):
+        raise SystemExit(f"edgepack quantize failed: {r.stderr.strip()[-2000:]}")
+    rep = json.loads(r.stdout)
+    return wall, max(peak, before) / 1024, rep
+
+
+def latency(models: dict[str, Path], sample: np.ndarray, threads: int, rounds: int, per_round: int = 20):
+    """Median and p90 batch-1 latency per model, in interleaved rounds."""
+    sess = {k: session(v, threads) for k, v in models.items()}
+    x = sample[None].astype(np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sess.items()}
+    for k, s in sess.items():
+        for _ in range(10):
+            s.run(None, feeds[k])
+    times = {k: [] for k in sess}
+    for _ in range(rounds):
+        for k, s in sess.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
+    return {k: {"median_ms": float(np.median(v) * 1e3), "p90_ms": float(np.percentile(v, 90) * 1e3), "runs": len(v)}
+            for k, v in times.items()}
+
+
+def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work: Path) -> dict:
+    log(f"{name}: edgepack quantize")
+    out_e = work / f"{name}-edgepack.onnx"
+    cli = [str(model), "--target", "rpi4-2gb", "--calib", str(calib["path"]), "--calib-size", str(calib["n"]),
+           "--search", str(search), "--eval", str(evals[0]["path"]), "-o", str(out_e), *preprocess_args]
+    wall, rss, rep = edgepack_cli(cli)
+    log(f"{name}: ORT quantize_static defaults")
+    out_o = work / f"{name}-ort-default.onnx"
+    ort_s = ort_default(model, calib["ds"].subset(np.arange(calib["n"])), out_o, rep_input(model))
+    res = {"model": name, "fp32_bytes": model.stat().st_size,
+           "edgepack": {"bytes": out_e.stat().st_size, "quantize_seconds": round(wall, 1),
+                        "peak_rss_mb": round(rss, 1), "report": rep},
+           "ort_default": {"bytes": out_o.stat().st_size, "quantize_seconds": round(ort_s, 1)},
+           "eval": []}
+    fp = session(model)
+    se, so = session(out_e), session(out_o)
+    for ev in evals:
+        ds = ev["ds"]
+        ref = predict(fp, ds)
+        ce, co = compare(ref, predict(se, ds), ds.labels), compare(ref, predict(so, ds), ds.labels)
+        row = {"data": ev["name"], "n": len(ds)}
+        for k, c in (("edgepack", ce), ("ort_default", co)):
+            row[k] = {"top1": c.int8_top1, "agreement": round(c.agreement, 2), "drop": round(c.drop, 3),
+                      "sqnr_db": round(c.output_sqnr_db, 2)}
+        row["fp32_top1"] = ce.fp32_top1
+        res["eval"].append(row)
+        log(f"{name}: {ev['name']}: {row}")
+    sample = evals[0]["ds"].loader(0)
+    res["latency"] = {}
+    for th in (1, 2):
+        lat = latency({"fp32": model, "ort_default": out_o, "edgepack": out_e}, sample, th, rounds)
+        lat["edgepack_vs_fp32"] = round(lat["edgepack"]["median_ms"] / lat["fp32"]["median_ms"], 3)
+        lat["ort_default_vs_fp32"] = round(lat["ort_default"]["median_ms"] / lat["fp32"]["median_ms"], 3)
+        lat["edgepack_vs_ort_default"] = round(lat["edgepack"]["median_ms"] / lat["ort_default"]["median_ms"], 3)
+        res["latency"][f"threads_{th}"] = lat
+        log(f"{name}: latency {th} thread(s): {lat['edgepack_vs_fp32']}x FP32, {lat['edgepack_vs_ort_default']}x ORT default")
+    return res
+
+
+def rep_input(model: Path) -> str:
+    import onnx
+
+    return onnx.load(str(model), load_external_data=False).graph.input[0].name
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (20 runs each)")
+    ap.add_argument("--only", choices=["fashion", "efficientnet"], default=None)
+    ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "quantize.json"))
+    a = ap.parse_args()
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                           "onnxruntime": __import__("onnxruntime").__version__},
+               "command": "python scripts/bench_quantize.py", "date": time.strftime("%Y-%m-%d"), "models": []}
+    with tempfile.TemporaryDirectory() as td:
+        work = Path(td)
+        if a.only in (None, "fashion"):
+            calib = asset("fashion-mnist/calib-x.npz")
+            results["models"].append(bench_model(
+                "fashion-cnn", asset("models/fashion-cnn.onnx"),
+                {"path": calib, "n": 256, "ds": load_dataset(calib)}, asset("fashion-mnist/search-x.npz"),
+                [{"name": "fashion-mnist test (10,000, labelled)", "path": asset("fashion-mnist/test-x.npz"),
+                  "ds": load_dataset(asset("fashion-mnist/test-x.npz"))}], [], a.rounds, work))
+        if a.only in (None, "efficientnet"):
+            spec = "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"
+            pp = ImagePreprocess.parse(spec)
+            calib = asset("images/natural-calib")
+            results["models"].append(bench_model(
+                "efficientnet-lite0", asset("models/efficientnet-lite0.onnx"),
+                {"path": calib, "n": 100, "ds": load_dataset(calib, pp)}, calib,
+                [{"name": "natural images held out (label-free agreement)", "path": asset("images/natural-eval"),
+                  "ds": load_dataset(asset("images/natural-eval"), pp)},
+                 {"name": "ImageNet samples (20, labelled)", "path": asset("images/imagenet"),
+                  "ds": load_dataset(asset("images/imagenet"), pp)}],
+                ["--preprocess", spec], a.rounds, work))
+    out.write_text(json.dumps(results, indent=2, default=float))
+    log(f"wrote {out}")
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian/Ubuntu machine with Python 3.11:
+# system packages, the virtual environment (.venv) with edgepack and its pinned extras, and the
+# real models and data (scripts/assets.py). Safe to run again: finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# System packages the tests and assets need (dpkg/apt-get download for Debian datasets,
+# openssh-server for the fleet tests, zstd/xdelta3 for delta benchmarks).
+APT_PKGS="openssh-server zstd xdelta3"
+missing=""
+for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  echo "[setup] apt-get install$missing" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  # the package may leave the system sshd enabled; tests run their own on loopback
+  command -v systemctl >/dev/null && $SUDO systemctl disable ssh >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.edgepack-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[setup] installing edgepack with extras torch,litert,test (pinned)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[torch,litert,test,bench]'
+  touch "$stamp"
+fi
+
+.venv/bin/python scripts/assets.py
