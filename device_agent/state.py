@@ -60,6 +60,7 @@ class BoardConfig:
     accelerator: str | None = None  # EP / delegate name the board must use (e.g. CUDAExecutionProvider)
     latency_budget_ms: float | None = None  # p90 over the trial runs; None: not checked
     trial_runs: int = 10
+    trial_in_process: bool = False  # True: no child process for the trial (faster; a runtime crash kills the agent)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": BOARD_FORMAT, "version": 1, **asdict(self)}

@@ -153,7 +153,7 @@ def _exposing_session(model: onnx.ModelProto, names: list[str], threads: int) ->
         return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
 
 
-def collect(model: onnx.ModelProto, data: Dataset, input_name: str, *, batch_size: int = 8,
+def collect(model: onnx.ModelProto, data: Dataset, input_names: list[str], *, batch_size: int = 8,
             threads: int = 0, percentile: float = 99.99,
             progress: Callable[[int, int], None] | None = None) -> Calibration:
     """Two streaming passes over ``data``: running min/max, then histograms with fixed edges."""
@@ -169,8 +169,8 @@ def collect(model: onnx.ModelProto, data: Dataset, input_name: str, *, batch_siz
     total = 2 * len(data)
     done = 0
     for pass_no in (1, 2):
-        for idx, x in data.batches(batch_size):
-            outs = sess.run(out_names, {input_name: x})
+        for idx, feed in data.feeds(batch_size, input_names):
+            outs = sess.run(out_names, feed)
             for name, y in zip(out_names, outs):
                 if not isinstance(y, np.ndarray) or y.dtype not in (np.float32, np.float16) or y.size == 0:
                     continue

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import DataError
 
+Sample = "np.ndarray | dict[str, np.ndarray]"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
 
@@ -95,18 +96,29 @@ class Dataset:
     """Samples (preprocessed lazily for image folders) and optional integer labels."""
 
     name: str
-    loader: Callable[[int], np.ndarray]
+    loader: Callable[[int], "np.ndarray | dict[str, np.ndarray]"]
     size: int
     labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.size
 
-    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, Sample]]:
+        """Stacked samples: an array, or a dict of arrays for multi-input models."""
         idx = np.arange(self.size) if indices is None else np.asarray(indices)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            yield chunk, np.stack([self.loader(int(i)) for i in chunk])
+            items = [self.loader(int(i)) for i in chunk]
+            if isinstance(items[0], dict):
+                yield chunk, {k: np.stack([it[k] for it in items]) for k in items[0]}
+            else:
+                yield chunk, np.stack(items)
+
+    def feeds(self, batch_size: int, input_names: list[str],
+              indices: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Batches as ONNX Runtime feed dicts for a model with these inputs."""
+        for chunk, x in self.batches(batch_size, indices):
+            yield chunk, as_feed(x, input_names)
 
     def subset(self, indices: np.ndarray, name: str | None = None) -> "Dataset":
         indices = np.asarray(indices, dtype=np.int64)
@@ -116,6 +128,12 @@ class Dataset:
 
 
 PreprocessFn = Callable[[Path], np.ndarray]
+
+
+def as_feed(x: "Sample", input_names: list[str]) -> dict[str, np.ndarray]:
+    """An array (single-input model) or dict of arrays as a feed; floats become float32."""
+    d = x if isinstance(x, dict) else {input_names[0]: x}
+    return {k: (v.astype(np.float32, copy=False) if v.dtype.kind == "f" else v) for k, v in d.items()}
 
 
 def load_hook(spec: str) -> PreprocessFn:
@@ -175,13 +193,25 @@ def _load_arrays(p: Path) -> Dataset:
             x, y = np.load(p, mmap_mode="r", allow_pickle=False), None
         else:
             z = np.load(p, allow_pickle=False)
-            key = next((k for k in ("inputs", "x", "images", "input") if k in z.files),
-                       z.files[0] if len(z.files) == 1 else None)
+            ykey = next((k for k in ("labels", "y", "label") if k in z.files), None)
+            y = None if ykey is None else np.asarray(z[ykey]).astype(np.int64).reshape(-1)
+            key = next((k for k in ("inputs", "x", "images", "input") if k in z.files), None)
+            others = [k for k in z.files if k != ykey]
+            if key is None and len(others) == 1:
+                key = others[0]
+            if key is None and len(others) > 1:
+                # several named arrays: one per model input (e.g. input_ids, attention_mask)
+                arrs = {k: z[k] for k in others}
+                n = {len(a) for a in arrs.values()}
+                if len(n) != 1:
+                    raise DataError(f"{p}: input arrays have different sample counts {sorted(n)}")
+                if y is not None and len(y) != n.pop():
+                    raise DataError(f"{p}: {len(y)} labels for {len(next(iter(arrs.values())))} samples")
+                size = len(next(iter(arrs.values())))
+                return Dataset(p.name, lambda i: {k: np.asarray(a[i]) for k, a in arrs.items()}, size, y)
             if key is None:
                 raise DataError(f"{p}: no inputs array (name it 'inputs' or 'x'); found {z.files}")
             x = z[key]
-            ykey = next((k for k in ("labels", "y", "label") if k in z.files), None)
-            y = None if ykey is None else np.asarray(z[ykey]).astype(np.int64).reshape(-1)
     except (ValueError, OSError) as e:
         raise DataError(f"{p}: not a readable numpy file ({e})") from None
     if x.ndim == 0:

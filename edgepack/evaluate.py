@@ -31,10 +31,10 @@ def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True) 
 def predict(sess: ort.InferenceSession, data: Dataset, *, batch_size: int = 32,
             progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits (N, classes) for every sample of ``data``, in order."""
-    name = sess.get_inputs()[0].name
+    names = [i.name for i in sess.get_inputs()]
     outs = []
-    for idx, x in data.batches(batch_size):
-        y = sess.run(None, {name: x.astype(np.float32, copy=False)})[0]
+    for idx, feed in data.feeds(batch_size, names):
+        y = sess.run(None, feed)[0]
         outs.append(y.reshape(len(idx), -1))
         if progress:
             progress(len(idx))

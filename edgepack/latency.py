@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import as_feed
 from .evaluate import session
 
 
@@ -27,12 +28,12 @@ class LatencyStats:
         return cls(threads, len(a), float(np.median(a)), float(np.percentile(a, 90)))
 
 
-def compare_latency(model_a, model_b, sample: np.ndarray, *, threads: int, rounds: int = 10,
+def compare_latency(model_a, model_b, sample, *, threads: int, rounds: int = 10,
                     per_round: int = 10, warmup: int = 5) -> tuple[LatencyStats, LatencyStats]:
     """Batch-1 latency of two models (paths or bytes) with the same input and thread count."""
     sa, sb = session(model_a, threads), session(model_b, threads)
-    x = sample[None].astype(np.float32)
-    feeds = [(s, {s.get_inputs()[0].name: x}) for s in (sa, sb)]
+    batch = {k: v[None] for k, v in sample.items()} if isinstance(sample, dict) else sample[None]
+    feeds = [(s, as_feed(batch, [i.name for i in s.get_inputs()])) for s in (sa, sb)]
     for s, f in feeds:
         for _ in range(warmup):
             s.run(None, f)

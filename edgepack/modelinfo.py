@@ -19,12 +19,21 @@ WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 class ModelInfo:
     path: Path
     model: onnx.ModelProto
-    input_name: str
-    input_shape: tuple  # ints or dim names
+    input_names: list[str]
+    input_shapes: dict[str, tuple]  # ints or dim names
+    input_kinds: dict[str, str]     # numpy dtype kind per input: "f" float, "i" integer
     output_name: str
     ops: Counter
     size_bytes: int
     metadata: dict
+
+    @property
+    def input_name(self) -> str:
+        return self.input_names[0]
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.input_shapes[self.input_names[0]]
 
     @property
     def weight_nodes(self) -> list[str]:
@@ -50,28 +59,45 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelInfo:
         raise ModelError(f"{p} is already quantized (has {', '.join(q)}); pass the FP32 model")
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ModelError(f"{p}: expected one input tensor, found {len(inputs)} "
-                         f"({', '.join(i.name for i in inputs)})")
-    i0 = inputs[0]
-    if i0.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise ModelError(f"{p}: input {i0.name!r} is not float32")
-    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                  for d in i0.type.tensor_type.shape.dim)
+    if not inputs:
+        raise ModelError(f"{p}: the graph has no inputs")
+    kinds = {}
+    shapes = {}
+    for i in inputs:
+        et = i.type.tensor_type.elem_type
+        if et in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            kinds[i.name] = "f"
+        elif et in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            kinds[i.name] = "i"
+        else:
+            raise ModelError(f"{p}: input {i.name!r} has element type {et}; expected float or integer ids")
+        shapes[i.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                               for d in i.type.tensor_type.shape.dim)
     meta = {pr.key: pr.value for pr in m.metadata_props}
     for n in m.graph.node:  # node names are how layers are reported and excluded
         if not n.name:
             n.name = f"{n.op_type}_{id(n) & 0xFFFFFF:x}"
-    return ModelInfo(p, m, i0.name, shape, m.graph.output[0].name, ops, p.stat().st_size, meta)
+    return ModelInfo(p, m, [i.name for i in inputs], shapes, kinds, m.graph.output[0].name, ops,
+                     p.stat().st_size, meta)
 
 
-def check_sample_shape(info: ModelInfo, sample: np.ndarray, what: str) -> None:
-    """The model's input without its batch axis must match one data sample."""
-    want = info.input_shape[1:]
-    got = tuple(sample.shape)
-    ok = len(want) == len(got) and all(not isinstance(w, int) or w in (0, g) for w, g in zip(want, got))
-    if not ok:
-        raise DataError(f"{what} sample shape {got} does not fit model input {info.input_name!r} "
-                        f"{tuple(info.input_shape)} (batch axis first)")
-    if sample.dtype.kind not in "fiu":
-        raise DataError(f"{what} samples must be numeric, got {sample.dtype}")
+def check_sample_shape(info: ModelInfo, sample, what: str) -> None:
+    """Each model input without its batch axis must match one data sample."""
+    if not isinstance(sample, dict):
+        if len(info.input_names) != 1:
+            raise DataError(f"{what} samples are single arrays but the model takes {len(info.input_names)} "
+                            f"inputs ({', '.join(info.input_names)}): store them as named arrays in an .npz")
+        sample = {info.input_name: sample}
+    if set(sample) != set(info.input_names):
+        raise DataError(f"{what} arrays {sorted(sample)} do not match the model inputs {sorted(info.input_names)}")
+    for name, arr in sample.items():
+        want = info.input_shapes[name][1:]
+        got = tuple(np.shape(arr))
+        ok = len(want) == len(got) and all(not isinstance(w, int) or w in (0, g) for w, g in zip(want, got))
+        if not ok:
+            raise DataError(f"{what} sample shape {got} does not fit model input {name!r} "
+                            f"{tuple(info.input_shapes[name])} (batch axis first)")
+        kind = np.asarray(arr).dtype.kind
+        if kind not in "fiu" or (info.input_kinds[name] == "i" and kind == "f"):
+            raise DataError(f"{what} input {name!r} has dtype {np.asarray(arr).dtype}; the model wants "
+                            f"{'integers' if info.input_kinds[name] == 'i' else 'floats'}")

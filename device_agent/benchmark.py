@@ -1,0 +1,114 @@
+"""On-device benchmark (``bench``) and evaluation (``eval``) of the active model (or any model file).
+
+Latency is measured the way runtimes' own benchmark tools do it: one session, a fixed input
+already in memory, ``warmup`` untimed runs, then ``runs`` timed runs of ``session.run`` alone
+(perf_counter around the call; no input conversion inside the timed region). Percentiles are
+nearest-rank (MLPerf style); use >= 100 runs for a meaningful p99.
+
+Memory: RSS is read from /proc before the runtime is imported, after the import, and after the
+model is loaded; the model's share is the last step. Peak RSS is the process high-water mark.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .health import Comparison, compare, latency_stats, load_golden, smoke_feed
+from .install import peak_rss_mb, rss_mb
+from .runtime import choose_runtime, load_model
+
+
+@dataclass
+class BenchReport:
+    model: str
+    model_bytes: int
+    runtime: str
+    runtime_version: str
+    provider: str
+    providers: list[str]
+    threads: int
+    load_ms: float
+    first_inference_ms: float
+    warmup: int
+    latency: dict[str, float]
+    rss_agent_mb: float
+    rss_runtime_mb: float
+    rss_model_mb: float
+    peak_rss_mb: float
+    input: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_model(model: str | Path, runtime: str, *, threads: int = 0, accelerator: str | None = None,
+                runs: int = 100, warmup: int = 10, golden: Path | None = None) -> BenchReport:
+    model = Path(model)
+    rss_agent = rss_mb()
+    import importlib
+    importlib.import_module({"onnxruntime": "onnxruntime", "litert": "ai_edge_litert.interpreter",
+                             "openvino": "openvino"}.get(runtime, runtime))
+    rss_rt = rss_mb()
+    sess = load_model(model, runtime, threads=threads, accelerator=accelerator)
+    rss_loaded = rss_mb()
+    feed, what = None, "synthetic (no golden data)"
+    if golden is not None:
+        g = load_golden(golden, sess)
+        if g.feeds:
+            feed, what = g.feeds[0], f"golden sample 0 of {golden.name}"
+    if feed is None:
+        feed = smoke_feed(sess)
+    t0 = time.perf_counter()
+    sess.run(feed)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        sess.run(feed)
+    times = []
+    run = sess.run
+    for _ in range(runs):
+        t = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - t)
+    return BenchReport(model=model.name, model_bytes=model.stat().st_size, runtime=sess.runtime,
+                       runtime_version=sess.runtime_version, provider=sess.provider, providers=sess.providers,
+                       threads=sess.threads, load_ms=sess.load_seconds * 1e3, first_inference_ms=first * 1e3,
+                       warmup=warmup, latency=latency_stats(times), rss_agent_mb=round(rss_agent, 2),
+                       rss_runtime_mb=round(rss_rt - rss_agent, 2), rss_model_mb=round(rss_loaded - rss_rt, 2),
+                       peak_rss_mb=round(peak_rss_mb(), 2), input=what)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    release: int | None
+    runtime: str
+    provider: str
+    data: str
+    comparison: Comparison
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["comparison"] = self.comparison.to_json()
+        return d
+
+
+def eval_model(model: str | Path, runtime: str, data: Path, *, threads: int = 0, accelerator: str | None = None,
+               release: int | None = None) -> EvalReport:
+    """Top-1 accuracy (if ``labels``), top-1 agreement and drift against the reference outputs."""
+    sess = load_model(model, runtime, threads=threads, accelerator=accelerator)
+    g = load_golden(data, sess)
+    outs = [sess.run(f) for f in g.feeds]
+    c = compare(outs, g)
+    notes = []
+    if g.labels is None:
+        notes.append("no labels in the data: accuracy not computed")
+    if g.refs is None:
+        notes.append("no reference outputs in the data: agreement/drift not computed")
+    return EvalReport(model=Path(model).name, release=release, runtime=sess.runtime, provider=sess.provider,
+                      data=data.name, comparison=c, notes=notes)
+
+
+__all__ = ["BenchReport", "EvalReport", "bench_model", "eval_model", "choose_runtime"]
