@@ -42,6 +42,7 @@ from . import cli_ota  # noqa: E402
 from . import cli_agent  # noqa: E402
 
 cli_quantize.register(app)
+cli_quantize.register_analyze(app)
 cli_ota.register(app)
 cli_agent.register(app)
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -171,5 +172,78 @@ def register(app: typer.Typer) -> None:
                 tb.add_row(t.name, t.description, f"{t.ram_mb} MB", f"{t.ota_budget_mb:g} MB",
                            "yes" if t.float_allowed else "no", f"{t.max_top1_drop:g}")
             out.print(tb)
+
+        run_guarded(go)
+
+
+def register_analyze(app: typer.Typer) -> None:
+    from .cli import run_guarded
+
+    @app.command()
+    def analyze(
+        model: Path = typer.Argument(..., help="FP32 ONNX model"),
+        target: str = typer.Option(..., "--target", "-t"),
+        calib: Path = typer.Option(..., "--calib"),
+        eval_: Path = typer.Option(..., "--eval"),
+        html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML page with plots"),
+        max_eval: int = typer.Option(256, "--max-eval", help="evaluation samples per measurement"),
+        calib_size: Optional[int] = typer.Option(None, "--calib-size"),
+        method: str = typer.Option("percentile", "--method"),
+        preprocess: Optional[str] = typer.Option(None, "--preprocess"),
+        preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Structured quantization debugging report: calibration, per-layer sensitivity, outliers, placement."""
+
+        def go() -> None:
+            from .analyze import analyze as run, to_html
+            from .calibrate import METHODS
+            from .targets import load_target
+
+            if method not in METHODS:
+                raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
+            tgt = load_target(target)
+            load_model(model)
+            pp = _preprocessing(model, preprocess, preprocess_hook)
+            cal = load_dataset(calib, pp, limit=calib_size)
+            ev = load_dataset(eval_, pp)
+            with RichProgress(enabled=not as_json) as pg:
+                state = {"d": None}
+
+                def prog(desc: str, i: int, n: int) -> None:
+                    if state["d"] != desc:
+                        pg.done()
+                        pg.start(desc, n)
+                        state["d"] = desc
+                    pg.advance(1)
+
+                r = run(model, tgt, cal, ev, method=method, max_eval=max_eval, progress=prog)
+                pg.done()
+            if html:
+                tmp = html.with_name(f".{html.name}.tmp")
+                tmp.write_text(to_html(r))
+                tmp.replace(html)
+            if as_json:
+                print(json.dumps(r.to_dict(), indent=2, default=float))
+                return
+            t = Table(title=f"edgepack analyze -> {r.target}", show_header=False)
+            t.add_column(style="bold")
+            t.add_column()
+            t.add_row("full INT8", f"{r.metric} drop {r.int8_drop:.2f} points, logits SQNR {r.int8_sqnr_db} dB "
+                      f"({r.eval_samples} samples)")
+            t.add_row("worst layers (alone)", "\n".join(escape(f"{l.name} [{l.role}]") + f" {l.alone_sqnr_db} dB, drop {l.alone_drop}"
+                                                        + (f", float gain {l.float_gain}" if l.float_gain is not None else "")
+                                                        for l in r.layers[:6]))
+            t.add_row("outliers", "\n".join(escape(f"{o.tensor} [{o.role}] {o.ratio}x") for o in r.outliers[:5]))
+            t.add_row("calibration size", ", ".join(f"{s['samples']}: {s['drop']}" for s in r.size_sweep))
+            t.add_row("calibration coverage", f"mean {r.coverage_mean_outside * 100:.3f} % of eval values outside")
+            p = r.placement
+            t.add_row("placement", f"{p.int8_nodes} INT8, {p.fallback_nodes} CPU fallback in {p.islands} island(s) "
+                      f"(~{p.estimated_transfer_ms} ms); MatMul/Gemm INT8 {p.matmul_gemm_int8}/{p.matmul_gemm_total}")
+            out.print(t)
+            for f in r.findings:
+                out.print(escape(f"- {f}"))
+            if html:
+                out.print(f"wrote {html}")
 
         run_guarded(go)

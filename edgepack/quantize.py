@@ -36,6 +36,9 @@ from .errors import BudgetNotMet, DataError, ModelError
 from .evaluate import Comparison, compare, predict, session
 from .latency import compare_latency
 from .modelinfo import ModelInfo, check_sample_shape, load_model
+from .analyze import placement_of
+from .qdq import QDQBuilder, preprocess_model
+from .smoothquant import smooth
 from .sensitivity import rank_layers
 from .targets import Target
 
@@ -67,17 +70,28 @@ class QuantizeOptions:
     require_speedup: bool = False          # refuse (BudgetNotMet) when INT8 is not faster
     batch_size: int = 16
     sensitivity_samples: int = 16
+    smooth_alpha: float = 0.5
+    allow_cpu_fallback: bool = False       # INT8-only boards: accept layers placed on the CPU
     seed: int = 0
 
 
 @dataclass
 class CandidateResult:
+    """One measured remedy: the cost-benefit table's row."""
+
     name: str
     method: str
     float_layers: list[str]
     search_drop: float
     search_agreement: float
     output_sqnr_db: float
+    variant: str = "base"            # base | smoothquant
+    size_bytes: int = 0
+    latency_ms: float = 0.0          # batch 1, 1 thread, this CPU (quick median)
+    seconds: float = 0.0             # time spent producing and measuring it
+    npu_eligible: bool = True        # every op INT8 on the target's accelerator
+    cpu_islands: int = 0
+    transfer_ms: float = 0.0         # estimated accelerator<->CPU transfer cost of the islands
 
 
 @dataclass
@@ -120,6 +134,8 @@ class QuantizeReport:
     candidates: list[CandidateResult]
     sensitive_layers: list[dict]
     float_layers: list[str]
+    variant: str
+    npu_eligible: bool
     evaluations: int
     latency: list[LatencyRow]
     speedup_ok: bool
@@ -156,63 +172,6 @@ def split_eval(data: Dataset, seed: int = 0) -> tuple[Dataset, Dataset]:
     perm = np.random.default_rng(seed).permutation(len(data))
     h = len(data) // 2
     return data.subset(np.sort(perm[:h]), f"{data.name}[search]"), data.subset(np.sort(perm[h:]), f"{data.name}[holdout]")
-
-
-def _preprocess(info: ModelInfo, work: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    out = work / "pre.onnx"
-    try:
-        quant_pre_process(info.model, str(out), skip_symbolic_shape=True)
-    except Exception as e:
-        raise ModelError(f"{info.path}: ONNX Runtime pre-processing failed ({e.__class__.__name__}: {e})") from None
-    m = onnx.load(str(out))
-    for i, n in enumerate(m.graph.node):
-        if not n.name:
-            n.name = f"{n.op_type}_{i}"
-    onnx.save(m, str(out))
-    return m
-
-
-class _Builder:
-    """Builds QDQ candidates from one pre-processed model and one calibration."""
-
-    def __init__(self, pre_path: Path, calib: Calibration, target: Target, work: Path,
-                 overrides: dict | None):
-        self.pre_path, self.calib, self.target, self.work = pre_path, calib, target, work
-        self.overrides = overrides or {}
-        self.n = 0
-
-    def build_dynamic(self) -> Path:
-        """Weights INT8 ahead of time, activations quantized at run time (float in/out)."""
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        self.n += 1
-        out = self.work / f"cand-{self.n}.onnx"
-        quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
-                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        return out
-
-    def build(self, method: str, float_layers: list[str]) -> Path:
-        if method == "dynamic":
-            return self.build_dynamic()
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-        self.n += 1
-        cache = self.work / f"ranges-{method}.json"
-        if not cache.exists():
-            self.calib.write_ort_cache(method, cache)
-        out = self.work / f"cand-{self.n}.onnx"
-        act = QuantType.QUInt8 if self.target.quant.activation_dtype == "uint8" else QuantType.QInt8
-        extra: dict = {}
-        if self.overrides:
-            extra["TensorQuantOverrides"] = {k: v for k, v in self.overrides.items()}
-        quantize_static(str(self.pre_path), str(out), calibration_data_reader=None,
-                        quant_format=QuantFormat.QDQ, per_channel=self.target.quant.per_channel,
-                        activation_type=act, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(float_layers), calibration_cache_path=str(cache),
-                        extra_options=extra)
-        return out
 
 
 def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation: Dataset,
@@ -254,7 +213,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
 
     work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
     try:
-        pre = _preprocess(info, work)
+        pre = preprocess_model(info, work)
         pre_path = work / "pre.onnx"
         fp32 = session(info.path)
         pg.start("FP32 reference", len(search) + len(holdout))
@@ -263,58 +222,103 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         pg.done()
         del fp32
 
-        pg.start(f"calibrating on {len(calib)} samples", 2 * len(calib))
-        cal = collect(pre, calib, info.input_names, batch_size=8,
-                      progress=lambda d, t: pg.advance(d - getattr(pg, "_last", 0)) or setattr(pg, "_last", d))
-        pg.done()
-        if hasattr(pg, "_last"):
-            delattr(pg, "_last")
+        def prepare(model: onnx.ModelProto, label: str) -> QDQBuilder:
+            """Calibrate (and round weights for) one variant of the float model."""
+            vdir = work / label
+            vdir.mkdir()
+            path = vdir / "model.onnx"
+            onnx.save(model, str(path))
+            pg.start(f"calibrating {label} on {len(calib)} samples", 2 * len(calib))
+            last = [0]
 
-        base_path, overrides, rounding = pre_path, None, "nearest"
-        if opt.weight_rounding == "gptq":
-            base_path, overrides, rounding = _advanced_rounding(pre, calib, info, work, pg, warnings)
-        builder = _Builder(base_path, cal, target, work, overrides)
+            def adv(d: int, t: int) -> None:
+                pg.advance(d - last[0])
+                last[0] = d
 
+            cal = collect(model, calib, info.input_names, batch_size=8, progress=adv)
+            pg.done()
+            overrides = None
+            if opt.weight_rounding == "gptq":
+                path, overrides = _advanced_rounding(model, calib, info, vdir, pg)
+            return QDQBuilder(path, cal, target, vdir, overrides)
+
+        t_var = time.perf_counter()
+        base = prepare(pre, "base")
+        variants = {"base": (base, time.perf_counter() - t_var)}
+        rounding = opt.weight_rounding
         evals = 0
         candidates: list[CandidateResult] = []
-        best: tuple[float, float, Path, CandidateResult] | None = None
+        paths: dict[str, Path] = {}
+        best: CandidateResult | None = None
+        sample = holdout.loader(0)
 
-        def evaluate(path: Path, name: str, method: str, floats: list[str]) -> Comparison:
+        def evaluate(variant: str, method: str, floats: list[str], name: str) -> CandidateResult:
             nonlocal evals, best
             evals += 1
+            t = time.perf_counter()
+            b = variants[variant][0]
+            path = b.build(method, floats)
             pg.start(f"evaluating {name}", len(search))
             c = compare(ref_search, predict(session(path), search, batch_size=opt.batch_size,
                                             progress=pg.advance), search.labels)
             pg.done()
+            pl = placement_of(onnx.load(str(path)), target)
+            _, lat = compare_latency(info.path, path, sample, threads=1, rounds=3, per_round=5, warmup=2)
             cr = CandidateResult(name, method, list(floats), round(c.drop, 3), round(c.agreement, 3),
-                                 round(c.output_sqnr_db, 2))
+                                 round(c.output_sqnr_db, 2), variant=variant, size_bytes=path.stat().st_size,
+                                 latency_ms=round(lat.median_ms, 3),
+                                 seconds=round(time.perf_counter() - t + (variants[variant][1] if not any(
+                                     x.variant == variant for x in candidates) else 0), 2),
+                                 npu_eligible=pl.fallback_nodes == 0 and method != "dynamic",
+                                 cpu_islands=pl.islands, transfer_ms=pl.estimated_transfer_ms)
             candidates.append(cr)
-            key = (c.drop, -c.output_sqnr_db)
-            if best is None or key < best[:2]:
-                best = (c.drop, -c.output_sqnr_db, path, cr)
-            return c
+            paths[name] = path
+            if _allowed(cr, target, opt) and (best is None or (cr.search_drop, -cr.output_sqnr_db)
+                                              < (best.search_drop, -best.output_sqnr_db)):
+                best = cr
+            return cr
 
         search_budget = max(1, opt.max_evals - 1)
         for method in opt.methods:
             if evals >= search_budget:
                 break
-            evaluate(builder.build(method, []), f"int8/{method}", method, [])
+            evaluate("base", method, [], f"int8/{method}")
         if _dynamic_worth_trying(info, target) and evals < search_budget:
-            evaluate(builder.build_dynamic(), "int8/dynamic", "dynamic", [])
-        assert best is not None
-        method = best[3].method
+            evaluate("base", "dynamic", [], "int8/dynamic")
+        if best is None:  # nothing allowed (cannot happen with static methods); keep the first
+            best = candidates[0]
+        method = best.method if best.method != "dynamic" else "percentile"
+
+        # SmoothQuant-style scale migration, for models whose LayerNorm outputs feed MatMuls
+        if best.search_drop > budget and evals < search_budget and _has_layernorm_matmul(pre):
+            t_var = time.perf_counter()
+            sm, srep = smooth(pre, calib, info.input_names, alpha=opt.smooth_alpha)
+            if srep.matmuls:
+                variants["smoothquant"] = (prepare(sm, "smoothquant"), time.perf_counter() - t_var)
+                evaluate("smoothquant", method, [], f"int8/{method}+smoothquant")
+                if best.variant == "smoothquant":
+                    warnings_info = (f"SmoothQuant migrated scales on {srep.tensors} tensor(s): worst channel ratio "
+                                     f"{srep.max_ratio_before}x -> {srep.max_ratio_after}x")
+                    warnings.append(warnings_info)
 
         ranking = []
-        if best[0] > budget and target.float_allowed and evals < search_budget:
+        variant = best.variant
+        floats_allowed = target.float_allowed or opt.allow_cpu_fallback
+        if best.search_drop > budget and evals < search_budget:
+            # Mixed precision. On an INT8-only board float means a CPU placement: those
+            # candidates are measured and costed for the table, chosen only if allowed.
             n_s = min(opt.sensitivity_samples, len(search))
             _, feeds = next(search.feeds(n_s, info.input_names))
-            ranking = rank_layers(onnx.load(str(base_path)), onnx.load(str(best[2])), feeds)
+            ranking = rank_layers(onnx.load(str(variants[variant][0].pre_path)),
+                                  onnx.load(str(paths[best.name])), feeds)
             lo, hi = 0, None  # largest k known to miss, smallest k known to meet
             k = 1
             while evals < search_budget and k <= len(ranking):
                 floats = [r.name for r in ranking[:k]]
-                c = evaluate(builder.build(method, floats), f"int8/{method}+{k} float", method, floats)
-                if c.drop <= budget:
+                where = "float" if target.float_allowed else "on CPU"
+                c = evaluate(variant, method, floats, f"int8/{method}{'+smoothquant' if variant != 'base' else ''}"
+                             f"+{k} {where}")
+                if c.search_drop <= budget:
                     hi = k
                 else:
                     lo = k
@@ -324,11 +328,15 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
                     break
                 else:
                     k = (lo + hi) // 2
+            if not floats_allowed:
+                warnings.append(f"{target.name} runs INT8 only: candidates with layers on the CPU are costed in the "
+                                "table but not chosen (pass allow_cpu_fallback / --allow-cpu-fallback to accept them)")
 
         # Of the candidates that meet the budget prefer the fewest float layers; else the best.
-        meeting = [c for c in candidates if c.search_drop <= budget]
-        chosen = min(meeting, key=lambda c: (len(c.float_layers), c.search_drop)) if meeting else best[3]
-        chosen_path = builder.build(chosen.method, chosen.float_layers)
+        allowed = [c for c in candidates if _allowed(c, target, opt)]
+        meeting = [c for c in allowed if c.search_drop <= budget]
+        chosen = min(meeting, key=lambda c: (len(c.float_layers), c.search_drop)) if meeting else best
+        chosen_path = paths[chosen.name]
 
         evals += 1
         pg.start("held-out evaluation", len(holdout))
@@ -339,12 +347,11 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         if not met:
             warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
                             f"points > {budget:g} allowed")
-            if not target.float_allowed:
-                warnings.append(f"target {target.name} runs INT8 only: no layer may stay in float, "
-                                "so the remaining drop cannot be bought back with mixed precision")
+            if not floats_allowed:
+                warnings.append(f"target {target.name} runs INT8 only: no layer may leave the accelerator, "
+                                "so the remaining drop needs quantization-aware training (edgepack qat)")
 
         lat = []
-        sample = holdout.loader(0)
         pg.start("latency FP32 vs INT8", len(opt.latency_threads))
         for th in opt.latency_threads:
             a, b = compare_latency(info.path, chosen_path, sample, threads=th)
@@ -377,7 +384,8 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             drop_points=round(final.drop, 3), agreement=round(final.agreement, 3),
             output_sqnr_db=round(final.output_sqnr_db, 2), mcnemar_p=final.mcnemar_p,
             holdout_samples=final.n, search_samples=len(search), calibration_method=chosen.method,
-            calibration_samples=len(calib), weight_rounding=rounding,
+            calibration_samples=len(calib), weight_rounding=rounding, variant=chosen.variant,
+            npu_eligible=chosen.npu_eligible,
             activation_dtype=target.quant.activation_dtype, per_channel=target.quant.per_channel,
             candidates=candidates,
             sensitive_layers=[{"name": r.name, "op": r.op, "injected_nsr": r.score, "sqnr_db": round(r.sqnr_db, 2)}
@@ -400,19 +408,28 @@ def _dynamic_worth_trying(info: ModelInfo, target: Target) -> bool:
     return target.quant.allow_dynamic and target.float_allowed and mm > info.ops.get("Conv", 0)
 
 
-def _advanced_rounding(pre: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path,
-                       pg: Progress, warnings: list[str]):
-    """GPTQ weight rounding (rounding.py); returns the model to quantize and ORT overrides."""
-    try:
-        from .rounding import optimize_weight_rounding
-    except ImportError:
-        warnings.append("advanced weight rounding unavailable; used round-to-nearest")
-        return work / "pre.onnx", None, "nearest"
+def _allowed(c: CandidateResult, target: Target, opt: QuantizeOptions) -> bool:
+    """May this candidate be chosen for the board? Float layers need a float unit or consent."""
+    if c.method == "dynamic" and not target.quant.allow_dynamic:
+        return False
+    return not c.float_layers or target.float_allowed or opt.allow_cpu_fallback
+
+
+def _has_layernorm_matmul(m: onnx.ModelProto) -> bool:
+    ln = {n.output[0] for n in m.graph.node if n.op_type == "LayerNormalization"}
+    return any(n.op_type == "MatMul" and n.input[0] in ln for n in m.graph.node)
+
+
+def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg: Progress):
+    """GPTQ weight rounding with bias correction (rounding.py): the model to quantize and the
+    per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers."""
+    from .rounding import optimize_weight_rounding
+
     batches = lambda: (f for _, f in calib.feeds(8, info.input_names))  # noqa: E731
-    pg.start("advanced PTQ: weight rounding", 1)
-    model, overrides, _report = optimize_weight_rounding(pre, batches)
+    pg.start("advanced PTQ: GPTQ weight rounding", 1)
+    rounded, overrides, _report = optimize_weight_rounding(model, batches)
     pg.advance()
     pg.done()
     path = work / "rounded.onnx"
-    onnx.save(model, str(path))
-    return path, overrides, "gptq"
+    onnx.save(rounded, str(path))
+    return path, overrides

@@ -131,3 +131,128 @@ def active_ok(state: Path) -> tuple[int, str]:
     assert np.all(np.isfinite(out[0]))
     assert st.trial is None and st.writing is None
     return info.release, st.active
+
+
+# --------------------------------------------------------------------------- LiteRT models without TensorFlow
+def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
+    """Translate a small float ONNX CNN/MLP (Conv, Relu, MaxPool, Flatten, Gemm, MatMul) to .tflite.
+
+    Written with LiteRT's own flatbuffer schema (ai_edge_litert.schema_py_generated): no
+    TensorFlow converter needed. NCHW becomes NHWC (the tflite input is NHWC); Relu is fused into
+    the preceding Conv / FullyConnected, as the TF converter would do.
+    """
+    import flatbuffers
+    import onnx
+    from ai_edge_litert import schema_py_generated as S
+    from onnx import helper as oh, numpy_helper
+
+    m = onnx.load(str(onnx_path))
+    g = m.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    model = S.ModelT()
+    model.version = 3
+    model.description = "edgepack test model"
+    model.buffers = [S.BufferT()]
+    model.operatorCodes = []
+    sg = S.SubGraphT()
+    sg.tensors, sg.operators = [], []
+    tid: dict[str, int] = {}
+    shape: dict[str, list[int]] = {}
+    codes: dict[int, int] = {}
+
+    def tensor(name: str, shp: list[int], data: np.ndarray | None = None) -> int:
+        t = S.TensorT()
+        t.name, t.shape, t.type = name, np.array(shp, np.int32), S.TensorType.FLOAT32
+        t.buffer = 0
+        if data is not None:
+            b = S.BufferT()
+            b.data = np.frombuffer(np.ascontiguousarray(data, np.float32).tobytes(), np.uint8)
+            model.buffers.append(b)
+            t.buffer = len(model.buffers) - 1
+        sg.tensors.append(t)
+        tid[name] = len(sg.tensors) - 1
+        shape[name] = list(shp)
+        return tid[name]
+
+    def op(code: int, ins: list[int], outs: list[int], opt_type: int = 0, opt: Any = None) -> S.OperatorT:
+        if code not in codes:
+            oc = S.OperatorCodeT()
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
+            model.operatorCodes.append(oc)
+            codes[code] = len(model.operatorCodes) - 1
+        o = S.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = codes[code], ins, outs
+        o.builtinOptionsType, o.builtinOptions = opt_type, opt
+        sg.operators.append(o)
+        return o
+
+    inp = g.input[0]
+    dims = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    nhwc = len(dims) == 4
+    tensor(inp.name, [dims[0], dims[2], dims[3], dims[1]] if nhwc else dims)
+    sg.inputs = [tid[inp.name]]
+    alias: dict[str, str] = {}
+    chw_of_flat: dict[str, tuple[int, int, int]] = {}
+    last: dict[str, S.OperatorT] = {}
+    for n in g.node:
+        a = {x.name: oh.get_attribute_value(x) for x in n.attribute}
+        x = alias.get(n.input[0], n.input[0]) if n.input else None
+        o = n.output[0]
+        if n.op_type == "Relu" and x in last:
+            last[x].builtinOptions.fusedActivationFunction = S.ActivationFunctionType.RELU
+            alias[o] = x
+            continue
+        if n.op_type == "Conv":
+            w = inits[n.input[1]]
+            b = inits[n.input[2]] if len(n.input) > 2 else np.zeros(w.shape[0], np.float32)
+            N, H, W, C = shape[x]
+            s = a.get("strides", [1, 1])
+            assert a.get("group", 1) == 1 and a.get("pads", [0] * 4) in ([1, 1, 1, 1], [0] * 4)
+            same = a.get("pads", [0] * 4) == [1, 1, 1, 1]
+            oh_, ow = (H // s[0], W // s[1]) if same else ((H - w.shape[2]) // s[0] + 1, (W - w.shape[3]) // s[1] + 1)
+            wt = tensor(o + "/w", [w.shape[0], w.shape[2], w.shape[3], w.shape[1]], w.transpose(0, 2, 3, 1))
+            bt = tensor(o + "/b", [w.shape[0]], b)
+            opt = S.Conv2DOptionsT()
+            opt.padding = S.Padding.SAME if same else S.Padding.VALID
+            opt.strideH, opt.strideW, opt.dilationHFactor, opt.dilationWFactor = s[0], s[1], 1, 1
+            last[o] = op(S.BuiltinOperator.CONV_2D, [tid[x], wt, bt], [tensor(o, [N, oh_, ow, w.shape[0]])],
+                         S.BuiltinOptions.Conv2DOptions, opt)
+        elif n.op_type == "MaxPool":
+            N, H, W, C = shape[x]
+            k, s = a["kernel_shape"], a.get("strides", [1, 1])
+            opt = S.Pool2DOptionsT()
+            opt.padding, opt.strideH, opt.strideW, opt.filterHeight, opt.filterWidth = S.Padding.VALID, s[0], s[1], k[0], k[1]
+            last[o] = op(S.BuiltinOperator.MAX_POOL_2D, [tid[x]], [tensor(o, [N, (H - k[0]) // s[0] + 1, (W - k[1]) // s[1] + 1, C])],
+                         S.BuiltinOptions.Pool2DOptions, opt)
+        elif n.op_type == "Flatten":
+            N, H, W, C = shape[x]
+            opt = S.ReshapeOptionsT()
+            opt.newShape = [N, H * W * C]
+            st = tensor(o + "/shape", [2], None)
+            sg.tensors[st].type = S.TensorType.INT32
+            bb = S.BufferT()
+            bb.data = np.frombuffer(np.array([N, H * W * C], np.int32).tobytes(), np.uint8)
+            model.buffers.append(bb)
+            sg.tensors[st].buffer = len(model.buffers) - 1
+            op(S.BuiltinOperator.RESHAPE, [tid[x], st], [tensor(o, [N, H * W * C])], S.BuiltinOptions.ReshapeOptions, opt)
+            chw_of_flat[o] = (C, H, W)
+        elif n.op_type in ("Gemm", "MatMul"):
+            w = inits[n.input[1]]
+            w = w if (n.op_type == "Gemm" and a.get("transB", 0)) else w.T  # -> [out, in]
+            if x in chw_of_flat:  # ONNX flattened CHW, we flattened HWC: permute the weight columns
+                C, H, W = chw_of_flat[x]
+                w = w.reshape(w.shape[0], C, H, W).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+            b = inits[n.input[2]] if n.op_type == "Gemm" and len(n.input) > 2 else np.zeros(w.shape[0], np.float32)
+            wt, bt = tensor(o + "/w", list(w.shape), w), tensor(o + "/b", [w.shape[0]], b)
+            opt = S.FullyConnectedOptionsT()
+            last[o] = op(S.BuiltinOperator.FULLY_CONNECTED, [tid[x], wt, bt], [tensor(o, [shape[x][0], w.shape[0]])],
+                         S.BuiltinOptions.FullyConnectedOptions, opt)
+        else:
+            raise NotImplementedError(f"onnx_to_tflite: op {n.op_type}")
+    outname = alias.get(g.output[0].name, g.output[0].name)
+    sg.outputs = [tid[outname]]
+    model.subgraphs = [sg]
+    b = flatbuffers.Builder(1 << 20)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    out.write_bytes(bytes(b.Output()))
+    return out

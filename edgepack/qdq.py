@@ -1,0 +1,76 @@
+"""Building QDQ models with ONNX Runtime's quantizer from one calibration.
+
+Pre-processing (shape inference, BatchNorm folding) happens once; every candidate (per
+calibration method, per set of float layers, per single quantized layer) is then built from the
+same pre-processed model and the same ranges, handed over as ONNX Runtime's calibration cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from .calibrate import Calibration
+from .errors import ModelError
+from .modelinfo import ModelInfo
+from .targets import Target
+
+
+def preprocess_model(info: ModelInfo, work: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / "pre.onnx"
+    try:
+        quant_pre_process(info.model, str(out), skip_symbolic_shape=True)
+    except Exception as e:
+        raise ModelError(f"{info.path}: ONNX Runtime pre-processing failed ({e.__class__.__name__}: {e})") from None
+    m = onnx.load(str(out))
+    for i, n in enumerate(m.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    onnx.save(m, str(out))
+    return m
+
+
+class QDQBuilder:
+    """Builds QDQ candidates from one pre-processed model and one calibration."""
+
+    def __init__(self, pre_path: Path, calib: Calibration, target: Target, work: Path,
+                 overrides: dict | None):
+        self.pre_path, self.calib, self.target, self.work = pre_path, calib, target, work
+        self.overrides = overrides or {}
+        self.n = 0
+
+    def build_dynamic(self) -> Path:
+        """Weights INT8 ahead of time, activations quantized at run time (float in/out)."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        self.n += 1
+        out = self.work / f"cand-{self.n}.onnx"
+        quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
+                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        return out
+
+    def build(self, method: str, float_layers: list[str], only: list[str] | None = None) -> Path:
+        """A QDQ model with ranges from ``method``; ``float_layers`` stay float; with ``only``,
+        just those nodes are quantized (one-layer-at-a-time sensitivity)."""
+        if method == "dynamic":
+            return self.build_dynamic()
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        self.n += 1
+        cache = self.work / f"ranges-{method}.json"
+        if not cache.exists():
+            self.calib.write_ort_cache(method, cache)
+        out = self.work / f"cand-{self.n}.onnx"
+        act = QuantType.QUInt8 if self.target.quant.activation_dtype == "uint8" else QuantType.QInt8
+        extra: dict = {}
+        if self.overrides:
+            extra["TensorQuantOverrides"] = {k: v for k, v in self.overrides.items()}
+        quantize_static(str(self.pre_path), str(out), calibration_data_reader=None,
+                        quant_format=QuantFormat.QDQ, per_channel=self.target.quant.per_channel,
+                        activation_type=act, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(float_layers), nodes_to_quantize=list(only or []),
+                        calibration_cache_path=str(cache),
+                        extra_options=extra)
+        return out

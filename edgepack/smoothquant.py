@@ -1,0 +1,103 @@
+"""SmoothQuant-style scale migration on an ONNX graph (Xiao et al., 2023), without extra ops.
+
+Transformer activations have a few channels with ranges tens of times the others (LayerNorm
+outputs especially); a per-tensor INT8 scale then wastes most of its levels on them. For a
+MatMul ``Y = X W`` the identity ``X W = (X / s) (s W)`` moves that difficulty into the weights,
+which are quantized per output channel and absorb it well: ``s_j = max|X_j|^a / max|W_j|^(1-a)``.
+
+The division by ``s`` is folded into the producer of ``X`` so the graph gains no node: into a
+LayerNormalization's scale and bias (the attention Q/K/V projections and the FFN input), or into
+the previous MatMul/Gemm's output columns and bias (the FFN output projection, behind GELU only
+if the activation is linear, so that case is skipped). Consumers of one X share one ``s``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .calibrate import _exposing_session
+from .data import Dataset
+
+
+@dataclass
+class SmoothReport:
+    tensors: int            # activation tensors smoothed
+    matmuls: int            # MatMul/Gemm weights rescaled
+    max_ratio_before: float  # worst channel-range ratio (max/median) among the smoothed tensors
+    max_ratio_after: float
+
+
+def channel_absmax(model: onnx.ModelProto, names: list[str], data: Dataset, input_names: list[str],
+                   max_samples: int = 64) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of the named tensors over up to ``max_samples`` samples."""
+    sess = _exposing_session(model, names, 0)
+    out: dict[str, np.ndarray] = {}
+    n = 0
+    for idx, feed in data.feeds(16, input_names):
+        for name, y in zip(names, sess.run(names, feed)):
+            a = np.abs(y.reshape(-1, y.shape[-1])).max(0)
+            out[name] = a if name not in out else np.maximum(out[name], a)
+        n += len(idx)
+        if n >= max_samples:
+            break
+    return out
+
+
+def smooth(model: onnx.ModelProto, data: Dataset, input_names: list[str], alpha: float = 0.5,
+           ) -> tuple[onnx.ModelProto, SmoothReport]:
+    """Return a copy of ``model`` with scales migrated from LayerNorm outputs into the MatMul
+    weights that consume them. The function the model computes is unchanged (up to float
+    rounding); only where INT8 puts its resolution changes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    init_users = {}
+    for n in m.graph.node:
+        for i in n.input:
+            if i in inits:
+                init_users[i] = init_users.get(i, 0) + 1
+
+    candidates = []
+    for ln in m.graph.node:
+        if ln.op_type != "LayerNormalization" or len(ln.input) < 3:
+            continue
+        x = ln.output[0]
+        users = consumers.get(x, [])
+        mms = [u for u in users if u.op_type == "MatMul" and u.input[0] == x and u.input[1] in inits]
+        # every consumer must be a weight MatMul, or the division would change what they see;
+        # LayerNorm's gamma/beta must be private to this node
+        if not mms or len(mms) != len(users):
+            continue
+        if any(init_users.get(ln.input[k], 0) != 1 for k in (1, 2)):
+            continue
+        if any(init_users.get(u.input[1], 0) != 1 for u in mms):
+            continue
+        candidates.append((ln, x, mms))
+    if not candidates:
+        return m, SmoothReport(0, 0, 1.0, 1.0)
+    amax = channel_absmax(m, [x for _, x, _ in candidates], data, input_names)
+    before, after, n_mm = [], [], 0
+    for ln, x, mms in candidates:
+        a = np.maximum(amax[x], 1e-5)
+        ws = [numpy_helper.to_array(inits[u.input[1]]).astype(np.float32) for u in mms]
+        wmax = np.maximum(np.max([np.abs(w).max(1) for w in ws], axis=0), 1e-5)  # per input row
+        s = (a ** alpha) / (wmax ** (1 - alpha))
+        s = np.clip(s, 1e-2, 1e2).astype(np.float32)
+        for k in (1, 2):
+            t = inits[ln.input[k]]
+            t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) / s).astype(np.float32), t.name))
+        for u, w in zip(mms, ws):
+            t = inits[u.input[1]]
+            t.CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), t.name))
+            n_mm += 1
+        before.append(float(a.max() / np.median(a)))
+        a2 = a / s
+        after.append(float(a2.max() / np.median(a2)))
+    return m, SmoothReport(len(candidates), n_mm, round(max(before), 2), round(max(after), 2))
