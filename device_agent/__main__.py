@@ -1,6 +1,7 @@
-"""``python -m device_agent`` (and the zipapp) run the agent CLI."""
+"""``python -m device_agent`` runs the agent CLI (the zipapp has its own top-level __main__.py)."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -85,6 +85,12 @@ class DiskFull(AgentError):
     exit_code = 10
 
 
-__all__ = ["AgentError", "UsageError", "NotInitialized", "StateCorrupt", "BudgetExceeded", "Incompatible",
+class Busy(AgentError):
+    """Another agent process holds the board's lock (an install or trial is running)."""
+
+    exit_code = 11
+
+
+__all__ = ["Busy", "AgentError", "UsageError", "NotInitialized", "StateCorrupt", "BudgetExceeded", "Incompatible",
            "HealthCheckFailed", "RuntimeUnavailable", "AcceleratorUnavailable", "ModelLoadError",
            "NoRollbackTarget", "ActiveSlotCorrupt", "DiskFull"]

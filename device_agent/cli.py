@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
-        _out({"ok": True, "command": args.cmd, **result})
+        from .install import peak_rss_mb, rss_mb
+        _out({"ok": True, "command": args.cmd, **result,
+              "process": {"rss_mb": round(rss_mb(), 2), "peak_rss_mb": round(peak_rss_mb(), 2)}})
         return 0
     except (AgentError, OtaError) as e:
         code = getattr(e, "exit_code", 1)

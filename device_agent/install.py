@@ -22,21 +22,23 @@ release committed. The crash-injection test kills the installer at every boundar
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import __version__
-from .agent_errors import (ActiveSlotCorrupt, AgentError, BudgetExceeded, DiskFull, HealthCheckFailed, Incompatible,
+from .agent_errors import (ActiveSlotCorrupt, AgentError, BudgetExceeded, Busy, DiskFull, HealthCheckFailed, Incompatible,
                            NoRollbackTarget, NotInitialized, UsageError)
 from .bundle import VerifiedManifest, extract, open_bundle
-from .errors import OtaError
+from .errors import OtaError, RollbackError
 from .health import HealthReport, Thresholds, check
 from .runtime import choose_runtime, load_model
 from .slots import Slots, arm_crash_injection, boundary, disarm_crash_injection
@@ -47,6 +49,7 @@ MiB = 1 << 20
 RUNTIME_BASE_RAM_MB = 48.0  # runtime + agent baseline assumed by the RAM budget check (measured: docs/agent.md)
 RAM_MODEL_FACTOR = 1.25     # weights are held once plus arena/prepacking headroom
 TRIAL_TIMEOUT_S = float(os.environ.get("EDGEPACK_AGENT_TRIAL_TIMEOUT", "600"))
+LOCK_TIMEOUT_S = float(os.environ.get("EDGEPACK_AGENT_LOCK_TIMEOUT", "60"))
 
 
 def rss_mb() -> float:
@@ -59,6 +62,15 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec from the
+    parent, so a small agent started by a big process would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -87,6 +99,45 @@ class Agent:
     def __init__(self, state_dir: str | Path | None = None):
         self.sd = StateDir(state_dir)
         self.slots = Slots(self.sd.path)
+        self._lock_depth = 0
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive flock on ``state_dir/lock`` for the whole command.
+
+        Without it a ``status`` (which runs recover()) arriving during another process's trial
+        would see an uncommitted trial and roll it back. The kernel drops the lock when the
+        holder dies, so a crashed installer never blocks the next start.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        if not self.sd.path.is_dir():
+            raise NotInitialized(f"{self.sd.path} does not exist; run `edgepack-agent init --state DIR ...` first")
+        fd = os.open(self.sd.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise Busy(f"another agent process holds {self.sd.path}/lock (install or trial running); "
+                                   f"waited {LOCK_TIMEOUT_S:.0f} s, try again later") from None
+                    time.sleep(0.05)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------- setup
     def init(self, cfg: BoardConfig, trust_root: str | Path, release_keys: str | Path | None = None,
@@ -94,6 +145,10 @@ class Agent:
         """Write board.json and an empty state.json holding the flashed trust root."""
         tr = TrustRoot.from_files(trust_root, release_keys)  # refuses a root without its threshold
         self.sd.path.mkdir(parents=True, exist_ok=True)
+        with self.locked():
+            return self._init(cfg, tr, force)
+
+    def _init(self, cfg: BoardConfig, tr: TrustRoot, force: bool) -> dict[str, Any]:
         self.slots.ensure()
         self.sd.save_board(cfg)
         if self.sd.state_file.exists() and not force:
@@ -117,6 +172,10 @@ class Agent:
 
     # ------------------------------------------------------------------- recovery
     def recover(self) -> dict[str, Any]:
+        with self.locked():
+            return self._recover()
+
+    def _recover(self) -> dict[str, Any]:
         """Bring the state dir back to a consistent state after a crash. Idempotent; cheap.
 
         * temp files and extractor staging dirs are removed;
@@ -178,7 +237,8 @@ class Agent:
     def install(self, bundle: str | Path, *, trial_in_process: bool | None = None) -> InstallReport:
         arm_crash_injection()
         try:
-            return self._install(Path(bundle), trial_in_process)
+            with self.locked():
+                return self._install(Path(bundle), trial_in_process)
         finally:
             boundary("install-end")
             disarm_crash_injection()
@@ -189,8 +249,8 @@ class Agent:
         self.recover()
         st = self.sd.load()
         vm = open_bundle(bundle, self.trust(st), now=now_utc(), min_release=st.counter + 1, target=cfg.target)
-        if vm.release <= st.counter:  # open_bundle refuses < min_release; this names the counter
-            raise OtaError(f"release {vm.release} is not newer than committed release {st.counter}")
+        if vm.release <= st.counter:  # open_bundle refuses < min_release already; belt and braces
+            raise RollbackError(f"release {vm.release} is not newer than committed release {st.counter}")
         try:
             self._ensure_good_active(st)
         except ActiveSlotCorrupt:
@@ -342,6 +402,10 @@ class Agent:
 
     # ------------------------------------------------------------------- rollback / status
     def rollback(self, reason: str = "requested") -> dict[str, Any]:
+        with self.locked():
+            return self._rollback(reason)
+
+    def _rollback(self, reason: str) -> dict[str, Any]:
         """Switch to the kept previous release after hash-verifying it. The counter does not move back."""
         self.recover()
         st = self.sd.load()
@@ -361,6 +425,10 @@ class Agent:
                 "note": "the anti-rollback counter does not move back: re-installing needs a higher release"}
 
     def status(self, verify: bool = False, history: int = 10) -> dict[str, Any]:
+        with self.locked():
+            return self._status(verify, history)
+
+    def _status(self, verify: bool, history: int) -> dict[str, Any]:
         self.recover()
         st = self.sd.load()
         cfg = self.board()

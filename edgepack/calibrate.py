@@ -24,6 +24,9 @@ from .data import Dataset
 from .errors import DataError
 
 METHODS = ("minmax", "percentile", "entropy")
+# Attention masks add -inf or float32's lowest (-3.4e38) to masked scores. Such sentinels carry
+# "never" rather than a magnitude: they are kept out of the statistics and left to saturate.
+SENTINEL = 1e9
 SATURATING = {"Clip", "Relu6", "Sigmoid", "Tanh", "Softmax", "HardSigmoid", "HardSwish"}
 BINS = 2048
 
@@ -33,10 +36,14 @@ class TensorStats:
     lo: float = np.inf
     hi: float = -np.inf
     hist: np.ndarray | None = None  # BINS counts over [-absmax, absmax]
+    neg_inf: bool = False           # the tensor carries -inf (an attention mask, say)
+    pos_inf: bool = False
 
     @property
     def absmax(self) -> float:
-        return max(abs(self.lo), abs(self.hi), 1e-12)
+        lo = self.lo if np.isfinite(self.lo) else 0.0
+        hi = self.hi if np.isfinite(self.hi) else 0.0
+        return max(abs(lo), abs(hi), 1e-12)
 
 
 @dataclass
@@ -59,7 +66,8 @@ class Calibration:
             # A saturating op (ReLU6 = Clip, Sigmoid, Tanh, Softmax) already bounds its output and
             # the values piled up at the bound carry signal; statistical clipping inside that
             # bound cuts them off (Entropy on EfficientNet-Lite's ReLU6 outputs: 3 % agreement).
-            self._cache[method] = {k: _minmax(s) if k in self.bounded else f(s) for k, s in self.stats.items()}
+            self._cache[method] = {k: _widen(s, _minmax(s) if k in self.bounded else f(s))
+                                   for k, s in self.stats.items()}
         return self._cache[method]
 
     def write_ort_cache(self, method: str, path: Path) -> Path:
@@ -74,8 +82,23 @@ class Calibration:
         return path
 
 
+def _widen(s: TensorStats, r: tuple[float, float]) -> tuple[float, float]:
+    """Infinities and mask sentinels (masked attention scores) cannot be represented; quantization saturates them to
+    the range's end. Widening that end by one range width makes the saturated value at least
+    one full range below (above) every real value, so a softmax still gives it ~exp(-2 * range).""" 
+    lo, hi = r
+    width = hi - lo
+    if width < 1e-3:
+        # a pure mask (every real value equal, e.g. 0 or -inf): the sentinel must stay far below
+        # anything it is added to, so it keeps a representable -1e4 (exact at INT8's end).
+        width = 1e4
+    return (lo - width if s.neg_inf else lo), (hi + width if s.pos_inf else hi)
+
+
 def _minmax(s: TensorStats) -> tuple[float, float]:
-    return float(min(s.lo, 0.0)), float(max(s.hi, 0.0))
+    lo = s.lo if np.isfinite(s.lo) else 0.0
+    hi = s.hi if np.isfinite(s.hi) else 0.0
+    return float(min(lo, 0.0)), float(max(hi, 0.0))
 
 
 def _edges(s: TensorStats) -> np.ndarray:
@@ -175,6 +198,13 @@ def collect(model: onnx.ModelProto, data: Dataset, input_names: list[str], *, ba
                 if not isinstance(y, np.ndarray) or y.dtype not in (np.float32, np.float16) or y.size == 0:
                     continue
                 s = stats.setdefault(name, TensorStats())
+                fin = np.abs(y) < SENTINEL
+                if not fin.all():
+                    s.neg_inf |= bool((y <= -SENTINEL).any())
+                    s.pos_inf |= bool((y >= SENTINEL).any())
+                    y = y[fin]
+                    if y.size == 0:
+                        continue
                 if pass_no == 1:
                     s.lo, s.hi = min(s.lo, float(y.min())), max(s.hi, float(y.max()))
                 else:

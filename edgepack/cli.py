@@ -43,6 +43,7 @@ from . import cli_agent  # noqa: E402
 
 cli_quantize.register(app)
 cli_quantize.register_analyze(app)
+cli_quantize.register_qat(app)
 cli_ota.register(app)
 cli_agent.register(app)
 

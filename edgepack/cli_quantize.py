@@ -56,7 +56,7 @@ def _preprocessing(model: Path, spec: Optional[str], hook: Optional[str]):
         declared = load_model(model, allow_quantized=True).metadata.get("edgepack.preprocess", "")
     except Exception:
         return None  # the model error is reported by the pipeline itself
-    if declared and "=" in declared:
+    if declared.startswith("size="):  # an image spec; other models declare tokenizers etc. in prose
         return ImagePreprocess.parse(declared)
     return None
 
@@ -245,5 +245,62 @@ def register_analyze(app: typer.Typer) -> None:
                 out.print(escape(f"- {f}"))
             if html:
                 out.print(f"wrote {html}")
+
+        run_guarded(go)
+
+
+def register_qat(app: typer.Typer) -> None:
+    from .cli import run_guarded
+
+    @app.command()
+    def qat(
+        checkpoint: Path = typer.Argument(..., help="FP32 state_dict (.pt) of a Hugging Face sequence classifier"),
+        hf_dir: Path = typer.Option(..., "--hf-dir", help="model folder (config.json, tokenizer) the checkpoint fits"),
+        train: Path = typer.Option(..., "--train", help="tokenized training data .npz (input_ids, attention_mask, labels)"),
+        target: str = typer.Option(..., "--target", "-t"),
+        calib: Path = typer.Option(..., "--calib"),
+        eval_: Path = typer.Option(..., "--eval"),
+        output: Path = typer.Option(..., "-o", "--output", help="INT8 QDQ ONNX model to write"),
+        search: Optional[Path] = typer.Option(None, "--search"),
+        epochs: float = typer.Option(1.0, "--epochs"),
+        lr: float = typer.Option(2e-5, "--lr"),
+        calib_size: Optional[int] = typer.Option(128, "--calib-size"),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Quantization-aware fine-tuning, then INT8 export and held-out evaluation in ONNX Runtime."""
+
+        def go() -> None:
+            import tempfile
+
+            from .qat import qat_sequence_classifier
+            from .quantize import QuantizeOptions, quantize as run_ptq
+            from .targets import load_target
+
+            tgt = load_target(target)
+            cal, ev = load_dataset(calib), load_dataset(eval_)
+            se = load_dataset(search) if search else None
+            with tempfile.TemporaryDirectory() as td, RichProgress(enabled=not as_json) as pg:
+                pg.start("QAT fine-tune", 1)
+
+                def prog(i: int, n: int) -> None:
+                    if pg.task is not None:
+                        pg.p.update(pg.task, total=n, completed=i)
+
+                qr = qat_sequence_classifier(hf_dir, checkpoint, train, Path(td) / "qat.onnx", epochs=epochs, lr=lr,
+                                             progress=prog)
+                pg.done()
+                r = run_ptq(Path(td) / "qat.onnx", tgt, cal, ev, output, search=se, progress=pg,
+                            options=QuantizeOptions(max_drop=max_drop, calib_size=calib_size, latency_threads=(1,)))
+            d = r.to_dict()
+            d["qat"] = qr.__dict__
+            output.with_suffix(".json").write_text(json.dumps(d, indent=2, default=float))
+            if as_json:
+                print(json.dumps(d, indent=2, default=float))
+            else:
+                out.print(f"QAT: {qr.steps} steps in {qr.seconds:.0f} s, loss {qr.train_loss_first:.3f} -> {qr.train_loss_last:.3f}")
+                render_report(r, out)
+            if not r.budget_met:
+                raise typer.Exit(4)
 
         run_guarded(go)

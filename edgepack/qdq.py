@@ -6,6 +6,8 @@ same pre-processed model and the same ranges, handed over as ONNX Runtime's cali
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import onnx
@@ -32,6 +34,19 @@ def preprocess_model(info: ModelInfo, work: Path) -> onnx.ModelProto:
     return m
 
 
+@contextlib.contextmanager
+def quiet_ort():
+    """ONNX Runtime's quantizer logs advice through the root logger (pre-processing hints, axis
+    notes on LayerNorm weights); edgepack reports what matters itself."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class QDQBuilder:
     """Builds QDQ candidates from one pre-processed model and one calibration."""
 
@@ -47,16 +62,19 @@ class QDQBuilder:
 
         self.n += 1
         out = self.work / f"cand-{self.n}.onnx"
-        quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
-                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        with quiet_ort():
+            quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
+                             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return out
 
-    def build(self, method: str, float_layers: list[str], only: list[str] | None = None) -> Path:
+    def build(self, method: str, float_layers: list[str], only: list[str] | None = None,
+              op_types: list[str] | None = None) -> Path:
         """A QDQ model with ranges from ``method``; ``float_layers`` stay float; with ``only``,
-        just those nodes are quantized (one-layer-at-a-time sensitivity)."""
+        just those nodes are quantized (one-layer-at-a-time sensitivity); with ``op_types``,
+        only ops of those types (e.g. MatMul/Gemm: the accelerator's share of a transformer)."""
         if method == "dynamic":
             return self.build_dynamic()
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantType
 
         self.n += 1
         cache = self.work / f"ranges-{method}.json"
@@ -67,10 +85,17 @@ class QDQBuilder:
         extra: dict = {}
         if self.overrides:
             extra["TensorQuantOverrides"] = {k: v for k, v in self.overrides.items()}
+        with quiet_ort():
+            self._static(out, cache, act, float_layers, only, extra, op_types)
+        return out
+
+    def _static(self, out, cache, act, float_layers, only, extra, op_types) -> None:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
         quantize_static(str(self.pre_path), str(out), calibration_data_reader=None,
                         quant_format=QuantFormat.QDQ, per_channel=self.target.quant.per_channel,
                         activation_type=act, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(float_layers), nodes_to_quantize=list(only or []),
+                        op_types_to_quantize=list(op_types or []) or None,
                         calibration_cache_path=str(cache),
                         extra_options=extra)
-        return out

@@ -364,6 +364,7 @@ def build_minilm(base: Path) -> None:
     final = models / "minilm-sst.onnx"
     if final.is_file() and (models / "minilm-sst-e1.onnx").is_file() and (base / "text" / "test-tok.npz").is_file():
         log(f"minilm: present at {final}")
+        _text_splits(base)
         return
     build_polarity(base)
     torch = _need_torch("fine-tuning MiniLM")
@@ -431,6 +432,21 @@ def build_minilm(base: Path) -> None:
             torch.save(model.state_dict(), models / "minilm-sst.pt")
     for n in ("train-tok", "test-tok"):
         (base / "text" / f".{n}.npz").rename(base / "text" / f"{n}.npz")
+    _text_splits(base)
+
+
+def _text_splits(base: Path) -> None:
+    """Calibration (train[:512]) and selection (train[2500:3000]) subsets of the fine-tuning set;
+    the 1,000 test sentences stay the held-out split for final figures."""
+    import numpy as np
+
+    d = base / "text"
+    if (d / "search-tok.npz").is_file():
+        return
+    z = dict(np.load(d / "train-tok.npz"))
+    for name, sl in (("calib-tok", slice(0, 512)), ("search-tok", slice(2500, 3000))):
+        np.savez(d / f".{name}.npz", **{k: v[sl] for k, v in z.items()})
+        (d / f".{name}.npz").rename(d / f"{name}.npz")
 
 
 def _export_text(torch, module, out: Path, acc: float, ep: int) -> None:

@@ -8,8 +8,8 @@ Measures, each in real processes:
      before the trial (verify + write) against the 64 MiB + largest-tensor bound; the trial's
      model RSS (it runs in a child process);
   3. `edgepack-agent bench` of the real models (fashion-cnn FP32 + INT8, efficientnet-lite0) in
-     ONNX Runtime, and fashion-cnn in LiteRT (translated to .tflite by tests/agent_helpers.py:
-     no TF converter offline, efficientnet-lite0's graph is beyond that small translator);
+     ONNX Runtime, and the FP32 ones in LiteRT (the same weights written as .tflite by
+     tests/agent_helpers.py after ORT constant folding: no TF converter offline);
   4. agent `bench` vs the runtime's own benchmark tool on the same model and threads
      (onnxruntime.tools.onnxruntime_test, ai_edge_litert's litert-benchmark), interleaved runs,
      median of repeats.
@@ -106,11 +106,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "agent.json"))
     ap.add_argument("--quick", action="store_true", help="fewer runs/repeats, 30 MB install")
     args = ap.parse_args()
-    runs, reps, mib = (50, 1, 30) if args.quick else (300, 3, 100)
+    runs, reps, mib = (50, 1, 30) if args.quick else (300, 5, 100)
     res: dict = {"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                              "cores": os.cpu_count(), "note": "shared 2-core VM; other jobs may run concurrently"}}
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
-    from agent_helpers import golden_for, make_pki, multi_file_bundle, onnx_to_tflite, write_trust  # noqa: F401
+    from agent_helpers import fold_for_tflite, golden_for, make_pki, onnx_to_tflite, write_trust
     from edgepack.cli_agent import build_zipapp
 
     # 1. overhead ------------------------------------------------------------------------------
@@ -120,8 +120,9 @@ def main() -> None:
     board = work / "board"
     sh([PY, str(pyz.path), "--state", str(board), "init", "--target", "rpi4", "--trust-root", str(root),
         "--threads", "1", "--ram-mb", "1024", "--storage-mb", "4096"])
-    py_peak, *_ = peak_of([PY, "-c", "pass"])
-    st_peak, _, _, rc = peak_of([PY, str(pyz.path), "--state", str(board), "status"])
+    py_peak = float(sh([PY, "-c", "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"]
+                       ).stdout) / 1024
+    st_peak = agent_json([PY, str(pyz.path), "--state", str(board), "status"])["process"]["peak_rss_mb"]
     imp = json.loads(sh([PY, "-c", "import json, device_agent.cli, device_agent.install, device_agent.bundle, "
                              "device_agent.benchmark\nfrom device_agent.install import rss_mb\n"
                              "print(json.dumps({'rss_mb': rss_mb()}))"]).stdout)
@@ -154,7 +155,7 @@ def main() -> None:
         "within_bound": rep["peak_rss_mb_before_trial"] <= bound,
         "trial_child_peak_rss_mb": rep["trial"].get("peak_rss_mb"), "trial_model_rss_mb": rep["trial"].get("model_rss_mb"),
         "trial_load_s": round(rep["trial"].get("load_seconds", 0), 3), "trial_passed": rep["trial"]["passed"],
-        "agent_process_peak_rss_mb_incl_trial_child": round(peak, 1)}
+        "agent_process_peak_rss_mb": rep["process"]["peak_rss_mb"]}
     print("install", res["install_100mb"], flush=True)
     (work / "big.bundle").unlink()
 
@@ -162,10 +163,12 @@ def main() -> None:
     fashion, eff = MODELS / "fashion-cnn.onnx", MODELS / "efficientnet-lite0.onnx"
     fashion_tfl = onnx_to_tflite(fashion, work / "fashion-cnn.tflite")
     fashion_i8 = int8_fashion(fashion, work / "fashion-cnn-int8.onnx")
+    eff_tfl = onnx_to_tflite(fold_for_tflite(eff, work / "efficientnet-lite0-folded.onnx"), work / "efficientnet-lite0.tflite")
     agent = [PY, str(pyz.path)]
     cases = [("fashion-cnn fp32", fashion, "onnxruntime", runs), ("fashion-cnn fp32", fashion_tfl, "litert", runs),
              ("fashion-cnn int8 (QDQ)", fashion_i8, "onnxruntime", runs),
-             ("efficientnet-lite0 fp32", eff, "onnxruntime", max(runs // 3, 30))]
+             ("efficientnet-lite0 fp32", eff, "onnxruntime", max(runs // 3, 30)),
+             ("efficientnet-lite0 fp32", eff_tfl, "litert", max(runs // 3, 30))]
     res["bench"] = []
     for name, path, rt, n in cases:
         for threads in (1, 2):
@@ -177,14 +180,22 @@ def main() -> None:
                    **{k: round(v, 4) for k, v in b["latency"].items() if k != "runs"}, "runs": n}
             res["bench"].append(row)
             print("bench", row, flush=True)
-    res["bench_note"] = ("LiteRT efficientnet-lite0: not benchmarked, no ONNX->TFLite converter offline (the test "
-                         "translator handles Conv/Pool/Gemm graphs like fashion-cnn only)")
+    res["bench_note"] = ("LiteRT models are the same FP32 weights written as .tflite by tests/agent_helpers.py "
+                         "(onnx_to_tflite after ORT constant folding): no TF converter offline")
 
     # 4. agent bench vs the runtime's own tools -----------------------------------------------------
     cmp_rows = []
 
-    def ort_tool(path: Path, n: int) -> float:
-        r = sh([PY, "-m", "onnxruntime.tools.onnxruntime_test", str(path), str(n)])
+    def ort_tool(path: Path, n: int, threads: int) -> float:
+        # onnxruntime's own test tool (its run loop and timer). It has no thread option, so the
+        # session it creates is given intra_op_num_threads=threads, the same as the agent's; and
+        # override_initializers=False, else it feeds every weight as an input on each run.
+        code = ("import onnxruntime as ort\nfrom onnxruntime.tools import onnxruntime_test as t\n_IS = ort.InferenceSession\n"
+                "def IS(p, sess_options=None, providers=None):\n    so = ort.SessionOptions()\n"
+                f"    so.intra_op_num_threads = {threads}\n    so.inter_op_num_threads = 1\n"
+                "    return _IS(p, so, providers=providers)\n"
+                f"t.onnxrt.InferenceSession = IS\nt.run_model({str(path)!r}, {n}, override_initializers=False)\n")
+        r = sh([PY, "-c", code])
         return float(re.search(r"avg latency: ([0-9.]+) ms", r.stdout).group(1))
 
     def litert_tool(path: Path, n: int, threads: int) -> float:
@@ -193,19 +204,23 @@ def main() -> None:
             "--num_threads", str(threads), "--result_json", str(j)])
         return float(json.loads(j.read_text())["latency"]["avg_ms"])
 
-    for name, path, rt, n, threads in (("fashion-cnn fp32", fashion, "onnxruntime", 2000, 0),
-                                       ("efficientnet-lite0 fp32", eff, "onnxruntime", 200, 0),
-                                       ("fashion-cnn fp32", fashion_tfl, "litert", 2000, 1)):
+    for name, path, rt, n, threads in (("fashion-cnn fp32", fashion, "onnxruntime", 3000, 1),
+                                       ("fashion-cnn int8 (QDQ)", fashion_i8, "onnxruntime", 3000, 1),
+                                       ("efficientnet-lite0 fp32", eff, "onnxruntime", 200, 1),
+                                       ("efficientnet-lite0 fp32", eff, "onnxruntime", 200, 2),
+                                       ("fashion-cnn fp32", fashion_tfl, "litert", 3000, 1),
+                                       ("efficientnet-lite0 fp32", eff_tfl, "litert", 200, 1)):
         ours, theirs = [], []
         for _ in range(reps):
             b = agent_json(agent + ["bench", "--model", str(path), "--runtime", rt, "--runs", str(n), "--warmup", "10",
-                                    *(["--threads", str(threads)] if threads else [])])
+                                    "--threads", str(threads)])
             ours.append(b["latency"]["mean_ms"])
-            theirs.append(ort_tool(path, n) if rt == "onnxruntime" else litert_tool(path, n, threads))
+            theirs.append(ort_tool(path, n, threads) if rt == "onnxruntime" else litert_tool(path, n, threads))
         o, t = statistics.median(ours), statistics.median(theirs)
-        row = {"model": name, "runtime": rt, "threads": threads or "runtime default", "runs": n, "repeats": reps,
-               "agent_mean_ms": round(o, 4), "tool": "onnxruntime.tools.onnxruntime_test" if rt == "onnxruntime"
+        row = {"model": name, "runtime": rt, "threads": threads, "runs": n, "repeats": reps,
+               "agent_mean_ms": round(o, 4), "tool": "onnxruntime.tools.onnxruntime_test.run_model (threads set, override_initializers=False)" if rt == "onnxruntime"
                else "litert-benchmark (CompiledModel API; reports 2 decimals)", "tool_mean_ms": round(t, 4),
+               "agent_means_ms": [round(x, 4) for x in ours], "tool_means_ms": [round(x, 4) for x in theirs],
                "ratio": round(o / t, 3) if t else None, "within_10pct": bool(t) and abs(o / t - 1) <= 0.10}
         cmp_rows.append(row)
         print("vs tool", row, flush=True)

@@ -52,7 +52,7 @@ def bundle(pki: Pki, out: Path, model: Path, *, release: int, golden: Path | Non
 
 
 def multi_file_bundle(pki: Pki, out: Path, model: Path, *, release: int, golden: Path | None, extras: int,
-                      extra_bytes: int = 512, seed: int = 0) -> Path:
+                      extra_bytes: int = 512, seed: int = 0, same_extras: bool = False) -> Path:
     """A full bundle with ``extras`` small role=extra files (labels, configs): many write boundaries."""
     import datetime as dt
     import tempfile
@@ -67,7 +67,7 @@ def multi_file_bundle(pki: Pki, out: Path, model: Path, *, release: int, golden:
         items.append(("settings.json", "settings", s))
         if golden is not None:
             items.append(("golden.npz", "golden", golden))
-        rng = np.random.default_rng(seed + release)
+        rng = np.random.default_rng(seed if same_extras else seed + release)  # same: delta = base-copy
         for i in range(extras):
             p = tdp / f"extra-{i:03d}.bin"
             p.write_bytes(rng.bytes(extra_bytes))
@@ -135,7 +135,9 @@ def active_ok(state: Path) -> tuple[int, str]:
 
 # --------------------------------------------------------------------------- LiteRT models without TensorFlow
 def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
-    """Translate a small float ONNX CNN/MLP (Conv, Relu, MaxPool, Flatten, Gemm, MatMul) to .tflite.
+    """Translate a float ONNX CNN/MLP (Conv incl. depthwise, Relu, Clip(0,6), Add, MaxPool,
+    GlobalAveragePool, Flatten/Reshape-to-2D, Gemm, MatMul) with static shapes to .tflite.
+    Constant-fold dynamic shape/pad arithmetic first (see fold_for_tflite).
 
     Written with LiteRT's own flatbuffer schema (ai_edge_litert.schema_py_generated): no
     TensorFlow converter needed. NCHW becomes NHWC (the tflite input is NHWC); Relu is fused into
@@ -198,8 +200,14 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
         a = {x.name: oh.get_attribute_value(x) for x in n.attribute}
         x = alias.get(n.input[0], n.input[0]) if n.input else None
         o = n.output[0]
-        if n.op_type == "Relu" and x in last:
-            last[x].builtinOptions.fusedActivationFunction = S.ActivationFunctionType.RELU
+        if n.op_type in ("Relu", "Clip") and x in last:
+            act = S.ActivationFunctionType.RELU
+            if n.op_type == "Clip":
+                lo = float(inits[n.input[1]]) if len(n.input) > 1 and n.input[1] else float(a.get("min", -np.inf))
+                hi = float(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else float(a.get("max", np.inf))
+                assert (lo, hi) == (0.0, 6.0), f"Clip({lo}, {hi}) is not ReLU6"
+                act = S.ActivationFunctionType.RELU6
+            last[x].builtinOptions.fusedActivationFunction = act
             alias[o] = x
             continue
         if n.op_type == "Conv":
@@ -207,16 +215,60 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
             b = inits[n.input[2]] if len(n.input) > 2 else np.zeros(w.shape[0], np.float32)
             N, H, W, C = shape[x]
             s = a.get("strides", [1, 1])
-            assert a.get("group", 1) == 1 and a.get("pads", [0] * 4) in ([1, 1, 1, 1], [0] * 4)
-            same = a.get("pads", [0] * 4) == [1, 1, 1, 1]
-            oh_, ow = (H // s[0], W // s[1]) if same else ((H - w.shape[2]) // s[0] + 1, (W - w.shape[3]) // s[1] + 1)
-            wt = tensor(o + "/w", [w.shape[0], w.shape[2], w.shape[3], w.shape[1]], w.transpose(0, 2, 3, 1))
+            kh, kw = w.shape[2], w.shape[3]
+            pads = list(a.get("pads", [0, 0, 0, 0]))  # top, left, bottom, right
+
+            def same(i: int, k: int, st: int) -> tuple[int, int]:
+                tot = max((-(-i // st) - 1) * st + k - i, 0)
+                return tot // 2, tot - tot // 2
+
+            (pt, pb), (pl, pr) = same(H, kh, s[0]), same(W, kw, s[1])
+            if pads == [pt, pl, pb, pr]:
+                padding, oh_, ow = S.Padding.SAME, -(-H // s[0]), -(-W // s[1])
+            else:
+                if any(pads):  # explicit PAD op, then a VALID conv
+                    pv = tensor(o + "/pads", [4, 2], None)
+                    sg.tensors[pv].type = S.TensorType.INT32
+                    bb = S.BufferT()
+                    bb.data = np.frombuffer(np.array([[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]],
+                                                     np.int32).tobytes(), np.uint8)
+                    model.buffers.append(bb)
+                    sg.tensors[pv].buffer = len(model.buffers) - 1
+                    H, W = H + pads[0] + pads[2], W + pads[1] + pads[3]
+                    padded = tensor(o + "/padded", [N, H, W, C])
+                    op(S.BuiltinOperator.PAD, [tid[x], pv], [padded], S.BuiltinOptions.PadOptions, S.PadOptionsT())
+                    x = o + "/padded"
+                padding, oh_, ow = S.Padding.VALID, (H - kh) // s[0] + 1, (W - kw) // s[1] + 1
+            group = a.get("group", 1)
             bt = tensor(o + "/b", [w.shape[0]], b)
-            opt = S.Conv2DOptionsT()
-            opt.padding = S.Padding.SAME if same else S.Padding.VALID
+            if group == 1:
+                wt = tensor(o + "/w", [w.shape[0], kh, kw, w.shape[1]], w.transpose(0, 2, 3, 1))
+                opt = S.Conv2DOptionsT()
+                code, otype = S.BuiltinOperator.CONV_2D, S.BuiltinOptions.Conv2DOptions
+            else:
+                assert group == C and w.shape[1] == 1, "only depthwise grouped convs"
+                wt = tensor(o + "/w", [1, kh, kw, w.shape[0]], w.transpose(1, 2, 3, 0))
+                opt = S.DepthwiseConv2DOptionsT()
+                opt.depthMultiplier = w.shape[0] // C
+                code, otype = S.BuiltinOperator.DEPTHWISE_CONV_2D, S.BuiltinOptions.DepthwiseConv2DOptions
+            opt.padding = padding
             opt.strideH, opt.strideW, opt.dilationHFactor, opt.dilationWFactor = s[0], s[1], 1, 1
-            last[o] = op(S.BuiltinOperator.CONV_2D, [tid[x], wt, bt], [tensor(o, [N, oh_, ow, w.shape[0]])],
-                         S.BuiltinOptions.Conv2DOptions, opt)
+            last[o] = op(code, [tid[x], wt, bt], [tensor(o, [N, oh_, ow, w.shape[0]])], otype, opt)
+        elif n.op_type == "Add":
+            y = alias.get(n.input[1], n.input[1])
+            last[o] = op(S.BuiltinOperator.ADD, [tid[x], tid[y]], [tensor(o, shape[x])], S.BuiltinOptions.AddOptions,
+                         S.AddOptionsT())
+        elif n.op_type == "GlobalAveragePool":
+            N, H, W, C = shape[x]
+            ax = tensor(o + "/axes", [2], None)
+            sg.tensors[ax].type = S.TensorType.INT32
+            bb = S.BufferT()
+            bb.data = np.frombuffer(np.array([1, 2], np.int32).tobytes(), np.uint8)
+            model.buffers.append(bb)
+            sg.tensors[ax].buffer = len(model.buffers) - 1
+            opt = S.ReducerOptionsT()
+            opt.keepDims = True
+            op(S.BuiltinOperator.MEAN, [tid[x], ax], [tensor(o, [N, 1, 1, C])], S.BuiltinOptions.ReducerOptions, opt)
         elif n.op_type == "MaxPool":
             N, H, W, C = shape[x]
             k, s = a["kernel_shape"], a.get("strides", [1, 1])
@@ -224,7 +276,7 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
             opt.padding, opt.strideH, opt.strideW, opt.filterHeight, opt.filterWidth = S.Padding.VALID, s[0], s[1], k[0], k[1]
             last[o] = op(S.BuiltinOperator.MAX_POOL_2D, [tid[x]], [tensor(o, [N, (H - k[0]) // s[0] + 1, (W - k[1]) // s[1] + 1, C])],
                          S.BuiltinOptions.Pool2DOptions, opt)
-        elif n.op_type == "Flatten":
+        elif n.op_type in ("Flatten", "Reshape"):
             N, H, W, C = shape[x]
             opt = S.ReshapeOptionsT()
             opt.newShape = [N, H * W * C]
@@ -255,4 +307,24 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
     b = flatbuffers.Builder(1 << 20)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
     out.write_bytes(bytes(b.Output()))
+    return out
+
+
+def fold_for_tflite(src: Path, out: Path) -> Path:
+    """Batch 1 + ONNX Runtime's basic graph optimisations (constant folding): turns exporter
+    shape/pad arithmetic (Shape/Slice/Concat/Pad chains) into plain Conv pads, which
+    onnx_to_tflite can translate. The weights are unchanged."""
+    import onnx
+    import onnxruntime as ort
+    m = onnx.load(str(src))
+    d0 = m.graph.input[0].type.tensor_type.shape.dim[0]
+    d0.ClearField("dim_param")
+    d0.dim_value = 1
+    b1 = out.with_suffix(".b1.onnx")
+    onnx.save(m, str(b1))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(b1), so, providers=["CPUExecutionProvider"])
+    b1.unlink()
     return out

@@ -62,6 +62,7 @@ def test_sigkill_at_every_boundary(world, tmp_path):
     labels = json.loads(log.read_text())["labels"]
     k = len(labels)
     assert k >= 200, f"only {k} boundaries"
+    print(f"{k} crash points")
     assert active_ok(tmp_path / "count")[0] == 3
     shutil.rmtree(tmp_path / "count")
 
@@ -91,3 +92,38 @@ def test_sigkill_at_every_boundary(world, tmp_path):
             shutil.rmtree(board, ignore_errors=True)
     assert not failures, "\n".join(failures[:20])
     assert seen[2] > 0 and seen[3] > 0, seen  # crashes landed on both sides of the commit
+
+
+def test_sigkill_during_delta_install(tmp_path):
+    """Same invariants for a delta bundle applied against the active slot (fewer files: fast)."""
+    from device_agent._internal.encoding import utc_now  # noqa: F401
+    from edgepack.delta import make_delta_bundle
+    pki = make_pki(tmp_path / "pki")
+    b = {}
+    for r in (1, 2, 3):
+        (tmp_path / f"m{r}").mkdir()
+        m = make_onnx(tmp_path / f"m{r}" / "mlp.onnx", seed=0, drift=0.002 * (r - 1))
+        g = golden_for(m, tmp_path / f"g{r}.npz", n=4)
+        b[r] = multi_file_bundle(pki, tmp_path / f"r{r}.bundle", m, release=r, golden=g, extras=5, same_extras=True)
+    d = make_delta_bundle(b[1], b[2], tmp_path / "d12.bundle", trust=pki.board_trust(), signer=pki.release[0])
+    assert not d.fallback and any(f["encoding"] == "base-copy" for f in d.files)
+    tpl = tmp_path / "tpl"
+    init_board(tpl, pki, threads=1, trial_in_process=True, trial_runs=2).install(b[1])
+    log = tmp_path / "log.json"
+    assert _crash_run(tpl, tmp_path / "count", d.path, 0, log) == 0
+    k = json.loads(log.read_text())["count"]
+    assert active_ok(tmp_path / "count")[0] == 2
+    failures = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for n, rc in pool.map(lambda n: (n, _crash_run(tpl, tmp_path / f"n{n}", d.path, n)), range(1, k + 1)):
+            board = tmp_path / f"n{n}"
+            try:
+                assert rc == -9, f"exit {rc}"
+                release, _ = active_ok(board)
+                assert release in (1, 2) and Agent(board).sd.load().counter == release
+                Agent(board).install(b[3], trial_in_process=True)
+                assert active_ok(board)[0] == 3
+            except Exception as e:
+                failures.append(f"N={n}: {type(e).__name__}: {e}")
+            shutil.rmtree(board, ignore_errors=True)
+    assert not failures, "\n".join(failures[:20])

@@ -217,3 +217,36 @@ def test_cli_end_to_end_json_and_exit_codes(tmp_path, pki, rel):
     assert out["latency"]["p50_ms"] <= out["latency"]["p90_ms"] <= out["latency"]["p99_ms"]
     code, out, _ = run_agent(st, "bench", "--accelerator", "CUDAExecutionProvider", "--runs", "2")
     assert code == 8 and out["error"]["type"] == "AcceleratorUnavailable"
+
+
+def test_lock_keeps_a_concurrent_status_from_rolling_back_a_trial(tmp_path, pki, rel):
+    """While one process holds the board (install/trial), another command waits, then reports Busy."""
+    import fcntl
+    import os
+    a = init_board(tmp_path / "board", pki, trial_in_process=True)
+    a.install(rel["r1"])
+    st = a.sd.load()
+    st.trial = {"slot": "a", "release": 1, "previous": None, "started": "now"}  # as seen mid-trial
+    fd = os.open(tmp_path / "board" / "lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        a.sd.save(st)
+        code, out, _ = run_agent(tmp_path / "board", "status", env={"EDGEPACK_AGENT_LOCK_TIMEOUT": "0.3"})
+        assert code == 11 and out["error"]["type"] == "Busy"
+        assert a.sd.load().trial is not None  # the holder's trial was not touched
+    finally:
+        st.trial = None
+        a.sd.save(st)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert run_agent(tmp_path / "board", "status")[0] == 0
+
+
+def test_hung_trial_times_out_and_rolls_back(tmp_path, pki, rel, monkeypatch):
+    """A runtime that hangs in the trial child is killed at the timeout; the board rolls back."""
+    a = init_board(tmp_path / "board", pki)
+    a.install(rel["r1"])
+    monkeypatch.setattr("device_agent.install.TRIAL_TIMEOUT_S", 0.01)
+    with pytest.raises(HealthCheckFailed, match="timed out"):
+        a.install(rel["r2"])
+    assert active_ok(tmp_path / "board") == (1, "a")

@@ -31,6 +31,7 @@ def test_litert_matches_onnxruntime(models):
 
 
 @litert
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # LiteRT's Delegate.__del__ bug
 def test_litert_bundle_installs_and_benches(tmp_path, models):
     d, onnx_m, g = models
     pki = make_pki(tmp_path / "pki")

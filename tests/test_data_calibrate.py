@@ -119,3 +119,17 @@ def test_mcnemar_and_compare():
     got = np.eye(4)[[0, 1, 2, 0]]
     c = compare(ref, got, np.array([0, 1, 2, 3]))
     assert c.agreement == 75.0 and c.fp32_top1 == 100.0 and c.int8_top1 == 75.0 and c.drop == 25.0
+
+
+def test_infinite_values_saturate_below_every_real_value():
+    """An attention mask's -inf must not poison the range: it saturates one range width below."""
+    s = _stats(np.array([-2.0, 3.0, 1.0]))
+    s.neg_inf = True
+    cal = Calibration({"scores": s}, samples=1)
+    lo, hi = cal.ranges("minmax")["scores"]
+    assert hi == pytest.approx(3.0) and lo == pytest.approx(-2.0 - 5.0)
+    assert np.isfinite(cal.ranges("entropy")["scores"]).all()
+    mask = _stats(np.array([0.0, 0.0]))
+    mask.neg_inf = True
+    lo, hi = Calibration({"mask": mask}, samples=1).ranges("minmax")["mask"]
+    assert hi == 0.0 and lo <= -1e4  # a pure mask keeps "very negative", never rounds to ~0
