@@ -5,10 +5,10 @@ outputs especially); a per-tensor INT8 scale then wastes most of its levels on t
 MatMul ``Y = X W`` the identity ``X W = (X / s) (s W)`` moves that difficulty into the weights,
 which are quantized per output channel and absorb it well: ``s_j = max|X_j|^a / max|W_j|^(1-a)``.
 
-The division by ``s`` is folded into the producer of ``X`` so the graph gains no node: into a
-LayerNormalization's scale and bias (the attention Q/K/V projections and the FFN input), or into
-the previous MatMul/Gemm's output columns and bias (the FFN output projection, behind GELU only
-if the activation is linear, so that case is skipped). Consumers of one X share one ``s``.
+The division by ``s`` is folded into the LayerNormalization that produces ``X`` (its scale and
+bias) when the MatMuls are its only consumers; where the LayerNorm output also feeds something
+else (post-LN BERT's next residual Add), one elementwise Mul by ``1/s`` goes in front of the
+MatMuls alone. Consumers of one X share one ``s`` (the max over their weights).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .calibrate import _exposing_session
 from .data import Dataset
@@ -71,28 +71,36 @@ def smooth(model: onnx.ModelProto, data: Dataset, input_names: list[str], alpha:
         x = ln.output[0]
         users = consumers.get(x, [])
         mms = [u for u in users if u.op_type == "MatMul" and u.input[0] == x and u.input[1] in inits]
-        # every consumer must be a weight MatMul, or the division would change what they see;
-        # LayerNorm's gamma/beta must be private to this node
-        if not mms or len(mms) != len(users):
+        if not mms:
             continue
-        if any(init_users.get(ln.input[k], 0) != 1 for k in (1, 2)):
-            continue
+        # Fold 1/s into LayerNorm's gamma/beta when the MatMuls are its only consumers and the
+        # parameters are private to it; otherwise (post-LN BERT: the output also feeds the next
+        # residual Add) put one Mul by 1/s in front of the MatMuls alone.
+        fold = len(mms) == len(users) and all(init_users.get(ln.input[k], 0) == 1 for k in (1, 2))
         if any(init_users.get(u.input[1], 0) != 1 for u in mms):
             continue
-        candidates.append((ln, x, mms))
+        candidates.append((ln, x, mms, fold))
     if not candidates:
         return m, SmoothReport(0, 0, 1.0, 1.0)
-    amax = channel_absmax(m, [x for _, x, _ in candidates], data, input_names)
+    amax = channel_absmax(m, [x for _, x, _, _ in candidates], data, input_names)
     before, after, n_mm = [], [], 0
-    for ln, x, mms in candidates:
+    for ln, x, mms, fold in candidates:
         a = np.maximum(amax[x], 1e-5)
         ws = [numpy_helper.to_array(inits[u.input[1]]).astype(np.float32) for u in mms]
         wmax = np.maximum(np.max([np.abs(w).max(1) for w in ws], axis=0), 1e-5)  # per input row
         s = (a ** alpha) / (wmax ** (1 - alpha))
         s = np.clip(s, 1e-2, 1e2).astype(np.float32)
-        for k in (1, 2):
-            t = inits[ln.input[k]]
-            t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) / s).astype(np.float32), t.name))
+        if fold:
+            for k in (1, 2):
+                t = inits[ln.input[k]]
+                t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) / s).astype(np.float32), t.name))
+        else:
+            inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}_smooth_inv_scale")
+            m.graph.initializer.append(inv)
+            xs = f"{x}_smoothed"
+            m.graph.node.append(helper.make_node("Mul", [x, inv.name], [xs], name=f"{ln.name}_smooth"))
+            for u in mms:
+                u.input[0] = xs
         for u, w in zip(mms, ws):
             t = inits[u.input[1]]
             t.CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), t.name))
@@ -100,4 +108,25 @@ def smooth(model: onnx.ModelProto, data: Dataset, input_names: list[str], alpha:
         before.append(float(a.max() / np.median(a)))
         a2 = a / s
         after.append(float(a2.max() / np.median(a2)))
+    _toposort(m)
     return m, SmoothReport(len(candidates), n_mm, round(max(before), 2), round(max(after), 2))
+
+
+def _toposort(m: onnx.ModelProto) -> None:
+    """Appended Mul nodes must come before their consumers in the node list."""
+    known = {i.name for i in m.graph.input} | {i.name for i in m.graph.initializer}
+    nodes, out = list(m.graph.node), []
+    while nodes:
+        rest = []
+        for n in nodes:
+            if all(i == "" or i in known for i in n.input):
+                out.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(nodes):
+            out += rest  # a cycle or an input we cannot see: leave the rest as they were
+            break
+        nodes = rest
+    del m.graph.node[:]
+    m.graph.node.extend(out)
