@@ -36,9 +36,9 @@ from typing import Any, Iterator
 
 from . import __version__
 from .agent_errors import (ActiveSlotCorrupt, AgentError, BudgetExceeded, Busy, DiskFull, HealthCheckFailed, Incompatible,
-                           NoRollbackTarget, NotInitialized, UsageError)
+                           NoRollbackTarget, NotInitialized)
 from .bundle import VerifiedManifest, extract, open_bundle
-from .errors import OtaError, RollbackError
+from .errors import RollbackError
 from .health import HealthReport, Thresholds, check
 from .runtime import choose_runtime, load_model
 from .slots import Slots, arm_crash_injection, boundary, disarm_crash_injection

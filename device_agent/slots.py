@@ -33,7 +33,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .agent_errors import ActiveSlotCorrupt, DiskFull
 
@@ -304,7 +304,7 @@ class Slots:
         os.replace(tmp, link)
         fsync_dir(link.parent)
 
-    def clean_partials(self, keep: Iterable[str] = ()) -> list[str]:
+    def clean_partials(self) -> list[str]:
         """Remove staging dirs and temp files a crash left behind. Returns what was removed."""
         removed = []
         for name in SLOTS:

@@ -1,10 +1,7 @@
 """The install transaction on real files: verified A/B install, health-gated commit, rollback."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent_helpers import TARGET, active_ok, bundle, golden_for, init_board, make_onnx, make_pki, run_agent, write_trust
