@@ -88,6 +88,55 @@ def _fake_quant_linear_cls(torch):
     return FakeQuantLinear
 
 
+def _act_observer_cls(torch):
+    class ActFakeQuant(torch.nn.Module):
+        """EMA min/max observer + asymmetric INT8 fake quantization of one activation tensor."""
+
+        def __init__(self, momentum: float = 0.05):
+            super().__init__()
+            self.momentum = momentum
+            self.register_buffer("lo", torch.tensor(0.0))
+            self.register_buffer("hi", torch.tensor(0.0))
+            self.register_buffer("seen", torch.tensor(0))
+
+        def forward(self, x):
+            if self.training:
+                with torch.no_grad():
+                    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+                    if int(self.seen) == 0:
+                        self.lo.copy_(lo)
+                        self.hi.copy_(hi)
+                    else:
+                        self.lo.mul_(1 - self.momentum).add_(self.momentum * lo)
+                        self.hi.mul_(1 - self.momentum).add_(self.momentum * hi)
+                    self.seen += 1
+            if int(self.seen) == 0:
+                return x
+            scale = float(max((self.hi - self.lo).item() / 255.0, 1e-8))
+            zp = max(-128, min(127, int(round(-128 - self.lo.item() / scale))))
+            return torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
+
+    return ActFakeQuant
+
+
+def observe_activations(torch, module) -> list:
+    """Fake-quantize what ONNX Runtime's full-INT8 QDQ also quantizes outside the Linears: the
+    residual sums entering each LayerNorm, the LayerNorm outputs and the GELU outputs. Without
+    these the fine-tune adapts to a different model than the one the NPU runs."""
+    AQ = _act_observer_cls(torch)
+    handles = []
+    for name, m in module.named_modules():
+        kind = type(m).__name__
+        if isinstance(m, torch.nn.LayerNorm) or "GELU" in kind.upper():
+            q_in, q_out = AQ(), AQ()
+            m.add_module("_fq_in", q_in) if isinstance(m, torch.nn.LayerNorm) else None
+            m.add_module("_fq_out", q_out)
+            if isinstance(m, torch.nn.LayerNorm):
+                handles.append(m.register_forward_pre_hook(lambda mod, args: (mod._fq_in(args[0]),) + tuple(args[1:])))
+            handles.append(m.register_forward_hook(lambda mod, args, out: mod._fq_out(out)))
+    return handles
+
+
 def wrap_linears(torch, module) -> int:
     """Replace every nn.Linear below ``module`` by its fake-quantized twin; returns the count."""
     FQ = _fake_quant_linear_cls(torch)
@@ -136,6 +185,7 @@ def qat_sequence_classifier(hf_dir: str | Path, state_dict: str | Path, train: P
     except (OSError, RuntimeError) as e:
         raise DataError(f"{state_dict}: not a state_dict for {hf_dir} ({str(e).splitlines()[0]})") from None
     wrap_linears(torch, model)
+    hooks = observe_activations(torch, model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ids_t, mask_t, y_t = (torch.from_numpy(np.asarray(a, np.int64)) for a in (ids, mask, y))
@@ -154,11 +204,17 @@ def qat_sequence_classifier(hf_dir: str | Path, state_dict: str | Path, train: P
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress:
             progress(step + 1, steps)
     model.eval()
     unwrap_linears(torch, model)
+    for h in hooks:
+        h.remove()
+    for m in model.modules():  # drop the observers so the export is the plain float graph
+        for k in ("_fq_in", "_fq_out"):
+            if k in m._modules:
+                del m._modules[k]
     # Weights are snapped to the INT8 grid they were trained on, so PTQ's per-channel absmax
     # scales find exactly the same integers.
     with torch.no_grad():

