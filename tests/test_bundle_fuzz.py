@@ -115,3 +115,16 @@ def test_fuzz_tensor_patch_parser(muts):
                 pass
         except OtaError:
             pass
+
+
+def test_zstd_size_past_end_of_frame_is_refused_not_looped():
+    """Regression (found by scripts/fuzz_bundle.py): an op declaring more compressed bytes than the
+    payload holds used to spin forever; it must be a MalformedBundle/MalformedPatch."""
+    from backports import zstd
+    from device_agent._internal.streams import zstd_stream
+    from device_agent.errors import MalformedBundle
+    data = zstd.compress(b"x" * 1000)[:-3]
+    fr = FrameReader(io.BytesIO(data), len(data), "frame")
+    with pytest.raises(MalformedBundle):
+        for _ in zstd_stream(fr, len(data) + 100, 1000, "frame"):
+            pass

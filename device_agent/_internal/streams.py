@@ -89,6 +89,9 @@ def zstd_stream(src: "FrameReader", comp_len: int, out_len: int, what: str,
             if left <= 0:
                 break
             pending = src.read(min(CHUNK, left))
+            if not pending:  # the enclosing frame ended before this zstd frame's declared size
+                raise MalformedBundle(f"{what}: declared compressed size runs past the end of its payload; "
+                                      "the bundle is corrupt: rebuild it")
             left -= len(pending)
         else:
             pending = b""

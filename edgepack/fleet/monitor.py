@@ -1,0 +1,167 @@
+"""``edgepack fleet check``: re-run eval and bench on boards and flag regressions.
+
+Flags (each stored in the ``flags`` table):
+
+* ``drift``: top-1 drift (1 - top-1 agreement with the host's reference outputs in the release's
+  golden data) above ``max_drift``;
+* ``latency_budget``: p90 above the board's ``latency_budget_ms``;
+* ``latency_regression``: p90 above the previous release's p90 on the same board by more than
+  ``latency_margin`` (and by more than ``latency_floor_ms``, so timer noise on tiny models does
+  not page anyone);
+* ``ram``: the agent process's peak RSS during the bench above the board's ``ram_budget_mb``.
+
+Exit code: 0 clean, 26 a regression was flagged, 21 no regression but some board could not be
+checked. Made for cron and CI.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import AuthFailed, HostKeyRejected, RegressionFound, TransferFailed, UnreachableBoard
+from .inventory import Board, Fleet
+from .store import Store, figures
+from .transport import open_transport
+
+
+@dataclass
+class CheckPolicy:
+    max_drift: float = 0.02
+    latency_margin: float = 0.20
+    latency_floor_ms: float = 0.5
+    bench_runs: int = 50
+    warmup: int = 5
+    concurrency: int = 4
+    timeout: float = 600.0
+
+
+@dataclass
+class Flag:
+    board: str
+    release: int | None
+    kind: str  # drift | latency_budget | latency_regression | ram
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass
+class BoardCheck:
+    board: str
+    release: int | None = None
+    top1: float | None = None
+    drift: float | None = None
+    accuracy: float | None = None
+    p90_ms: float | None = None
+    baseline_p90_ms: float | None = None
+    peak_rss_mb: float | None = None
+    flags: list[Flag] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class CheckReport:
+    boards: list[BoardCheck]
+    seconds: float = 0.0
+
+    @property
+    def flags(self) -> list[Flag]:
+        return [f for b in self.boards for f in b.flags]
+
+    @property
+    def exit_code(self) -> int:
+        if self.flags:
+            return RegressionFound.exit_code
+        if any(b.error for b in self.boards):
+            return UnreachableBoard.exit_code
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "exit_code": self.exit_code, "flags": [asdict(f) for f in self.flags]}
+
+
+def judge(board: Board, c: BoardCheck, p: CheckPolicy) -> list[Flag]:
+    out = []
+    if c.drift is not None and c.drift > p.max_drift:
+        out.append(Flag(board.name, c.release, "drift", c.drift, p.max_drift,
+                        f"{board.name}: top-1 drift {c.drift:.3f} against the host's reference > {p.max_drift}"))
+    if c.p90_ms is not None and board.latency_budget_ms is not None and c.p90_ms > board.latency_budget_ms:
+        out.append(Flag(board.name, c.release, "latency_budget", c.p90_ms, board.latency_budget_ms,
+                        f"{board.name}: p90 {c.p90_ms:.2f} ms > budget {board.latency_budget_ms} ms"))
+    if (c.p90_ms is not None and c.baseline_p90_ms is not None
+            and c.p90_ms > c.baseline_p90_ms * (1 + p.latency_margin)
+            and c.p90_ms - c.baseline_p90_ms > p.latency_floor_ms):
+        lim = c.baseline_p90_ms * (1 + p.latency_margin)
+        out.append(Flag(board.name, c.release, "latency_regression", c.p90_ms, lim,
+                        f"{board.name}: p90 {c.p90_ms:.2f} ms > previous release {c.baseline_p90_ms:.2f} ms "
+                        f"+ {p.latency_margin:.0%}"))
+    if c.peak_rss_mb is not None and board.ram_budget_mb is not None and c.peak_rss_mb > board.ram_budget_mb:
+        out.append(Flag(board.name, c.release, "ram", c.peak_rss_mb, board.ram_budget_mb,
+                        f"{board.name}: peak RSS {c.peak_rss_mb:.1f} MiB > budget {board.ram_budget_mb} MiB"))
+    return out
+
+
+def check_board(board: Board, fleet: Fleet, store: Store | None, p: CheckPolicy) -> BoardCheck:
+    c = BoardCheck(board=board.name)
+    t0 = time.perf_counter()
+    t = open_transport(board, fleet)
+    try:
+        t.connect()
+        st = t.agent("status", "--history", "0", timeout=p.timeout)
+        sj = st.json()
+        if st.rc != 0:
+            raise UnreachableBoard(f"{board.name}: agent status failed: {(sj.get('error') or {}).get('message')}")
+        if store:
+            store.add(board.name, "status", sj)
+        c.release = (sj.get("active") or {}).get("release")
+        if c.release is None:
+            c.error = f"{board.name}: no release installed; push one first"
+            return c
+        ev = t.agent("eval", timeout=p.timeout)
+        ej = ev.json()
+        if store:
+            store.add(board.name, "eval", ej, ok=ev.rc == 0)
+        if ev.rc == 0:
+            f = figures("eval", ej)
+            c.top1, c.drift = f["top1"], f["drift"]
+            c.accuracy = (ej.get("comparison") or {}).get("accuracy")
+        else:
+            c.error = f"{board.name}: eval failed: {(ej.get('error') or {}).get('message')}"
+        bn = t.agent("bench", "--runs", str(p.bench_runs), "--warmup", str(p.warmup), timeout=p.timeout)
+        bj = bn.json()
+        if bn.rc == 0:
+            f = figures("bench", bj)
+            c.p90_ms, c.peak_rss_mb = f["p90_ms"], f["peak_rss_mb"]
+            if store:
+                c.baseline_p90_ms = store.baseline_p90(board.name, c.release)
+                store.add(board.name, "bench", bj)
+        else:
+            if store:
+                store.add(board.name, "bench", bj, ok=False)
+            c.error = f"{board.name}: bench failed: {(bj.get('error') or {}).get('message')}"
+        c.flags = judge(board, c, p)
+    except (UnreachableBoard, AuthFailed, HostKeyRejected, TransferFailed) as e:
+        c.error = str(e)
+    finally:
+        t.close()
+        c.seconds = round(time.perf_counter() - t0, 3)
+    return c
+
+
+def check(fleet: Fleet, boards: list[Board] | None = None, *, store: Store | None = None,
+          policy: CheckPolicy | None = None) -> CheckReport:
+    p = policy or CheckPolicy()
+    boards = list(boards if boards is not None else fleet.boards)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(p.concurrency, len(boards)))) as ex:
+        res = list(ex.map(lambda b: check_board(b, fleet, store, p), boards))
+    rep = CheckReport(boards=res, seconds=round(time.perf_counter() - t0, 3))
+    if store:
+        store.add_flags(rep.flags)
+    return rep
+
+
+__all__ = ["CheckPolicy", "CheckReport", "BoardCheck", "Flag", "check", "judge"]

@@ -1,0 +1,464 @@
+"""Staged rollout of one release to a fleet: canary wave, then waves, automatic halt.
+
+Per board: ask the agent for its active release (``status``); send the delta bundle when the
+board holds its base, the full bundle otherwise (resumable, bounded retries and bytes); run
+``install`` (the agent verifies, writes the inactive slot, trials the model against the golden
+outputs and rolls back by itself when the trial fails); then judge the trial's figures against
+the policy (top-1 drift, p90 latency against the board's budget and the previous release) and
+ask the agent to roll back when they regress. Every agent JSON goes to the store.
+
+A wave's release failures (failed install, trial rollback, host-side regression) add up; when
+they pass ``max_failures`` the rollout halts: the boards of the halting wave that committed the
+release are rolled back, later waves are never touched. Boards that could not be reached
+(unreachable, authentication, host key) are reported and retried by the next push; they do not
+judge the release unless ``count_unreachable`` is set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AuthFailed, HostKeyRejected, InventoryError, RolloutHalted, TransferFailed, UnreachableBoard
+from .inventory import Board, Fleet
+from .store import Store, figures
+from .transport import Transport, file_sha256, open_transport, send_file
+
+# results
+COMMITTED, CURRENT, ROLLED_BACK, FAILED = "committed", "current", "rolled_back", "failed"
+UNREACHABLE, AUTH_FAILED, HOST_KEY_REJECTED, TRANSFER_FAILED, NOT_READY, NOT_STARTED, SKIPPED = (
+    "unreachable", "auth_failed", "host_key_rejected", "transfer_failed", "not_ready", "not_started", "skipped")
+RELEASE_FAILURES = {ROLLED_BACK, FAILED}
+NOT_REACHED = {UNREACHABLE, AUTH_FAILED, HOST_KEY_REJECTED, TRANSFER_FAILED, NOT_READY}
+RESEND_ERRORS = {"HashMismatch", "TruncatedBundle", "LengthExceeded", "NotABundle", "MalformedBundle"}
+BASE_ERRORS = {"BaseMismatch", "Incompatible"}
+
+
+# --------------------------------------------------------------------------- the release
+@dataclass
+class BundleFile:
+    path: Path
+    kind: str  # full | delta
+    release: int
+    version: str
+    model: str
+    content_sha256: str
+    bytes: int
+    sha256: str
+    base_release: int | None = None
+    base_content_sha256: str | None = None
+
+
+def read_bundle_info(path: str | Path) -> BundleFile:
+    """The manifest facts of a bundle (header only, unverified: the boards verify)."""
+    from device_agent.bundle import read_header
+    from device_agent.errors import OtaError
+    p = Path(path)
+    if not p.is_file():
+        raise InventoryError(f"bundle {p} not found; build it with `edgepack bundle`")
+    try:
+        with open(p, "rb") as f:
+            m = json.loads(read_header(f).manifest_bytes)
+    except (OtaError, ValueError) as e:
+        raise InventoryError(f"{p} is not a readable edgepack bundle: {e}") from None
+    base = m.get("base") or {}
+    return BundleFile(path=p, kind=m["kind"], release=int(m["release"]), version=str(m.get("version")),
+                      model=str(m.get("model")), content_sha256=m["content_sha256"], bytes=p.stat().st_size,
+                      sha256=file_sha256(p), base_release=base.get("release"),
+                      base_content_sha256=base.get("content_sha256"))
+
+
+@dataclass
+class Release:
+    full: BundleFile
+    deltas: list[BundleFile] = field(default_factory=list)
+
+    @property
+    def release(self) -> int:
+        return self.full.release
+
+    def for_base(self, content_sha256: str | None) -> BundleFile:
+        for d in self.deltas:
+            if content_sha256 and d.base_content_sha256 == content_sha256:
+                return d
+        return self.full
+
+
+def load_release(bundle: str | Path, deltas: list[str | Path] | None = None, discover: bool = True) -> Release:
+    """The full bundle plus its deltas: those given, and (``discover``) delta bundles of the same
+    release lying next to it (``*.bundle``)."""
+    full = read_bundle_info(bundle)
+    if full.kind != "full":
+        raise InventoryError(f"{bundle} is a delta bundle; push the full bundle of the release (its deltas are "
+                             f"found next to it or given with --delta)")
+    out: list[BundleFile] = []
+    cands = [Path(d) for d in deltas or []]
+    if discover:
+        cands += [p for p in sorted(full.path.parent.glob("*.bundle")) if p.resolve() != full.path.resolve()]
+    seen = set()
+    for c in cands:
+        if c.resolve() in seen:
+            continue
+        seen.add(c.resolve())
+        try:
+            d = read_bundle_info(c)
+        except InventoryError:
+            if c in (Path(x) for x in deltas or []):
+                raise
+            continue
+        if d.kind != "delta" or d.content_sha256 != full.content_sha256:
+            if c in (Path(x) for x in deltas or []):
+                raise InventoryError(f"--delta {c} is not a delta to release {full.release} ({full.path.name})")
+            continue
+        out.append(d)
+    return Release(full, out)
+
+
+# --------------------------------------------------------------------------- policy and plan
+@dataclass
+class Policy:
+    canary: int | str = 1  # boards, or "10%"
+    wave_size: int | str = "25%"
+    max_failures: int | str = 0  # release failures tolerated in the whole rollout (count or % of boards)
+    max_drift: float = 0.02  # top-1 drift (1 - agreement with the host's reference outputs)
+    latency_margin: float = 0.20  # p90 may grow this much over the previous release ...
+    latency_floor_ms: float = 0.5  # ... and by at least this many ms before it counts (timer noise)
+    concurrency: int = 8
+    retries: int = 3
+    max_bytes_factor: float = 2.0  # bytes sent per board <= factor x the file sent
+    command_timeout: float = 900.0
+    rollback_wave_on_halt: bool = True
+    count_unreachable: bool = False
+
+
+def _count(spec: int | str, n: int, what: str) -> int:
+    s = str(spec).strip()
+    try:
+        if s.endswith("%"):
+            pct = float(s[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return math.ceil(pct * n / 100)
+        v = int(s)
+        if v < 0:
+            raise ValueError
+        return v
+    except ValueError:
+        raise InventoryError(f"{what} must be a count or a percentage like 10%, not {spec!r}") from None
+
+
+def plan_waves(boards: list[Board], policy: Policy) -> list[list[Board]]:
+    """Canary first (the first N boards in fleet-file order), then waves of ``wave_size``."""
+    n = len(boards)
+    c = min(_count(policy.canary, n, "--canary"), n)
+    w = max(_count(policy.wave_size, n, "--wave-size"), 1)
+    waves = [boards[:c]] if c else []
+    rest = boards[c:]
+    waves += [rest[i:i + w] for i in range(0, len(rest), w)]
+    return waves
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class BoardResult:
+    board: str
+    wave: int
+    result: str = NOT_STARTED
+    kind: str | None = None  # delta | full
+    release_before: int | None = None
+    release_after: int | None = None
+    bytes_sent: int = 0
+    ideal_bytes: int = 0
+    attempts: int = 0
+    resumed_at: list[int] = field(default_factory=list)
+    p90_ms: float | None = None
+    baseline_p90_ms: float | None = None
+    drift: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PushReport:
+    release: int
+    version: str
+    bundle: str
+    boards: list[BoardResult]
+    waves: list[dict[str, Any]]
+    halted: bool = False
+    halt_reason: str | None = None
+    seconds: float = 0.0
+    rollout_id: int | None = None
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(b.bytes_sent for b in self.boards)
+
+    def count(self, *results: str) -> int:
+        return sum(b.result in results for b in self.boards)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done; 25 halted; 24 some boards failed; 21 some boards not reached."""
+        if self.halted:
+            return RolloutHalted.exit_code
+        if self.count(*RELEASE_FAILURES):
+            return TransferFailed.exit_code
+        if self.count(*NOT_REACHED):
+            return UnreachableBoard.exit_code
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bytes_sent"] = self.bytes_sent
+        d["exit_code"] = self.exit_code
+        return d
+
+
+Event = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- one board
+class _BoardPush:
+    def __init__(self, board: Board, fleet: Fleet, rel: Release, policy: Policy, store: Store | None,
+                 rollout: int | None, wave: int, transport: Transport | None = None,
+                 on_bytes: Callable[[str, int], None] | None = None):
+        self.b, self.fleet, self.rel, self.p, self.store, self.rollout = board, fleet, rel, policy, store, rollout
+        self.r = BoardResult(board=board.name, wave=wave)
+        self.t = transport or open_transport(board, fleet)
+        self.on_bytes = on_bytes
+
+    def _save(self, kind: str, data: dict[str, Any], ok: bool | None = None) -> None:
+        if self.store is not None:
+            self.store.add(self.b.name, kind, data, ok=ok, rollout=self.rollout)
+
+    def _connect(self) -> None:
+        for i in range(self.p.retries + 1):
+            try:
+                self.t.connect()
+                return
+            except UnreachableBoard:
+                if i == self.p.retries:
+                    raise
+                time.sleep(0.5 * (i + 1))
+
+    def _agent(self, *args: str) -> tuple[int, dict[str, Any]]:
+        res = self.t.agent(*args, timeout=self.p.command_timeout)
+        return res.rc, res.json()
+
+    def run(self) -> BoardResult:
+        t0 = time.perf_counter()
+        try:
+            self._run()
+        except UnreachableBoard as e:
+            self.r.result, self.r.error = UNREACHABLE, str(e)
+        except AuthFailed as e:
+            self.r.result, self.r.error = AUTH_FAILED, str(e)
+        except HostKeyRejected as e:
+            self.r.result, self.r.error = HOST_KEY_REJECTED, str(e)
+        except TransferFailed as e:
+            self.r.result, self.r.error = TRANSFER_FAILED, str(e)
+        finally:
+            self.t.close()
+            self.r.seconds = round(time.perf_counter() - t0, 3)
+        return self.r
+
+    def _status(self) -> dict[str, Any] | None:
+        rc, st = self._agent("status", "--history", "0")
+        if rc != 0:
+            e = st.get("error") or {}
+            self.r.result = NOT_READY
+            self.r.error = (f"board {self.b.name}: agent status failed ({e.get('type')}: {e.get('message')}); "
+                            f"run `edgepack fleet bootstrap` for it")
+            return None
+        self._save("status", st)
+        return st
+
+    def _run(self) -> None:
+        b, rel, r = self.b, self.rel, self.r
+        self._connect()
+        st = self._status()
+        if st is None:
+            return
+        active = st.get("active") or {}
+        r.release_before = active.get("release")
+        content = active.get("content_sha256")
+        if content == rel.full.content_sha256:
+            r.result, r.release_after = CURRENT, r.release_before
+            return
+        if r.release_before is not None and r.release_before >= rel.release:
+            r.result, r.release_after = SKIPPED, r.release_before
+            r.error = f"board holds release {r.release_before} >= {rel.release} (anti-rollback); nothing to do"
+            return
+        if self.store is not None:
+            r.baseline_p90_ms = self.store.baseline_p90(b.name, rel.release)
+        f = rel.for_base(content)
+        rc, j, f = self._send_and_install(f)
+        if rc is None:
+            return
+        r.release_after = (j.get("release") if rc == 0 else r.release_before)
+        if rc == 0:
+            fig = figures("install", j)
+            r.p90_ms, r.drift = fig["p90_ms"], fig["drift"]
+            r.result = COMMITTED
+            self._judge()
+        elif rc == 7:
+            r.result = ROLLED_BACK
+            rep = j.get("report") or {}
+            fig = figures("install", rep)
+            r.p90_ms, r.drift = fig["p90_ms"], fig["drift"]
+            r.error = (j.get("error") or {}).get("message")
+        else:
+            r.result = FAILED
+            e = j.get("error") or {}
+            r.error = f"install refused ({e.get('type')}, exit {rc}): {e.get('message')}"
+
+    def _send_and_install(self, f: BundleFile) -> tuple[int | None, dict[str, Any], BundleFile]:
+        r = self.r
+        fresh = False
+        for attempt in range(3):
+            r.kind = f.kind
+            r.ideal_bytes = f.bytes
+            budget = int(self.p.max_bytes_factor * f.bytes) + (0 if attempt == 0 else r.bytes_sent)
+            ts = send_file(self.t, f.path, self.b.incoming, sha256=f.sha256, retries=self.p.retries,
+                           max_bytes=budget, fresh=fresh,
+                           progress=(lambda n: self.on_bytes(self.b.name, n)) if self.on_bytes else None)
+            r.bytes_sent += ts.bytes_sent
+            r.attempts += ts.attempts
+            r.resumed_at += ts.resumed_at
+            rc, j = self._install(ts.remote, f)
+            etype = (j.get("error") or {}).get("type")
+            if rc != 0 and etype in RESEND_ERRORS and not fresh:
+                fresh = True  # what arrived is not what was signed: send it again from byte 0
+                continue
+            if rc != 0 and f.kind == "delta" and etype in BASE_ERRORS:
+                f, fresh = self.rel.full, False  # the board's base moved under us: send the full bundle
+                self.t.remove(ts.remote)
+                continue
+            if rc in (0, 7):
+                self.t.remove(ts.remote)
+            return rc, j, f
+        return rc, j, f
+
+    def _install(self, remote: str, f: BundleFile) -> tuple[int, dict[str, Any]]:
+        for i in range(self.p.retries + 1):
+            try:
+                rc, j = self._agent("install", remote)
+                self._save("install", j, ok=rc == 0)
+                return rc, j
+            except UnreachableBoard:
+                # connection lost while installing: the agent's transaction either committed or will be
+                # undone by recover(); status tells which.
+                if i == self.p.retries:
+                    raise
+                time.sleep(0.5 * (i + 1))
+                self._connect()
+                st = self._status()
+                if st and (st.get("active") or {}).get("content_sha256") == f.content_sha256:
+                    return 0, {"ok": True, "release": f.release, "status": "committed",
+                               "note": "install finished while the connection was down"}
+        raise AssertionError("unreachable")
+
+    def _judge(self) -> None:
+        """Host-side policy on the trial's figures; a regression is rolled back by the agent."""
+        r, p, b = self.r, self.p, self.b
+        if r.drift is not None and r.drift > p.max_drift:
+            r.flags.append(f"top-1 drift {r.drift:.3f} > {p.max_drift}")
+        if r.p90_ms is not None and b.latency_budget_ms is not None and r.p90_ms > b.latency_budget_ms:
+            r.flags.append(f"p90 {r.p90_ms:.2f} ms > budget {b.latency_budget_ms} ms")
+        if (r.p90_ms is not None and r.baseline_p90_ms is not None
+                and r.p90_ms > r.baseline_p90_ms * (1 + p.latency_margin)
+                and r.p90_ms - r.baseline_p90_ms > p.latency_floor_ms):
+            r.flags.append(f"p90 {r.p90_ms:.2f} ms > previous release {r.baseline_p90_ms:.2f} ms + {p.latency_margin:.0%}")
+        if r.flags:
+            self.rollback("; ".join(r.flags))
+
+    def rollback(self, reason: str) -> None:
+        rc, j = self._agent("rollback", "--reason", f"edgepack push: {reason}")
+        self._save("rollback", j, ok=rc == 0)
+        self.r.result = ROLLED_BACK
+        self.r.error = reason
+        if rc == 0:
+            self.r.release_after = ((j.get("active") or {}).get("release"))
+        else:
+            self.r.result = FAILED
+            self.r.error = f"{reason}; rollback failed: {(j.get('error') or {}).get('message')}"
+
+
+# --------------------------------------------------------------------------- the rollout
+def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | None = None,
+         policy: Policy | None = None, store: Store | None = None, on_event: Event | None = None,
+         raise_on_halt: bool = False, on_bytes: Callable[[str, int], None] | None = None) -> PushReport:
+    """Roll ``release`` out to ``boards`` (default: the whole fleet) wave by wave.
+
+    ``on_event`` gets wave_start / wave_end / halted dicts; ``on_bytes(board, n)`` the bytes sent so
+    far to a board (progress bars, fault injection in tests)."""
+    t0 = time.perf_counter()
+    p = policy or Policy()
+    rel = release if isinstance(release, Release) else load_release(release)
+    boards = list(boards if boards is not None else fleet.boards)
+    if not boards:
+        raise InventoryError("no boards selected; check --group and the fleet file")
+    if p.concurrency < 1 or p.retries < 0 or p.max_bytes_factor < 1:
+        raise InventoryError("--concurrency must be >= 1, --retries >= 0, --max-bytes-factor >= 1")
+    waves = plan_waves(boards, p)
+    limit = _count(p.max_failures, len(boards), "--max-failures")
+    emit = on_event or (lambda e: None)
+    rid = store.start_rollout(rel.release, str(rel.full.path)) if store else None
+    results: dict[str, BoardResult] = {b.name: BoardResult(board=b.name, wave=i)
+                                       for i, w in enumerate(waves) for b in w}
+    rep = PushReport(release=rel.release, version=rel.full.version, bundle=str(rel.full.path),
+                     boards=list(results.values()), waves=[], rollout_id=rid)
+    failures = 0
+    for i, wave in enumerate(waves):
+        name = "canary" if i == 0 and _count(p.canary, len(boards), "--canary") else f"wave {i}"
+        emit({"event": "wave_start", "wave": i, "name": name, "boards": [b.name for b in wave]})
+        tw = time.perf_counter()
+        jobs = {b.name: _BoardPush(b, fleet, rel, p, store, rid, i, on_bytes=on_bytes) for b in wave}
+        with ThreadPoolExecutor(max_workers=min(p.concurrency, len(wave))) as ex:
+            done = list(ex.map(lambda j: j.run(), jobs.values()))
+        for d in done:
+            results[d.board] = d
+        bad = [d for d in done if d.result in RELEASE_FAILURES
+               or (p.count_unreachable and d.result in NOT_REACHED)]
+        failures += len(bad)
+        summary = {"wave": i, "name": name, "boards": len(wave), "seconds": round(time.perf_counter() - tw, 3),
+                   **{k: sum(d.result == k for d in done) for k in (COMMITTED, CURRENT, ROLLED_BACK, FAILED)},
+                   "not_reached": sum(d.result in NOT_REACHED for d in done),
+                   "bytes_sent": sum(d.bytes_sent for d in done), "failures_so_far": failures}
+        rep.waves.append(summary)
+        emit({"event": "wave_end", **summary})
+        if failures > limit:
+            rep.halted = True
+            rep.halt_reason = (f"{name}: {failures} release failure(s) > max {limit}: "
+                               + "; ".join(f"{d.board}: {d.error}" for d in bad)[:500])
+            if p.rollback_wave_on_halt:
+                for d in done:
+                    if d.result == COMMITTED:
+                        bp = jobs[d.board]
+                        try:
+                            bp.t.connect()
+                            bp.rollback(f"rollout halted ({name})")
+                        except (UnreachableBoard, AuthFailed, HostKeyRejected) as e:
+                            d.error = f"halt rollback failed: {e}"
+                        finally:
+                            bp.t.close()
+            emit({"event": "halted", "reason": rep.halt_reason})
+            break
+    rep.boards = [results[b.name] for b in boards]
+    rep.seconds = round(time.perf_counter() - t0, 3)
+    if store is not None and rid is not None:
+        store.finish_rollout(rid, rep.halted, rep.halt_reason, rep.to_json())
+    if rep.halted and raise_on_halt:
+        raise RolloutHalted(f"rollout of release {rel.release} halted: {rep.halt_reason}; fix the release and push "
+                            f"again (boards of the halting wave were rolled back)", rep)
+    return rep
+
+
+__all__ = ["Policy", "Release", "BundleFile", "BoardResult", "PushReport", "push", "load_release", "read_bundle_info",
+           "plan_waves"]
