@@ -13,7 +13,7 @@ SUDO=""
 # System packages the tests and assets need (dpkg/apt-get download for Debian datasets,
 # openssh-server for the fleet tests, zstd/xdelta3 for delta benchmarks, chromium for the HTML
 # report test, iproute2 for the network-namespace slow-link test).
-APT_PKGS="openssh-server zstd xdelta3 chromium iproute2"
+APT_PKGS="openssh-server zstd xdelta3 chromium iproute2 time"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
