@@ -73,6 +73,7 @@ class QuantizeOptions:
     smooth_alpha: float = 0.5
     allow_cpu_fallback: bool = False       # INT8-only boards: accept layers placed on the CPU
     seed: int = 0
+    golden_samples: int = 16               # held-out samples carried in the bundle for the health check
 
 
 @dataclass
@@ -367,6 +368,8 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
                 raise BudgetNotMet(msg + "; nothing written (drop --require-speedup to keep it)")
             warnings.append(msg)
 
+        golden = output.with_suffix(".golden.npz")
+        _write_golden(golden, chosen_path, info, holdout, opt.golden_samples)
         tmp = output.with_name(f".{output.name}.tmp")
         shutil.copyfile(chosen_path, tmp)
         m = onnx.load(str(tmp))
@@ -393,11 +396,16 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             float_layers=chosen.float_layers, evaluations=evals, latency=lat, speedup_ok=speed_ok,
             seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(_peak_rss_mb(), 1),
             warnings=warnings)
+    except BaseException:
+        for p in (output.with_suffix(".golden.npz"),):
+            if p.exists() and not output.exists():
+                p.unlink()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in (output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.stem}.golden.npz.tmp.npz")):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _dynamic_worth_trying(info: ModelInfo, target: Target) -> bool:
@@ -406,6 +414,25 @@ def _dynamic_worth_trying(info: ModelInfo, target: Target) -> bool:
     (8x on EfficientNet-Lite0, see ../shared/ASSETS.md). And only where the board runs float."""
     mm = info.ops.get("MatMul", 0) + info.ops.get("Gemm", 0)
     return target.quant.allow_dynamic and target.float_allowed and mm > info.ops.get("Conv", 0)
+
+
+def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: int) -> None:
+    """Golden inputs with the INT8 model's own host outputs (what a healthy board must reproduce)
+    and the FP32 outputs (what drift is measured against), for the bundle's health check."""
+    n = min(n, len(data))
+    _, feed = next(data.feeds(n, info.input_names))
+    arrays: dict[str, np.ndarray] = {}
+    if len(feed) == 1:
+        arrays["inputs"] = next(iter(feed.values()))
+    else:
+        arrays.update({f"inputs_{k}": v for k, v in feed.items()})
+    arrays["outputs"] = session(model).run(None, feed)[0]
+    arrays["fp32_outputs"] = session(info.path).run(None, feed)[0]
+    if data.labels is not None:
+        arrays["labels"] = data.labels[:n]
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _allowed(c: CandidateResult, target: Target, opt: QuantizeOptions) -> bool:

@@ -5,7 +5,7 @@ Everything is measured in one run on this machine:
 
 * model pairs from the real assets (``python scripts/assets.py``): EfficientNet-Lite0 INT8 calibrated
   on two image subsets; Fashion-MNIST CNN after epoch 3 and 4, FP32 and INT8; a fine-tuned MiniLM
-  (epoch 1 -> 2) if ``models/minilm-sst-e{1,2}.onnx`` exist. Per tool: patch size, median time to
+  (epoch 1 -> 2) if ``models/minilm-sst-e1.onnx`` and ``minilm-sst.onnx`` (epoch 2) exist. Per tool: patch size, median time to
   make and to apply, and peak RSS of the process doing it (each op runs in its own child process;
   RSS comes from wait4, so it includes the interpreter for Python tools: see ``python_baseline_rss_mib``).
   Every applied output is compared byte for byte with the new model.
@@ -233,11 +233,11 @@ def model_pairs(work: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
             pairs.append(("Fashion CNN INT8, epoch 3 -> 4", a, b))
     else:
         notes.append("Fashion CNN pairs skipped: run `python scripts/assets.py`")
-    m1, m2 = A / "models" / "minilm-sst-e1.onnx", A / "models" / "minilm-sst-e2.onnx"
+    m1, m2 = A / "models" / "minilm-sst-e1.onnx", A / "models" / "minilm-sst.onnx"  # epoch 1, epoch 2 (final)
     if m1.exists() and m2.exists():
         pairs.append(("MiniLM fine-tuned, epoch 1 -> 2", m1, m2))
     else:
-        notes.append("MiniLM pair skipped: no fine-tuned MiniLM (models/minilm-sst-e1.onnx, -e2.onnx) in the assets")
+        notes.append("MiniLM pair skipped: no fine-tuned MiniLM (models/minilm-sst-e1.onnx, minilm-sst.onnx; python scripts/assets.py minilm) in the assets")
     return pairs, notes
 
 

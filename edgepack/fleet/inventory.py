@@ -10,7 +10,7 @@ store = "fleet.db"                   # SQLite reports (relative to this file)
 [defaults]                           # any board key
 user = "pi"
 key = "~/.ssh/id_ed25519"
-target = "rpi4"
+target = "rpi4-2gb"
 python = "python3"                   # the board's interpreter (it runs the agent zipapp)
 
 [[boards]]
@@ -48,7 +48,7 @@ class Board:
     port: int | None = None
     user: str | None = None
     key: str | None = None
-    target: str = "rpi4"
+    target: str = "rpi4-2gb"  # the shipped default board profile (targets/rpi4-2gb.toml)
     groups: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     python: str = "python3"
