@@ -19,7 +19,7 @@ from device_agent._internal.encoding import utc_now
 from ota_helpers import Pki, build, make_onnx, make_pki  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = "rpi4"
+TARGET = "rpi4-2gb"
 
 
 def golden_for(model: Path, out: Path, n: int = 8, seed: int = 3, labels: bool = True) -> Path:

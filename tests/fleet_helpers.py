@@ -157,7 +157,7 @@ def fleet_toml(path: Path, boards: list[SimBoard], *, key: Path, known_hosts: Pa
     import getpass
     lines = ["[fleet]", f'known_hosts = "{known_hosts}"', f"trust_on_first_use = {'true' if tofu else 'false'}",
              'ssh_config = ""', f'store = "{store or path.with_suffix(".db")}"', "", "[defaults]",
-             f'user = "{getpass.getuser()}"', f'key = "{key}"', 'target = "rpi4"', "connect_timeout = 5"]
+             f'user = "{getpass.getuser()}"', f'key = "{key}"', 'target = "rpi4-2gb"', "connect_timeout = 5"]
     if agent is not None or python is None:
         lines.append(f'agent = "{agent or agent_cmd()}"')
     if python:

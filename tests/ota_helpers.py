@@ -77,7 +77,7 @@ def make_pki(d: Path) -> Pki:
     return Pki(d, root_keys, rel, root_doc, rk_doc)
 
 
-def build(pki: Pki, out: Path, model: Path, *, release: int = 1, targets=("rpi4",), signer=None,
+def build(pki: Pki, out: Path, model: Path, *, release: int = 1, targets=("rpi4-2gb",), signer=None,
           rk_doc=None, roots=None, now=NOW, expires_days: float = 90, settings=None, golden=None, **kw):
     from edgepack.bundle import build_bundle
     return build_bundle(out, models=[model], name="mlp", release=release, version=f"1.{release}.0",

@@ -69,7 +69,7 @@ def flip(src: Path, dst: Path, pos: int) -> Path:
 
 
 def test_good_bundle_passes(env, tmp_path):
-    vm = ok(env["b1"], env["pki"].board_trust(), tmp_path, target="rpi4", min_release=1)
+    vm = ok(env["b1"], env["pki"].board_trust(), tmp_path, target="rpi4-2gb", min_release=1)
     assert vm.release == 1 and vm.signed_by == (env["pki"].release[0].keyid,)
 
 
