@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import AssetMissing
 
-ASSETS_COMMAND = "python scripts/assets.py"
+ASSETS_COMMAND = "python scripts/assets.py all"
 
 
 def assets_dir() -> Path:

