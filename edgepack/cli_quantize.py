@@ -88,6 +88,16 @@ def render_report(r, console: Console) -> None:
                   f"= {row.ratio:.2f}x (median of {row.runs})")
     t.add_row("evaluations / time / peak RSS", f"{r.evaluations} / {r.seconds:.1f} s / {r.peak_rss_mb:.0f} MB")
     console.print(t)
+    c = Table(title="remedies measured (selection split): cost and benefit")
+    for col in ("candidate", "drop", "SQNR dB", "size MB", "latency ms", "time s", "NPU-eligible"):
+        c.add_column(col, justify="left" if col == "candidate" else "right")
+    for cand in r.candidates:
+        mark = " *" if (cand.method == r.calibration_method and cand.float_layers == r.float_layers
+                        and cand.variant == r.variant) else ""
+        c.add_row(escape(cand.name) + mark, f"{cand.search_drop:.2f}", f"{cand.output_sqnr_db:.1f}",
+                  f"{cand.size_bytes / 1e6:.2f}", f"{cand.latency_ms:.2f}", f"{cand.seconds:.1f}",
+                  "yes" if cand.npu_eligible else f"no ({cand.cpu_islands} CPU island(s), ~{cand.transfer_ms:g} ms)")
+    console.print(c)
     for w in r.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
