@@ -260,10 +260,15 @@ def analyze(model_path: str | Path, target: Target, calib: Dataset, evaluation: 
         # --- per-tensor SQNR in the full INT8 model (simulated arithmetic, optimizations off)
         fq = onnx.load(str(full))
         q_names = {o for nd in fq.graph.node for o in nd.output}
-        common = [n for n in names if n in q_names and n not in info.input_names]
+        q_nodes = {nd.name for nd in fq.graph.node}
+        fused_pre = {i for nd in pre.graph.node if nd.op_type in ("Relu", "Clip") and nd.name not in q_nodes
+                     for i in nd.input[:1]}  # inputs of activations the QDQ model folded away
+        common = [n for n in names if n in q_names and n not in info.input_names and n not in fused_pre]
+        # compare what the next op sees: the dequantized value where the tensor is quantized
+        seen = [f"{n}_DequantizeLinear_Output" if f"{n}_DequantizeLinear_Output" in q_names else n for n in common]
         _, feed = next(ev.feeds(min(16, len(ev)), info.input_names))
         r1 = _exposing_session(pre, common, 0).run(common, feed)
-        r2 = _exposing_session(fq, common, 0).run(common, feed)
+        r2 = _exposing_session(fq, seen, 0).run(seen, feed)
         tensor_sqnr = []
         for n, a, q in zip(common, r1, r2):
             if a.dtype.kind != "f":

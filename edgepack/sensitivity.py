@@ -41,22 +41,34 @@ def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, feeds: dict[str, np
                 threads: int = 0) -> list[LayerScore]:
     """Weight layers of ``fp32`` sorted by injected quantization noise, worst first."""
     producers = {o: n for n in fp32.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in fp32.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     inits = {i.name: i for i in fp32.graph.initializer}
     qdq_tensors = {o for n in qdq.graph.node for o in n.output} | {i.name for i in qdq.graph.input}
+    qdq_nodes = {n.name for n in qdq.graph.node}
     layers = [n for n in fp32.graph.node if n.op_type in WEIGHT_OPS]
 
-    def ancestor(t: str) -> str | None:
-        """Output of the nearest upstream weight layer (or the graph input) on the main path.
+    def seen(t: str) -> tuple[str, str] | None:
+        """(FP32 tensor, QDQ tensor) holding what the next layer sees of ``t``.
 
-        Both ends of the difference are then pre-activation outputs of weight layers, measured
-        the same way in both models (an activation that the QDQ model folded away, such as a
-        ReLU6 Clip, is stepped over)."""
+        The QDQ model folds a ReLU/ReLU6 that follows a layer into that layer's output
+        quantization (the tensor names move), so the comparison is made after the activation,
+        and on the QDQ side after dequantization: like against like."""
+        cs = consumers.get(t, [])
+        if len(cs) == 1 and cs[0].op_type in ("Relu", "Clip") and cs[0].name not in qdq_nodes:
+            t = cs[0].output[0]
+        q = f"{t}_DequantizeLinear_Output"
+        q = q if q in qdq_tensors else t
+        return (t, q) if q in qdq_tensors else None
+
+    def ancestor(t: str) -> str | None:
+        """Output of the nearest upstream weight layer (or the graph input) on the main path."""
         for _ in range(16):
             p = producers.get(t)
-            if p is None:
-                return t if t in qdq_tensors else None
-            if p.op_type in WEIGHT_OPS:
-                return t if t in qdq_tensors else None
+            if p is None or p.op_type in WEIGHT_OPS:
+                return t
             if not p.input:
                 return None
             t = p.input[0]
@@ -64,22 +76,24 @@ def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, feeds: dict[str, np
 
     plan = []
     for n in layers:
-        out = n.output[0]
-        if out not in qdq_tensors:
+        out = seen(n.output[0])
+        if out is None:
             continue
-        src = ancestor(n.input[0])
+        a = ancestor(n.input[0])
+        src = None if a is None or a in feeds else seen(a)
         w = inits.get(n.input[1]) if len(n.input) > 1 else None
         params = int(np.prod(w.dims)) if w is not None else 0
         plan.append((n, out, src, params))
-    names = list(dict.fromkeys([p[1] for p in plan] + [p[2] for p in plan if p[2]]))
-    ref = dict(zip(names, _exposing_session(fp32, names, threads).run(names, feeds)))
-    got = dict(zip(names, _exposing_session(qdq, names, threads).run(names, feeds)))
+    pairs = list(dict.fromkeys([p[1] for p in plan] + [p[2] for p in plan if p[2]]))
+    f_names, q_names = [a for a, _ in pairs], [b for _, b in pairs]
+    ref = dict(zip(pairs, _exposing_session(fp32, f_names, threads).run(f_names, feeds)))
+    got = dict(zip(pairs, _exposing_session(qdq, q_names, threads).run(q_names, feeds)))
 
-    def nsr(t: str | None) -> float:
-        if t is None or t in feeds:
+    def nsr(t: tuple[str, str] | None) -> float:
+        if t is None:
             return 0.0
         a, b = ref[t].astype(np.float64), got[t].astype(np.float64)
         return float(((a - b) ** 2).sum() / max((a ** 2).sum(), 1e-30))
 
-    scores = [LayerScore(n.name, n.op_type, out, nsr(src), nsr(out), params) for n, out, src, params in plan]
+    scores = [LayerScore(n.name, n.op_type, out[0], nsr(src), nsr(out), params) for n, out, src, params in plan]
     return sorted(scores, key=lambda s: s.score, reverse=True)

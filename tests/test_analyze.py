@@ -18,7 +18,7 @@ def test_analyze_reports_every_view(tiny_model, tiny_data):
     assert [l.role for l in sorted(r.layers, key=lambda l: l.name)][0] == "first layer"  # conv1
     assert sum(l.float_gain is not None for l in r.layers) == 2
     assert [s["samples"] for s in r.size_sweep] == [8, 16, 32]
-    assert r.tensor_sqnr and all(np.isfinite(t["sqnr_db"]) for t in r.tensor_sqnr)
+    assert r.tensor_sqnr and all(np.isfinite(t["sqnr_db"]) and t["sqnr_db"] > 0 for t in r.tensor_sqnr)
     assert 0.0 <= r.coverage_mean_outside <= 1.0 and r.coverage_worst
     assert r.placement.matmul_gemm_int8 == r.placement.matmul_gemm_total == 1
     html = to_html(r)

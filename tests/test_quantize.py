@@ -194,3 +194,20 @@ def test_dynamic_candidate_for_matmul_models_where_the_board_allows_it(tmp_path)
     rep = quantize(tmp_path / "mlp.onnx", load_target("phone-npu-int8"), load_dataset(tmp_path / "c.npz"),
                    load_dataset(tmp_path / "e.npz"), tmp_path / "q2.onnx", options=opts)
     assert "dynamic" not in {c.method for c in rep.candidates}
+
+
+def test_sensitivity_ranks_layers_followed_by_folded_activations(tmp_path, tiny_model, tiny_data):
+    """conv1 and conv2 are followed by a ReLU that the QDQ model folds away; they must still be
+    ranked, measured after the activation on both sides (SQNR positive, noise injected >= 0)."""
+    from edgepack.calibrate import collect
+    from edgepack.qdq import QDQBuilder, preprocess_model
+    from edgepack.sensitivity import rank_layers
+
+    info = load_model(tiny_model)
+    pre = preprocess_model(info, tmp_path)
+    cal = collect(pre, load_dataset(tiny_data[0]), info.input_names)
+    q = QDQBuilder(tmp_path / "pre.onnx", cal, load_target("x86-vnni"), tmp_path, None).build("minmax", [])
+    _, feeds = next(load_dataset(tiny_data[1]).feeds(16, info.input_names))
+    ranking = rank_layers(pre, onnx.load(str(q)), feeds)
+    assert {r.name for r in ranking} == {"conv1", "conv2", "fc"}
+    assert all(r.sqnr_db > 10 for r in ranking) and all(r.score >= 0 for r in ranking)
