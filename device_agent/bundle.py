@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import __version__ as AGENT_VERSION
-from ._internal.encoding import format_time, parse_json, sha256_hex, utc_now
+from ._internal.encoding import format_time, hash_file, parse_json, sha256_hex, utc_now
 from ._internal.manifest import (FORMAT_VERSION, FileEntry, Manifest, parse_manifest, version_tuple)
 from ._internal.streams import CHUNK, FrameReader, read_exact, zstd_stream
 from .delta_apply import iter_patch_from, iter_tensor_delta
@@ -187,16 +187,6 @@ def open_bundle(path: str | Path, trust_root: TrustRoot, *, now: _dt.datetime | 
 
 
 # --------------------------------------------------------------------------- payloads
-def _hash_file(p: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
-    with open(p, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-            n += len(b)
-    return n, h.hexdigest()
-
-
 def _check_bases(vm: VerifiedManifest, base_dir: Path | None) -> dict[str, Path]:
     """Hash every base file a delta needs *before* anything is written."""
     bases: dict[str, Path] = {}
@@ -209,7 +199,7 @@ def _check_bases(vm: VerifiedManifest, base_dir: Path | None) -> dict[str, Path]
     for fe in need:
         p = Path(base_dir) / fe.path
         try:
-            n, digest = _hash_file(p)
+            n, digest = hash_file(p, CHUNK)
         except OSError:
             raise BaseMismatch(f"delta needs base file {fe.path!r} of release {vm.manifest.base_release}, "
                                f"not found in {base_dir}; send the full bundle instead") from None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._internal.encoding import hash_file
 from .agent_errors import ActiveSlotCorrupt, DiskFull
 
 SLOTS = ("a", "b")
@@ -164,13 +164,7 @@ def remove_tree(p: Path) -> None:
 
 
 def sha256_file(p: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
-    with open(p, "rb") as f:
-        while b := f.read(HASH_CHUNK):
-            h.update(b)
-            n += len(b)
-    return n, h.hexdigest()
+    return hash_file(p, HASH_CHUNK)
 
 
 # --------------------------------------------------------------------------- slots

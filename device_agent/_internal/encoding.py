@@ -65,3 +65,14 @@ def sha256_hex(data: bytes) -> str:
 
 def is_hex(s: Any, n: int) -> bool:
     return isinstance(s, str) and len(s) == n and all(c in "0123456789abcdef" for c in s)
+
+
+def hash_file(path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(length, SHA-256 hex) of a file, read in bounded chunks: the one file hash of the agent."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+            n += len(b)
+    return n, h.hexdigest()
