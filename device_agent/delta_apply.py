@@ -23,7 +23,10 @@ import struct
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from backports import zstd
+try:  # Python 3.14+: the standard library's module; before: its backport
+    from compression import zstd
+except ImportError:
+    from backports import zstd
 
 from ._internal.encoding import parse_json
 from ._internal.streams import CHUNK, FrameReader, zstd_stream

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
 
-from backports import zstd
+try:  # Python 3.14+: the standard library's module; before: its backport
+    from compression import zstd
+except ImportError:
+    from backports import zstd
 
 from device_agent import bundle as reader
 from device_agent._internal.encoding import canonical_json, format_time, utc_now

@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 from typing import BinaryIO, Iterator
 
-from backports import zstd
+try:  # Python 3.14+: the standard library's module; before: its backport
+    from compression import zstd
+except ImportError:
+    from backports import zstd
 
 from ..errors import LengthExceeded, MalformedBundle, TruncatedBundle
 
