@@ -288,7 +288,9 @@ class _BoardPush:
         active = st.get("active") or {}
         r.release_before = active.get("release")
         content = active.get("content_sha256")
-        if content == rel.full.content_sha256:
+        # "current" means this very release is active; a new release with the same bytes is still
+        # installed (as a delta of base copies, a few KB) so the board's release number moves on
+        if content == rel.full.content_sha256 and r.release_before == rel.release:
             r.result, r.release_after = CURRENT, r.release_before
             return
         if r.release_before is not None and r.release_before >= rel.release:
@@ -359,7 +361,8 @@ class _BoardPush:
                 time.sleep(0.5 * (i + 1))
                 self._connect()
                 st = self._status()
-                if st and (st.get("active") or {}).get("content_sha256") == f.content_sha256:
+                act = (st or {}).get("active") or {}
+                if act.get("content_sha256") == f.content_sha256 and act.get("release") == f.release:
                     return 0, {"ok": True, "release": f.release, "status": "committed",
                                "note": "install finished while the connection was down"}
         raise AssertionError("unreachable")
