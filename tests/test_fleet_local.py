@@ -125,3 +125,25 @@ def test_cli_bad_input_one_line(tmp_path):
         r = cli(*args, env={"EDGEPACK_FLEET_HOME": str(tmp_path / "home")})
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_new_release_with_identical_bytes_is_installed(tmp_path):
+    """'current' means this very release is active; a re-release of the same model moves the
+    board's release number on instead of being skipped."""
+    from agent_helpers import bundle, golden_for, make_onnx, make_pki
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "root.json").write_text(json.dumps(pki.root_doc))
+    m = make_onnx(tmp_path / "m.onnx", seed=1)
+    g = golden_for(m, tmp_path / "g.npz")
+    r1 = bundle(pki, tmp_path / "r1.bundle", m, release=1, golden=g)
+    (tmp_path / "r2").mkdir()
+    r2 = bundle(pki, tmp_path / "r2" / "r2.bundle", m, release=2, golden=g)
+    env = {"EDGEPACK_FLEET_HOME": str(tmp_path / "home")}
+    assert cli("fleet", "bootstrap", "--trust-root", str(tmp_path / "root.json"), env=env).returncode == 0
+    assert cli("push", str(r1), env=env).returncode == 0
+    again = json.loads(cli("push", str(r1), "--json", env=env).stdout)["boards"][0]
+    assert again["result"] == "current"  # the same release: nothing to do
+    r = cli("push", str(r2), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)["boards"][0]
+    assert (b["result"], b["release_after"]) == ("committed", 2)
