@@ -28,20 +28,29 @@ class LatencyStats:
         return cls(threads, len(a), float(np.median(a)), float(np.percentile(a, 90)))
 
 
-def compare_latency(model_a, model_b, sample, *, threads: int, rounds: int = 10,
-                    per_round: int = 10, warmup: int = 5) -> tuple[LatencyStats, LatencyStats]:
-    """Batch-1 latency of two models (paths or bytes) with the same input and thread count."""
-    sa, sb = session(model_a, threads), session(model_b, threads)
+def interleaved(models: dict, sample, *, threads: int, rounds: int = 10, per_round: int = 10,
+                warmup: int = 5) -> dict[str, LatencyStats]:
+    """Batch-1 latency of several models (paths or bytes) on the same input and thread count,
+    timed in alternating rounds so that load on a shared machine hits them all alike."""
+    sess = {k: session(m, threads) for k, m in models.items()}
     batch = {k: v[None] for k, v in sample.items()} if isinstance(sample, dict) else sample[None]
-    feeds = [(s, as_feed(batch, [i.name for i in s.get_inputs()])) for s in (sa, sb)]
-    for s, f in feeds:
+    feeds = {k: as_feed(batch, [i.name for i in s.get_inputs()]) for k, s in sess.items()}
+    for k, s in sess.items():
         for _ in range(warmup):
-            s.run(None, f)
-    times: list[list[float]] = [[], []]
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sess}
     for _ in range(rounds):
-        for k, (s, f) in enumerate(feeds):
+        for k, s in sess.items():
             for _ in range(per_round):
                 t = time.perf_counter()
-                s.run(None, f)
+                s.run(None, feeds[k])
                 times[k].append(time.perf_counter() - t)
-    return LatencyStats.of(threads, times[0]), LatencyStats.of(threads, times[1])
+    return {k: LatencyStats.of(threads, v) for k, v in times.items()}
+
+
+def compare_latency(model_a, model_b, sample, *, threads: int, rounds: int = 10,
+                    per_round: int = 10, warmup: int = 5) -> tuple[LatencyStats, LatencyStats]:
+    """Batch-1 latency of two models with the same input and thread count."""
+    r = interleaved({"a": model_a, "b": model_b}, sample, threads=threads, rounds=rounds,
+                    per_round=per_round, warmup=warmup)
+    return r["a"], r["b"]

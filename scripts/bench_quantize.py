@@ -35,17 +35,16 @@ def log(m: str) -> None:
     print(f"[bench] {m}", file=sys.stderr, flush=True)
 
 
-def ort_default(model: Path, calib, out: Path, input_name: str) -> float:
+def ort_default(model: Path, calib, out: Path, input_names: list[str]) -> float:
     """Plain quantize_static with every default (QDQ, per-tensor, MinMax, int8/int8)."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = (x for _, x in calib.batches(1))
+            self.it = (f for _, f in calib.feeds(1, input_names))
 
         def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {input_name: x}
+            return next(self.it, None)
 
     t = time.perf_counter()
     quantize_static(str(model), str(out), Reader())
@@ -66,23 +65,12 @@ def edgepack_cli(args: list[str]) -> tuple[float, float, dict]:
     return wall, max(peak, before) / 1024, rep
 
 
-def latency(models: dict[str, Path], sample: np.ndarray, threads: int, rounds: int, per_round: int = 20):
-    """Median and p90 batch-1 latency per model, in interleaved rounds."""
-    sess = {k: session(v, threads) for k, v in models.items()}
-    x = sample[None].astype(np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sess.items()}
-    for k, s in sess.items():
-        for _ in range(10):
-            s.run(None, feeds[k])
-    times = {k: [] for k in sess}
-    for _ in range(rounds):
-        for k, s in sess.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append(time.perf_counter() - t)
-    return {k: {"median_ms": float(np.median(v) * 1e3), "p90_ms": float(np.percentile(v, 90) * 1e3), "runs": len(v)}
-            for k, v in times.items()}
+def latency(models: dict[str, Path], sample, threads: int, rounds: int, per_round: int = 20):
+    """Median and p90 batch-1 latency per model, in interleaved rounds (edgepack.latency)."""
+    from edgepack.latency import interleaved
+
+    stats = interleaved(models, sample, threads=threads, rounds=rounds, per_round=per_round, warmup=10)
+    return {k: {"median_ms": v.median_ms, "p90_ms": v.p90_ms, "runs": v.runs} for k, v in stats.items()}
 
 
 def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work: Path) -> dict:
@@ -93,7 +81,7 @@ def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work
     wall, rss, rep = edgepack_cli(cli)
     log(f"{name}: ORT quantize_static defaults")
     out_o = work / f"{name}-ort-default.onnx"
-    ort_s = ort_default(model, calib["ds"].subset(np.arange(calib["n"])), out_o, rep_input(model))
+    ort_s = ort_default(model, calib["ds"].subset(np.arange(calib["n"])), out_o, [rep_input(model)])
     res = {"model": name, "fp32_bytes": model.stat().st_size,
            "edgepack": {"bytes": out_e.stat().st_size, "quantize_seconds": round(wall, 1),
                         "peak_rss_mb": round(rss, 1), "report": rep},
@@ -141,20 +129,8 @@ def bench_minilm(work: Path, rounds: int, qat_epochs: float) -> dict:
 
     log("minilm: ORT quantize_static defaults")
     out_o = work / "minilm-ort-default.onnx"
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
-
-    cal_ds = load_dataset(calib, limit=128)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = (f for _, f in cal_ds.feeds(1, names))
-
-        def get_next(self):
-            return next(self.it, None)
-
-    t = time.perf_counter()
-    quantize_static(str(model), str(out_o), Reader())
-    rows = [("ORT quantize_static defaults", out_o, time.perf_counter() - t, None)]
+    secs = ort_default(model, load_dataset(calib, limit=128), out_o, names)
+    rows = [("ORT quantize_static defaults", out_o, secs, None)]
 
     log("minilm: edgepack quantize (PTQ)")
     out_e = work / "minilm-edgepack.onnx"
@@ -188,26 +164,12 @@ def bench_minilm(work: Path, rounds: int, qat_epochs: float) -> dict:
             row["candidates"] = rep.get("candidates")
         res["rows"].append(row)
         log(f"minilm: {name}: {row['int8_top1']} % (drop {row['drop']}), MatMul/Gemm INT8 {row['matmul_gemm_int8']}")
-    sample = ds_test.loader(0)
-    from edgepack.data import as_feed
-
     models = {"fp32": model, **{n: p for n, p, _, _ in rows}}
     for th in (1, 2):
-        sess = {k: session(v, th) for k, v in models.items()}
-        feed = as_feed({k: v[None] for k, v in sample.items()}, names)
-        times = {k: [] for k in sess}
-        for k, s_ in sess.items():
-            for _ in range(5):
-                s_.run(None, feed)
-        for _ in range(rounds):
-            for k, s_ in sess.items():
-                for _ in range(10):
-                    t = time.perf_counter()
-                    s_.run(None, feed)
-                    times[k].append(time.perf_counter() - t)
-        res[f"latency_threads_{th}"] = {k: {"median_ms": float(np.median(v) * 1e3),
-                                            "ratio_vs_fp32": float(np.median(v) / np.median(times["fp32"]))}
-                                        for k, v in times.items()}
+        lat = latency(models, ds_test.loader(0), th, rounds, per_round=10)
+        res[f"latency_threads_{th}"] = {k: {"median_ms": v["median_ms"],
+                                            "ratio_vs_fp32": v["median_ms"] / lat["fp32"]["median_ms"]}
+                                        for k, v in lat.items()}
     return res
 
 

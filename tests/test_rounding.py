@@ -72,6 +72,28 @@ CASES = {
 }
 
 
+def _ort_qdq(model, x, overrides) -> onnx.ModelProto:
+    """ONNX Runtime's static QDQ quantizer (per-channel int8 weights, uint8 activations) with the
+    rounding pass's scale overrides, calibrated on ``x``."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(_batches(x))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(model, f"{d}/f.onnx")
+        quantize_static(f"{d}/f.onnx", f"{d}/q.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"TensorQuantOverrides": overrides})
+        return onnx.load(f"{d}/q.onnx")
+
+
 def _batches(x, bs=8):
     return [{"x": x[i:i + bs]} for i in range(0, len(x), bs)]
 
@@ -100,7 +122,6 @@ def test_im2col_matches_ort_conv(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_gptq_beats_rtn_and_reproduces_through_ort(case):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     rng = np.random.default_rng(1)
     model, x = CASES[case](rng)
@@ -120,21 +141,7 @@ def test_gptq_beats_rtn_and_reproduces_through_ort(case):
     q = np.rint(w_new / scale.reshape(shape))
     assert np.abs(q).max() <= 127 and np.allclose(q * scale.reshape(shape), w_new, rtol=0, atol=0)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(_batches(x))
-
-        def get_next(self):
-            return next(self.it, None)
-
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = f"{d}/f.onnx", f"{d}/q.onnx"
-        onnx.save(new, src)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"TensorQuantOverrides": overrides})
-        qdq = onnx.load(dst)
+    qdq = _ort_qdq(new, x, overrides)
     assert check_quantized_weights(qdq, new, overrides) == {}
     q_ort = numpy_helper.to_array(next(t for t in qdq.graph.initializer if t.name == "W_quantized"))
     assert q_ort.dtype == np.int8 and np.array_equal(q_ort.astype(np.int64), q.astype(np.int64))
@@ -143,26 +150,13 @@ def test_gptq_beats_rtn_and_reproduces_through_ort(case):
 def test_dead_channel_scale_survives_ort_bias_adjustment():
     """A BN-folded channel with ~0 weights and a real bias: ORT would raise its weight scale to keep
     the int32 bias in range (changing our integers); the pass floors that scale up front."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
     rng = np.random.default_rng(2)
     model, x = _conv_model(rng, 8, 8, 3, group=8, pads=(1, 1, 1, 1), dead_channel=True)
     new, overrides, report = optimize_weight_rounding(model, _batches(x))
     assert report.layers[0].floored_channels == 1
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(_batches(x))
-
-        def get_next(self):
-            return next(self.it, None)
-
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        onnx.save(new, f"{d}/f.onnx")
-        quantize_static(f"{d}/f.onnx", f"{d}/q.onnx", Reader(), per_channel=True,
-                        activation_type=QuantType.QUInt8, extra_options={"TensorQuantOverrides": overrides})
-        qdq = onnx.load(f"{d}/q.onnx")
+    qdq = _ort_qdq(new, x, overrides)
     assert check_quantized_weights(qdq, new, overrides) == {}
 
 
