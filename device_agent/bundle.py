@@ -38,7 +38,7 @@ from ._internal.manifest import (FORMAT_VERSION, FileEntry, Manifest, parse_mani
 from ._internal.streams import CHUNK, FrameReader, read_exact, zstd_stream
 from .delta_apply import iter_patch_from, iter_tensor_delta
 from .errors import (AgentTooOld, BaseMismatch, ExpiredError, HashMismatch, LengthExceeded, MalformedBundle,
-                     NotABundle, OtaError, RollbackError, TargetMismatch, TruncatedBundle, UnsupportedFormat)
+                     NotABundle, RollbackError, TargetMismatch, TruncatedBundle, UnsupportedFormat)
 from .trust import MANIFEST_TYPE, TrustRoot, parse_signatures
 
 MAGIC = b"EPBUNDLE"

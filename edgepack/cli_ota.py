@@ -226,7 +226,6 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
               as_json: bool = typer.Option(False, "--json")) -> None:
     """Make a delta bundle OLD -> NEW (tensor-aware for ONNX); writes NEW itself if no delta is smaller."""
     def run() -> None:
-        from device_agent.trust import TrustRoot
         from .bundle import trust_for_check
         from .delta import make_delta_bundle
         from .keys import read_doc

@@ -44,7 +44,6 @@ from device_agent._internal.manifest import FileEntry
 from device_agent._internal.streams import CHUNK
 from device_agent.delta_apply import (MAX_GLUE, MAX_PATCH_FROM_BASE, PATCH_MAGIC, chunk_bytes, sub_encode,
                                       xor_encode)
-from device_agent.errors import OtaError
 from device_agent.trust import TrustRoot
 
 from .bundle import Frame, check_written, make_manifest, write_container

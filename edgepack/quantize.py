@@ -18,22 +18,21 @@ says plainly whether the budget was met.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx
 
-from .calibrate import METHODS, Calibration, collect
+from .calibrate import METHODS, collect
 from .data import Dataset
-from .errors import BudgetNotMet, DataError, ModelError
-from .evaluate import Comparison, compare, predict, session
+from .errors import BudgetNotMet, DataError
+from .evaluate import compare, predict, session
 from .latency import compare_latency
 from .modelinfo import ModelInfo, check_sample_shape, load_model
 from .analyze import placement_of
@@ -42,7 +41,6 @@ from .smoothquant import smooth
 from .sensitivity import rank_layers
 from .targets import Target
 
-log = logging.getLogger("edgepack.quantize")
 
 
 class Progress(Protocol):
@@ -215,7 +213,6 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
     work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
     try:
         pre = preprocess_model(info, work)
-        pre_path = work / "pre.onnx"
         fp32 = session(info.path)
         pg.start("FP32 reference", len(search) + len(holdout))
         ref_search = predict(fp32, search, batch_size=opt.batch_size, progress=pg.advance)
