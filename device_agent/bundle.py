@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import os
 import secrets
 import shutil
@@ -37,15 +38,19 @@ from ._internal.encoding import format_time, hash_file, parse_json, sha256_hex, 
 from ._internal.manifest import (FORMAT_VERSION, FileEntry, Manifest, parse_manifest, version_tuple)
 from ._internal.streams import CHUNK, FrameReader, read_exact, zstd_stream
 from .delta_apply import iter_patch_from, iter_tensor_delta
+from ._internal.files import describe, open_regular
 from .errors import (AgentTooOld, BaseMismatch, ExpiredError, HashMismatch, LengthExceeded, MalformedBundle,
-                     NotABundle, RollbackError, TargetMismatch, TruncatedBundle, UnsupportedFormat)
+                     NotABundle, NotYetValid, ReleaseStepTooLarge, RollbackError, TargetMismatch, TruncatedBundle,
+                     UnsupportedFormat)
 from .trust import MANIFEST_TYPE, TrustRoot, parse_signatures
 
 MAGIC = b"EPBUNDLE"
 MAX_TRUST = 1 << 20
 MAX_MANIFEST = 1 << 20
 MAX_SIGS = 64 << 10
-FULL_WINDOW_LOG_MAX = 27  # writer uses <= 23; leave room, but refuse absurd windows
+FULL_WINDOW_LOG_MAX = 23  # docs/bundle-format.md: full payloads are decoded with a window of at most 8 MiB
+MAX_BUFFERED_FRAME = 8 << 20  # frames up to this size are read once and decoded from the hashed copy
+MAX_CLOCK_SKEW = _dt.timedelta(days=1)  # a manifest "created" later than now + this is refused
 STAGING_PREFIX = ".edgepack-partial-"
 
 __all__ = ["open_bundle", "verify_payloads", "extract", "read_header", "VerifiedManifest", "FileEntry",
@@ -138,36 +143,52 @@ def read_header(f: BinaryIO) -> BundleHeader:
                         signatures=parse_signatures(sigs_doc, "bundle signatures"), payload_offset=pos)
 
 
+def _open(path: Path) -> BinaryIO:
+    """The bundle file, refused unless it is a regular file (a FIFO would block, /dev/zero never ends)."""
+    try:
+        return open_regular(path)
+    except OSError as e:
+        raise NotABundle(f"cannot open bundle {path}: {describe(e)}; pass a regular bundle file") from None
+
+
 def open_bundle(path: str | Path, trust_root: TrustRoot, *, now: _dt.datetime | None = None,
                 min_release: int = 0, target: str | None = None,
-                agent_version: str = AGENT_VERSION) -> VerifiedManifest:
+                agent_version: str = AGENT_VERSION, max_release: int | None = None,
+                on_trust: Callable[[TrustRoot], None] | None = None) -> VerifiedManifest:
     """Verify a bundle's header: signatures, trust updates, expiry, anti-rollback, target, size.
 
     ``min_release`` is the lowest release the board accepts (its anti-rollback counter);
+    ``max_release`` the highest (the board's bounded release step; None: unbounded);
     ``target`` is the board's target name (None skips the check: host-side inspection only).
+    ``on_trust(tr)`` is called as soon as the embedded root chain / release-key list verified and
+    changed the trust root, *before* the manifest is checked: a revocation must stick even when
+    this bundle is refused later (expired, wrong target, failed trial).
     Raises a named OtaError; never returns a half-verified manifest.
     """
     path = Path(path)
     now = now or utc_now()
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise NotABundle(f"cannot open bundle {path}: {e.strerror}") from None
-    with f:
-        try:
-            size = os.fstat(f.fileno()).st_size
-        except OSError:
-            size = None
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
         hdr = read_header(f)
     trust = trust_root.apply_embedded(hdr.trust, now)
+    if on_trust is not None and trust.to_documents() != trust_root.to_documents():
+        on_trust(trust)
     signed_by = trust.verify_release_signatures(MANIFEST_TYPE, hdr.manifest_bytes, hdr.signatures)
     m = parse_manifest(parse_json(hdr.manifest_bytes, "manifest"))
+    if m.created > now + MAX_CLOCK_SKEW:
+        raise NotYetValid(f"bundle for {m.model} release {m.release} claims it was created {format_time(m.created)}, "
+                          f"after this board's clock ({format_time(now)}) + {MAX_CLOCK_SKEW.days} day; fix the "
+                          "build host's or the board's clock and rebuild")
     if now > m.expires:
         raise ExpiredError(f"bundle for {m.model} release {m.release} expired at {format_time(m.expires)}; "
                            "build a fresh bundle (a stale or frozen update is refused)")
     if m.release < min_release:
         raise RollbackError(f"bundle release {m.release} is older than {min_release}, the lowest this board "
                             "accepts; build a bundle with a higher --release")
+    if max_release is not None and m.release > max_release:
+        raise ReleaseStepTooLarge(f"bundle release {m.release} jumps past {max_release}, the highest this board "
+                                  "accepts (its max_release_step policy); build it with a smaller --release, or "
+                                  "reset the board's counter with a root-signed reset (`edgepack keys reset-counter`)")
     if target is not None and target not in m.targets:
         raise TargetMismatch(f"bundle is for target(s) {', '.join(m.targets)}, this board is {target!r}; "
                              "build a bundle for this target")
@@ -175,13 +196,12 @@ def open_bundle(path: str | Path, trust_root: TrustRoot, *, now: _dt.datetime | 
         raise AgentTooOld(f"bundle needs device agent >= {m.min_agent_version}, this is {agent_version}; "
                           "update the agent first")
     expected = hdr.payload_offset + sum(fe.transport_length for fe in m.files)
-    if size is not None and path.is_file():
-        if size < expected:
-            raise TruncatedBundle(f"bundle is {size} bytes, its manifest declares {expected}; "
-                                  "the file is cut short: copy it again")
-        if size > expected:
-            raise LengthExceeded(f"bundle has {size - expected} bytes past its declared end; "
-                                 "refusing it (corrupt or hostile bundle)")
+    if size < expected:
+        raise TruncatedBundle(f"bundle is {size} bytes, its manifest declares {expected}; "
+                              "the file is cut short: copy it again")
+    if size > expected:
+        raise LengthExceeded(f"bundle has {size - expected} bytes past its declared end; "
+                             "refusing it (corrupt or hostile bundle)")
     return VerifiedManifest(path=path, manifest=m, manifest_bytes=hdr.manifest_bytes, signed_by=tuple(signed_by),
                             trust=trust, payload_offset=hdr.payload_offset)
 
@@ -200,9 +220,9 @@ def _check_bases(vm: VerifiedManifest, base_dir: Path | None) -> dict[str, Path]
         p = Path(base_dir) / fe.path
         try:
             n, digest = hash_file(p, CHUNK)
-        except OSError:
+        except OSError as e:
             raise BaseMismatch(f"delta needs base file {fe.path!r} of release {vm.manifest.base_release}, "
-                               f"not found in {base_dir}; send the full bundle instead") from None
+                               f"not usable in {base_dir} ({describe(e)}); send the full bundle instead") from None
         if n != fe.base_length or digest != fe.base_sha256:
             raise BaseMismatch(f"base file {fe.path!r} in {base_dir} is not the one release "
                                f"{vm.manifest.base_release} shipped (sha256 {digest[:16]}…, expected "
@@ -226,36 +246,53 @@ def _iter_file(f: BinaryIO, fe: FileEntry, bases: dict[str, Path], stack: ExitSt
     if fe.encoding == "zstd":
         yield from zstd_stream(fr, fe.transport_length, fe.length, what, window_log_max=FULL_WINDOW_LOG_MAX)
     elif fe.encoding == "base-copy":
-        with open(bases[fe.path], "rb") as b:
+        with open_regular(bases[fe.path]) as b:
             while chunk := b.read(CHUNK):
                 yield chunk
     elif fe.encoding == "zstd-patch-from":
-        with open(bases[fe.path], "rb") as b:
+        with open_regular(bases[fe.path]) as b:
             yield from iter_patch_from(fr, b, fe.base_length or 0, fe.length, fe.transport_length, what)
     elif fe.encoding == "tensor-delta":
-        with open(bases[fe.path], "rb") as b:
+        with open_regular(bases[fe.path]) as b:
             yield from iter_tensor_delta(fr, b, fe.base_length or 0, fe.length, what)
     if fr.remaining:
         raise LengthExceeded(f"{what} has {fr.remaining} unused bytes after its data; refusing it")
+    if fe.transport_length and fr.hash.hexdigest() != fe.transport_sha256:
+        # second read of a large frame: the file changed between the two passes
+        raise HashMismatch(f"payload {fe.path!r} changed while it was being read (the hashed bytes and the "
+                           "decoded bytes differ); copy the bundle again and keep it still while installing")
 
 
 def _stream(vm: VerifiedManifest, bases: dict[str, Path], sink: Callable[[FileEntry], Any] | None) -> None:
     """Walk every frame: check its transport hash, then (if it can be rebuilt) its content hash.
 
+    A frame of at most MAX_BUFFERED_FRAME bytes is read once, hashed, and decoded from that
+    authenticated copy. A larger frame is hashed in a first pass and decoded in a second pass
+    over the same descriptor, which is hashed again and must match (docs/bundle-format.md says
+    why: holding a 200 MB frame in RAM or spooling it to disk is what a board cannot afford).
     ``sink(fe)`` returns a writable file for fe's output; None discards the output.
     """
-    with open(vm.path, "rb") as f, ExitStack() as stack:
+    with _open(vm.path) as f, ExitStack() as stack:
         f.seek(vm.payload_offset)
         for fe in vm.files:
             start = f.tell()
-            _check_transport(f, fe)
+            if fe.transport_length <= MAX_BUFFERED_FRAME:
+                data = read_exact(f, fe.transport_length, f"payload {fe.path!r}")
+                if sha256_hex(data) != fe.transport_sha256:
+                    raise HashMismatch(f"payload {fe.path!r} does not match its signed hash (tampered, corrupt, or "
+                                       "taken from another release); copy the bundle again or rebuild it")
+                src: BinaryIO = io.BytesIO(data)
+            else:
+                _check_transport(f, fe)
+                f.seek(start)
+                src = f
             if fe.is_delta and fe.path not in bases:
+                f.seek(start + fe.transport_length)
                 continue  # verify-only without a base: the signed transport hash is all we can check
-            f.seek(start)
             out = sink(fe) if sink else None
             h = hashlib.sha256()
             n = 0
-            for chunk in _iter_file(f, fe, bases, stack):
+            for chunk in _iter_file(src, fe, bases, stack):
                 n += len(chunk)
                 if n > fe.length:
                     raise LengthExceeded(f"payload {fe.path!r} rebuilds past its signed length {fe.length}; refusing it")

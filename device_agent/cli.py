@@ -30,7 +30,10 @@ def _out(obj: dict[str, Any]) -> None:
 
 
 def _say(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
+    """One human line on stderr. Bundle/board strings in it are data: control characters (ANSI
+    escapes, carriage returns) are shown escaped, never sent to the terminal."""
+    from ._internal.encoding import safe_text
+    sys.stderr.write(safe_text(msg, limit=2000) + "\n")
 
 
 def _agent(args: argparse.Namespace):
@@ -71,8 +74,14 @@ def cmd_rollback(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recover(a: argparse.Namespace) -> dict[str, Any]:
-    r = _agent(a).recover()
+    r = _agent(a).recover(rebuild=True)
     _say("; ".join(r["actions"]) or "nothing to recover")
+    return r
+
+
+def cmd_reset_counter(a: argparse.Namespace) -> dict[str, Any]:
+    r = _agent(a).reset_counter(a.document)
+    _say(f"anti-rollback counter {r['counter_before']} -> {r['counter']} (root-signed reset v{r['reset_version']})")
     return r
 
 
@@ -92,8 +101,8 @@ def _model_args(a: argparse.Namespace) -> tuple[Path, str, int, str | None, Path
     info = agent.active_info(verify=True)
     rt = choose_runtime(info.model_path, a.runtime or cfg.runtimes,
                         a.runtime[0] if a.runtime else info.settings.get("runtime"))
-    from .install import _settings_accelerator
-    accel = a.accelerator or cfg.accelerator or _settings_accelerator(info.settings)
+    from .install import board_accelerator
+    accel = a.accelerator or board_accelerator(cfg, info.settings)
     threads = a.threads if a.threads is not None else cfg.threads
     golden = Path(a.data) if a.data else info.file("golden")
     return info.model_path, rt, threads, accel, golden, info.release
@@ -162,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rollback", help="switch back to the kept previous release")
     s.add_argument("--reason", default="requested by operator")
     s.set_defaults(fn=cmd_rollback)
+
+    s = sub.add_parser("reset-counter", help="apply a root-signed anti-rollback counter reset")
+    s.add_argument("document", help="counter-reset.json made by `edgepack keys reset-counter`")
+    s.set_defaults(fn=cmd_reset_counter)
 
     sub.add_parser("recover", help="finish or undo an interrupted install (also done by every command)").set_defaults(fn=cmd_recover)
     sub.add_parser("version", help="agent version and installed runtimes").set_defaults(fn=cmd_version)

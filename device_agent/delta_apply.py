@@ -29,7 +29,7 @@ except ImportError:
     from backports import zstd
 
 from ._internal.encoding import parse_json
-from ._internal.streams import CHUNK, FrameReader, zstd_stream
+from ._internal.streams import CHUNK, FrameReader, window_for, zstd_stream
 from .errors import MalformedBundle, MalformedPatch
 
 PATCH_MAGIC = b"EPTDELT1"
@@ -154,7 +154,8 @@ def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target
             raise MalformedPatch(f"{what}: glue span {off}+{n} is outside the base; rebuild the delta")
         prefix += _read_base(base, off, n)
     zd = zstd.ZstdDict(bytes(prefix), is_raw=True).as_prefix if prefix else None
-    glue_bytes = b"".join(zstd_stream(src, glue_comp, glue_len, f"{what} glue", zstd_dict=zd))
+    glue_bytes = b"".join(zstd_stream(src, glue_comp, glue_len, f"{what} glue", zstd_dict=zd,
+                                      window_log_max=max(23, window_for(len(prefix) + glue_len))))
     del prefix, zd
     gpos = 0
     produced = 0
@@ -213,5 +214,6 @@ def iter_patch_from(src: FrameReader, base: BinaryIO, base_length: int, target_l
     if len(data) != base_length:
         raise MalformedPatch(f"{what}: base file changed while applying; retry")
     zd = zstd.ZstdDict(data, is_raw=True).as_prefix if data else None
+    # the window spans base + target, never more (a frame asking for 2 GiB on a 1 MiB file is refused)
     yield from zstd_stream(src, comp_length, target_length, what, zstd_dict=zd,
-                           window_log_max=PATCH_FROM_WINDOW_LOG)
+                           window_log_max=max(23, min(PATCH_FROM_WINDOW_LOG, window_for(base_length + target_length))))

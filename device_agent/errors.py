@@ -74,6 +74,17 @@ class ExpiredError(OtaError):
     """The manifest (or trust metadata) has expired: a freeze attack or a stale bundle."""
 
 
+class NotYetValid(OtaError):
+    """The manifest was created further in the future than the board's clock allows (clock skew)."""
+
+
+class ReleaseStepTooLarge(OtaError):
+    """The release number jumps further past the board's counter than its policy allows.
+
+    Why: a validly signed bundle with release 2**63-1 would otherwise block every later release
+    forever. A root-signed counter reset (``edgepack keys reset-counter``) lowers the counter."""
+
+
 class TargetMismatch(OtaError):
     """The bundle is not built for this board's target."""
 

@@ -36,11 +36,35 @@ class Thresholds:
     latency_budget_ms: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any], latency_budget_ms: float | None) -> "Thresholds":
-        h = settings.get("health") if isinstance(settings.get("health"), dict) else {}
-        kw = {k: float(h[k]) for k in ("min_top1_agreement", "min_cosine", "min_cosine_sample", "max_abs_error")
-              if isinstance(h.get(k), (int, float))}
+    def from_settings(cls, settings: dict[str, Any], latency_budget_ms: float | None,
+                      floors: dict[str, float] | None = None) -> "Thresholds":
+        """The bundle's thresholds, bounded by the board's floors: a bundle can only tighten them.
+
+        ``floors`` (board.json ``health_floors``) are the loosest values the board accepts; without
+        one, the default threshold is the floor. A threshold that is not a finite number (NaN
+        compares false with everything, so it would pass every check) is refused."""
+        h = settings.get("health", {})
+        if not isinstance(h, dict):
+            raise UsageError("settings 'health' must be an object of thresholds")
+        base = cls()
+        fl = {k: float(v) for k, v in (floors or {}).items() if k in _MIN_KEYS or k == "max_abs_error"}
+        kw: dict[str, float | None] = {}
+        for k, v in h.items():
+            if k not in _MIN_KEYS and k != "max_abs_error":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise UsageError(f"health threshold {k} = {str(v)[:40]} is not a finite number")
+            kw[k] = float(v)
+        for k in _MIN_KEYS:
+            floor = fl.get(k, getattr(base, k))
+            kw[k] = max(floor, kw.get(k, floor))  # the bundle may demand more, never less
+        cap = fl.get("max_abs_error")
+        mae = kw.get("max_abs_error")
+        kw["max_abs_error"] = cap if mae is None else (mae if cap is None else min(mae, cap))
         return cls(latency_budget_ms=latency_budget_ms, **kw)
+
+
+_MIN_KEYS = ("min_top1_agreement", "min_cosine", "min_cosine_sample")
 
 
 @dataclass

@@ -24,10 +24,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import resource
+import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,15 +39,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import __version__
-from .agent_errors import (ActiveSlotCorrupt, AgentError, BudgetExceeded, Busy, DiskFull, HealthCheckFailed, Incompatible,
-                           NoRollbackTarget, NotInitialized)
+from ._internal.encoding import canonical_json
+from ._internal.files import read_bounded
+from .agent_errors import (AcceleratorUnavailable, ActiveSlotCorrupt, AgentError, BudgetExceeded, Busy, DiskFull,
+                           HealthCheckFailed, Incompatible, NoRollbackTarget, NotInitialized, StateCorrupt, UsageError)
 from .bundle import VerifiedManifest, extract, open_bundle
-from .errors import RollbackError
+from .errors import MalformedBundle, OtaError, RollbackError
 from .health import HealthReport, Thresholds, check
 from .runtime import choose_runtime, load_model
-from .slots import Slots, arm_crash_injection, boundary, disarm_crash_injection
+from .slots import Slots, arm_crash_injection, atomic_write_json, boundary, disarm_crash_injection
 from .state import AgentState, BoardConfig, StateDir, iso, now_utc
-from .trust import TrustRoot
+from .trust import CounterReset, TrustRoot
 
 MiB = 1 << 20
 RUNTIME_BASE_RAM_MB = 48.0  # runtime + agent baseline assumed by the RAM budget check (measured: docs/agent.md)
@@ -118,7 +124,7 @@ class Agent:
             return
         if not self.sd.path.is_dir():
             raise NotInitialized(f"{self.sd.path} does not exist; run `edgepack-agent init --state DIR ...` first")
-        fd = os.open(self.sd.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         try:
             while True:
@@ -139,26 +145,67 @@ class Agent:
         finally:
             os.close(fd)
 
+    def _open_lock(self) -> int:
+        """The lock file, refused (StateCorrupt) if something other than a regular file is there."""
+        path = self.sd.path / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StateCorrupt(f"{path} cannot be opened as the board lock ({e.strerror}); run "
+                               "`edgepack-agent recover` to repair the state directory") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateCorrupt(f"{path} is not a regular file; run `edgepack-agent recover` to repair it")
+        return fd
+
     # ------------------------------------------------------------------- setup
     def init(self, cfg: BoardConfig, trust_root: str | Path, release_keys: str | Path | None = None,
              force: bool = False) -> dict[str, Any]:
         """Write board.json and an empty state.json holding the flashed trust root."""
         tr = TrustRoot.from_files(trust_root, release_keys)  # refuses a root without its threshold
+        cfg.validate()
         self.sd.path.mkdir(parents=True, exist_ok=True)
         with self.locked():
             return self._init(cfg, tr, force)
 
     def _init(self, cfg: BoardConfig, tr: TrustRoot, force: bool) -> dict[str, Any]:
         self.slots.ensure()
-        self.sd.save_board(cfg)
-        if self.sd.state_file.exists() and not force:
+        keep = os.path.lexists(self.sd.state_file) and not force
+        if keep:
             st = self.sd.load()
+            self._same_root_or_refuse(st, tr)
+        self.sd.save_board(cfg)
+        atomic_write_json(self.flashed_root_file, tr.root.document) if not keep else None
+        if keep:
             st.log("reconfigure", target=cfg.target)
         else:
             st = AgentState(trust=tr.to_documents())
             st.log("init", target=cfg.target, root_version=tr.root.version)
         self.sd.save(st)
         return {"state_dir": str(self.sd.path), "board": cfg.to_json(), "counter": st.counter}
+
+    @property
+    def flashed_root_file(self) -> Path:
+        """The root document ``init`` flashed (the start of the chain; recover's last resort)."""
+        return self.sd.path / "root.json"
+
+    def _same_root_or_refuse(self, st: AgentState, tr: TrustRoot) -> None:
+        """``init`` again on an initialised board keeps its trust: only the same root may be given.
+
+        Why: silently keeping the old root (or silently switching) hides that the board will
+        refuse (or accept) other bundles than the operator expects."""
+        new = canonical_json(tr.root.document.get("signed"))
+        held = [st.trust.get("root")]
+        try:
+            held.append(json.loads(read_bounded(self.flashed_root_file, 1 << 20, follow_symlinks=False)))
+        except (OSError, ValueError):
+            pass
+        if any(isinstance(h, dict) and canonical_json(h.get("signed")) == new for h in held):
+            return
+        cur = self.trust(st).root
+        raise UsageError(f"{self.sd.path} already trusts root v{cur.version} (keys "
+                         f"{', '.join(k[:12] for k in sorted(cur.keys))}), not the root given; pass --force to "
+                         "re-flash the trust root (forgets installed releases)")
 
     def board(self) -> BoardConfig:
         return self.sd.board()
@@ -167,13 +214,98 @@ class Agent:
         t = st.trust
         if not t or "root" not in t:
             raise NotInitialized("state.json holds no trust root; run `edgepack-agent init --trust-root ROOT.json`")
-        tr = TrustRoot.from_bytes(t["root"], t.get("release_keys"))
-        return tr.with_release_keys_floor(int(t.get("release_keys_floor") or 0))
+        try:
+            tr = TrustRoot.from_bytes(t["root"], t.get("release_keys"))
+            floor = t.get("release_keys_floor") or 0
+            if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
+                raise MalformedBundle("release_keys_floor is not a non-negative integer")
+        except OtaError as e:
+            raise StateCorrupt(f"state.json holds trust documents that do not verify ({e}); run "
+                               "`edgepack-agent recover` (it falls back to the flashed root)") from None
+        return tr.with_release_keys_floor(floor)
+
+    def _persist_trust(self, tr: TrustRoot) -> None:
+        """Store a newer, verified root / release-key list right away (a revocation must stick)."""
+        st = self.sd.load()
+        if st.trust == tr.to_documents():
+            return
+        st.trust = tr.to_documents()
+        st.log("trust-update", root_version=tr.root.version,
+               release_keys_version=tr.release_keys.version if tr.release_keys else None)
+        self.sd.save(st)
 
     # ------------------------------------------------------------------- recovery
-    def recover(self) -> dict[str, Any]:
+    def recover(self, rebuild: bool = False) -> dict[str, Any]:
+        """Finish/undo an interrupted install. ``rebuild`` (the ``recover`` command) also repairs a
+        state directory whose state.json / lock / ``current`` is unusable (StateCorrupt)."""
+        if not rebuild:
+            with self.locked():
+                return self._recover()
+        moved = self._move_aside_non_regular()
         with self.locked():
-            return self._recover()
+            try:
+                r = self._recover()
+            except StateCorrupt as e:
+                r = self._rebuild_state(str(e))
+            r["actions"] = moved + r["actions"]
+            return r
+
+    def _move_aside_non_regular(self) -> list[str]:
+        """A directory / FIFO / symlink where the lock, state.json or `current` belongs is renamed
+        to NAME.corrupt-<time> (kept for inspection, never followed)."""
+        out = []
+        for name, want in (("lock", stat.S_ISREG), ("state.json", stat.S_ISREG), ("current", stat.S_ISLNK)):
+            p = self.sd.path / name
+            try:
+                mode = os.lstat(p).st_mode
+            except OSError:
+                continue
+            if not want(mode):
+                dst = p.with_name(f"{name}.corrupt-{int(time.time())}")
+                os.replace(p, dst)
+                out.append(f"moved unusable {name} aside to {dst.name}")
+        return out
+
+    def _rebuild_state(self, why: str) -> dict[str, Any]:
+        """A new state.json from what can be verified: the slots that hash-verify (the highest
+        release active, the other kept), the trust documents if they still verify (else the
+        flashed root.json), the counter = the highest verified release or the old one if readable."""
+        old: dict[str, Any] = {}
+        try:
+            d = json.loads(read_bounded(self.sd.state_file, 4 << 20, follow_symlinks=False))
+            old = d if isinstance(d, dict) else {}
+        except (OSError, ValueError, RecursionError):
+            pass
+        trust = None
+        for cand in (old.get("trust"), ):
+            try:
+                if isinstance(cand, dict) and isinstance(cand.get("root"), dict):
+                    TrustRoot.from_bytes(cand["root"], cand.get("release_keys"))
+                    trust = {"root": cand["root"], "release_keys": cand.get("release_keys"),
+                             "release_keys_floor": cand.get("release_keys_floor")
+                             if isinstance(cand.get("release_keys_floor"), int) else 0}
+            except (OtaError, TypeError, ValueError):
+                trust = None
+        if trust is None:
+            try:
+                tr = TrustRoot.from_bytes(read_bounded(self.flashed_root_file, 1 << 20, follow_symlinks=False))
+            except (OSError, ValueError, OtaError) as e:
+                raise StateCorrupt(f"{why}; and no verifiable trust root is left (flashed root.json: "
+                                   f"{e}); re-run `edgepack-agent init --force --trust-root ROOT.json`") from None
+            trust = tr.to_documents()
+        good = sorted(((self.slots.verify(n).release, n) for n in ("a", "b") if self.slots.is_good(n)), reverse=True)
+        st = AgentState(trust=trust)
+        if good:
+            st.active = good[0][1]
+            st.previous = good[1][1] if len(good) > 1 else None
+        c = old.get("counter")
+        st.counter = max([r for r, _ in good] + ([c] if isinstance(c, int) and not isinstance(c, bool)
+                                                   and 0 <= c < 2**63 else []), default=0)
+        st.log("rebuild", reason=why[:300], active=st.active, counter=st.counter)
+        self.sd.save(st)
+        r = self._recover()
+        r["actions"].insert(0, f"rebuilt state.json from the verified slots (active {st.active}, counter {st.counter})")
+        return r
 
     def _recover(self) -> dict[str, Any]:
         """Bring the state dir back to a consistent state after a crash. Idempotent; cheap.
@@ -248,7 +380,9 @@ class Agent:
         cfg = self.board()
         self.recover()
         st = self.sd.load()
-        vm = open_bundle(bundle, self.trust(st), now=now_utc(), min_release=st.counter + 1, target=cfg.target)
+        vm = open_bundle(bundle, self.trust(st), now=now_utc(), min_release=st.counter + 1, target=cfg.target,
+                         max_release=st.counter + cfg.max_release_step, on_trust=self._persist_trust)
+        st = self.sd.load()  # _persist_trust may have written a newer trust root
         if vm.release <= st.counter:  # open_bundle refuses < min_release already; belt and braces
             raise RollbackError(f"release {vm.release} is not newer than committed release {st.counter}")
         try:
@@ -282,30 +416,55 @@ class Agent:
         st.trial = {"slot": new, "release": vm.release, "previous": old, "started": iso()}
         st.log("switch", release=vm.release, slot=new, previous=old)
         self.sd.save(st)
-        self.slots.point_current(new)
-        inproc = cfg.trial_in_process if trial_in_process is None else trial_in_process
-        report = self.trial(new, cfg, in_process=inproc)
-        base = dict(release=vm.release, version=vm.manifest.version, model=vm.manifest.model, kind=vm.kind,
-                    slot=new, previous_slot=old, bundle_bytes=vm.summary()["bundle_bytes"],
-                    seconds_verify_write=t_write, peak_rss_mb_before_trial=peak_before, trial=report)
-        st = self.sd.load()
-        if report.get("passed"):
-            st.trial = None
-            st.counter = max(st.counter, vm.release)
-            st.trust = vm.trust.to_documents()
-            st.log("commit", release=vm.release, slot=new, seconds=round(time.perf_counter() - t0, 3))
+        try:
+            self.slots.point_current(new)
+            inproc = cfg.trial_in_process if trial_in_process is None else trial_in_process
+            report = self.trial(new, cfg, in_process=inproc)
+            base = dict(release=vm.release, version=vm.manifest.version, model=vm.manifest.model, kind=vm.kind,
+                        slot=new, previous_slot=old, bundle_bytes=vm.summary()["bundle_bytes"],
+                        seconds_verify_write=t_write, peak_rss_mb_before_trial=peak_before, trial=report)
+            st = self.sd.load()
+            if report.get("passed") is True:
+                st.trial = None
+                st.counter = max(st.counter, vm.release)
+                st.trust = vm.trust.to_documents()
+                st.log("commit", release=vm.release, slot=new, seconds=round(time.perf_counter() - t0, 3))
+                self.sd.save(st)
+                return InstallReport(status="committed", seconds=time.perf_counter() - t0, **base)
+            reason = str(report.get("reason", "trial failed"))[:500]
+            # `current` first: if the state write below fails (disk full), the service must not keep
+            # running the uncommitted release; state.json still says "trial", which recover() undoes
+            self.slots.point_current(old)
+            st.active, st.previous, st.trial = old, None, None
+            st.log("rollback", release=vm.release, slot=new, to_slot=old, reason=reason)
             self.sd.save(st)
-            return InstallReport(status="committed", seconds=time.perf_counter() - t0, **base)
-        reason = report.get("reason", "trial failed")
-        st.active, st.previous, st.trial = old, None, None
-        st.log("rollback", release=vm.release, slot=new, to_slot=old, reason=reason)
-        self.sd.save(st)
-        self.slots.point_current(old)
+        except (OSError, DiskFull, StateCorrupt) as e:
+            self._undo_switch(old, vm.release, e)
+            if isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+                raise DiskFull(f"disk full during the trial of release {vm.release}; it was not committed, release "
+                               f"{self._release_of(old)} stays active: free space on the board") from None
+            raise
         rep = InstallReport(status="rolled_back", seconds=time.perf_counter() - t0, **base)
         err = HealthCheckFailed(f"release {vm.release} failed its trial ({reason}); rolled back to "
                                 f"release {self._release_of(old)}")
         err.report = rep  # type: ignore[attr-defined]
         raise err
+
+    def _undo_switch(self, old: str | None, release: int, exc: BaseException) -> None:
+        """After the switch something failed (disk full): point `current` back, then try to record
+        the rollback. Each step is best effort; whatever does not land, recover() finishes."""
+        try:
+            self.slots.point_current(old)
+        except Exception:
+            pass
+        try:
+            st = self.sd.load()
+            if st.trial:
+                st.active, st.previous, st.trial = old, None, None
+                st.log("rollback", release=release, to_slot=old, reason=f"{type(exc).__name__}: {str(exc)[:200]}")
+                self.sd.save(st)
+        except Exception:
+            pass
 
     def _release_of(self, slot: str | None) -> int | None:
         info = self.slots.info(slot) if slot else None
@@ -378,27 +537,39 @@ class Agent:
     def trial(self, slot: str, cfg: BoardConfig, *, in_process: bool = False) -> dict[str, Any]:
         """Load the slot's model and run the health check. Returns a dict; never raises for a bad model.
 
-        By default it runs in a child process, so a model that crashes the runtime (segfault,
-        OOM kill) fails its trial instead of taking the agent down; the parent also measures the
-        child's peak RSS.
+        By default it runs in a child process (run_trial_process: own process group, rlimits, RSS
+        watchdog, killed with the agent), so a model that crashes the runtime or eats the board's
+        memory fails its trial instead of taking the agent down.
         """
         if in_process:
             return trial_report(self.slots.dir(slot).parent.parent, slot, cfg)
-        pkg_parent = str(Path(__file__).resolve().parent.parent) if "__file__" in globals() else ""
-        code = ("import sys, json; sys.path.insert(0, %r)\n"
-                "from device_agent.install import _trial_main; _trial_main(%r, %r)") % (
-                    pkg_parent, str(self.sd.path), slot)
+        return run_trial_process(self.sd.path, slot, cfg)
+
+    def reset_counter(self, doc_path: str | Path) -> dict[str, Any]:
+        """Apply a root-signed counter reset (``edgepack keys reset-counter``). Installs nothing."""
+        from ._internal.files import describe
         try:
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TRIAL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return {"passed": False, "reason": f"trial timed out after {TRIAL_TIMEOUT_S:.0f} s"}
-        if r.returncode != 0:
-            tail = (r.stderr.strip().splitlines() or [""])[-1][:200]
-            return {"passed": False, "reason": f"trial process died (exit {r.returncode}{', signal ' + str(-r.returncode) if r.returncode < 0 else ''}) {tail}".strip()}
-        try:
-            return json.loads(r.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return {"passed": False, "reason": "trial process printed no report"}
+            data = read_bounded(doc_path, 1 << 20)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read counter reset {doc_path}: {describe(e)}") from None
+        with self.locked():
+            self._recover()
+            st = self.sd.load()
+            cfg = self.board()
+            tr = self.trust(st)
+            r = CounterReset.parse(data, tr.root, now_utc())
+            if cfg.target not in r.targets:
+                raise UsageError(f"counter reset v{r.version} is for {', '.join(r.targets)}, this board is {cfg.target!r}")
+            if r.version <= st.counter_reset_version:
+                raise RollbackError(f"counter reset v{r.version} is not newer than v{st.counter_reset_version} which "
+                                    "this board already applied; sign a new one with a higher --version")
+            before = st.counter
+            active = self._release_of(st.active) or 0
+            st.counter = max(r.counter, active)  # never below what is running: that stays installable
+            st.counter_reset_version = r.version
+            st.log("counter-reset", version=r.version, before=before, after=st.counter)
+            self.sd.save(st)
+            return {"counter_before": before, "counter": st.counter, "reset_version": r.version}
 
     # ------------------------------------------------------------------- rollback / status
     def rollback(self, reason: str = "requested") -> dict[str, Any]:
@@ -465,25 +636,176 @@ class Agent:
         return self.slots.verify(st.active, deep=verify)
 
 
+TRIAL_RSS_SLACK_MB = float(os.environ.get("EDGEPACK_AGENT_TRIAL_RSS_SLACK_MB", "160"))  # interpreter + numpy + runtime
+TRIAL_MAX_OUTPUT = 1 << 20
+_MARK = "edgepack-trial"
+
+
+def trial_rss_limit_mb(cfg: BoardConfig) -> float:
+    """RSS the trial process may reach: the board's RAM budget plus the interpreter's own baseline."""
+    return cfg.ram_budget_mb + TRIAL_RSS_SLACK_MB
+
+
+def _child_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def _trial_preexec(parent: int, cfg: BoardConfig, rss_mb: float):
+    """Runs in the child between fork and exec: die with the agent, and cap what the trial may use."""
+    def setup() -> None:
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: SIGKILL when the agent dies
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:  # the agent died before prctl took effect
+            os._exit(111)
+        lim = [(resource.RLIMIT_CPU, cfg.trial_cpu_s), (resource.RLIMIT_NOFILE, cfg.trial_max_files),
+               (resource.RLIMIT_CORE, 0)]
+        # address space: a hard backstop well above the RSS limit (runtimes reserve virtual memory
+        # for thread stacks and arenas they never touch); the RSS watchdog enforces the budget
+        lim.append((resource.RLIMIT_AS, int((4 * rss_mb + 4096) * MiB)))
+        for res, v in lim:
+            try:
+                soft, hard = resource.getrlimit(res)
+                v = v if hard == resource.RLIM_INFINITY else min(v, hard)
+                resource.setrlimit(res, (v, v))
+            except (ValueError, OSError):
+                pass
+    return setup
+
+
+def _parse_trial_output(out: str) -> dict[str, Any] | None:
+    """The child's last stdout line as a trial report, or None if it is not a well-formed one."""
+    lines = out.strip().splitlines()
+    if not lines:
+        return None
+    try:
+        rep = json.loads(lines[-1])
+    except ValueError:
+        return None
+    if not isinstance(rep, dict) or not isinstance(rep.get("passed"), bool) or not isinstance(rep.get("reason"), str):
+        return None
+    return rep
+
+
+def run_trial_process(state_dir: Path, slot: str, cfg: BoardConfig) -> dict[str, Any]:
+    """The trial in a child: own process group (killed as a whole), rlimits (CPU, files, address
+    space), an RSS watchdog at the board's RAM budget, and PR_SET_PDEATHSIG so a SIGKILLed agent
+    never leaves a trial running. A child that dies, overruns or prints no report failed."""
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from device_agent.install import _trial_main; _trial_main(%r, %r)") % (pkg_parent, str(state_dir), slot)
+    limit = trial_rss_limit_mb(cfg)
+    env = {**os.environ, "EDGEPACK_AGENT_TRIAL": _MARK, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("EDGEPACK_AGENT_CRASH_AT", None)
+    env.pop("EDGEPACK_AGENT_BOUNDARY_LOG", None)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code, _MARK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=_trial_preexec(os.getpid(), cfg, limit))
+    except OSError as e:
+        return {"passed": False, "reason": f"trial process could not start ({e.strerror})"}
+    peak = [0.0]
+    killed: list[str] = []
+
+    def kill(why: str) -> None:
+        if not killed:
+            killed.append(why)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def watch() -> None:
+        t_end = time.monotonic() + TRIAL_TIMEOUT_S
+        while proc.poll() is None:
+            rss = _child_rss_mb(proc.pid)
+            peak[0] = max(peak[0], rss)
+            if rss > limit:
+                kill(f"trial exceeded the board's RAM budget (RSS {rss:.0f} MiB > {limit:.0f} MiB)")
+            elif time.monotonic() > t_end:
+                kill(f"trial timed out after {TRIAL_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    try:
+        out_b, err_b = proc.communicate()
+    except BaseException:
+        kill("agent interrupted")
+        proc.wait()
+        raise
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing the trial started outlives it
+        except OSError:
+            pass
+    w.join(1.0)
+    out, err = out_b[-TRIAL_MAX_OUTPUT:].decode(errors="replace"), err_b[-4096:].decode(errors="replace")
+    if killed:
+        return {"passed": False, "reason": killed[0], "peak_rss_mb": round(peak[0], 1)}
+    if proc.returncode != 0:
+        rc = proc.returncode
+        tail = (err.strip().splitlines() or [""])[-1][:200]
+        return {"passed": False, "reason": f"trial process died (exit {rc}"
+                f"{', signal ' + str(-rc) if rc < 0 else ''}) {tail}".strip()}
+    rep = _parse_trial_output(out)
+    if rep is None:
+        return {"passed": False, "reason": "trial process printed no well-formed report"}
+    hwm = rep.get("peak_rss_mb")
+    if isinstance(hwm, (int, float)) and hwm > limit:
+        return {**rep, "passed": False,
+                "reason": f"trial exceeded the board's RAM budget (peak RSS {hwm:.0f} MiB > {limit:.0f} MiB)"}
+    return rep
+
+
 def trial_report(state_dir: Path, slot: str, cfg: BoardConfig) -> dict[str, Any]:
     """Hash-verify the slot, load its model, run the health check. A dict with passed/reason."""
     slots = Slots(state_dir)
     rss0 = rss_mb()
     try:
         info = slots.verify(slot)
-        accel = cfg.accelerator or _settings_accelerator(info.settings)
+        accel = board_accelerator(cfg, info.settings)
         rt = choose_runtime(info.model_path, cfg.runtimes, info.settings.get("runtime"))
         sess = load_model(info.model_path, rt, threads=cfg.threads, accelerator=accel)
     except AgentError as e:
         return {"passed": False, "reason": f"model failed to load: {e}", "error_type": type(e).__name__}
     rss1 = rss_mb()
-    th = Thresholds.from_settings(info.settings, cfg.latency_budget_ms)
+    try:
+        th = Thresholds.from_settings(info.settings, cfg.latency_budget_ms, floors=cfg.health_floors)
+    except UsageError as e:
+        return {"passed": False, "reason": f"health thresholds refused: {e}", "error_type": "UsageError"}
     try:
         rep: HealthReport = check(sess, info.file("golden"), th, runs=cfg.trial_runs)
     except AgentError as e:
         return {"passed": False, "reason": f"health check could not run: {e}", "error_type": type(e).__name__}
     return {**rep.to_json(), **sess.describe(), "load_seconds": sess.load_seconds,
             "model_rss_mb": round(rss1 - rss0, 2), "peak_rss_mb": round(peak_rss_mb(), 2)}
+
+
+def board_accelerator(cfg: BoardConfig, settings: dict[str, Any]) -> str | None:
+    """The EP / delegate to use: the board's own, else one the bundle asks for *by name* that the
+    board's allow-list (``accelerators`` in board.json) names. Never a path from a bundle: a
+    delegate is native code, so it comes from the board's configuration only."""
+    if cfg.accelerator:
+        return cfg.accelerator
+    want = _settings_accelerator(settings)
+    if want is None:
+        return None
+    if want in cfg.accelerators:
+        return want
+    raise AcceleratorUnavailable(f"bundle asks for accelerator {want[:80]!r}, which is not on this board's "
+                                 "allow-list (board.json 'accelerators'); the board decides which native "
+                                 "delegates and execution providers run")
 
 
 def _settings_accelerator(settings: dict[str, Any]) -> str | None:

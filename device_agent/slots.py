@@ -34,14 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._internal.encoding import hash_file
-from .agent_errors import ActiveSlotCorrupt, DiskFull
+from ._internal.encoding import hash_file, is_hex
+from ._internal.files import read_bounded
+from ._internal.manifest import _PATH_RE
+from .agent_errors import ActiveSlotCorrupt, DiskFull, StateCorrupt
 
 SLOTS = ("a", "b")
 SLOT_META = ".slot.json"
 WRITE_CHUNK = 4096  # small on purpose: one crash boundary per chunk of agent-written files
 HASH_CHUNK = 1 << 20
 TMP_MARK = ".tmp-"
+MAX_META_BYTES = 4 << 20
 
 # --------------------------------------------------------------------------- crash injection
 _crash_at = 0
@@ -226,12 +229,21 @@ class Slots:
         """The slot's metadata if it is complete (no hashing); None for an empty/partial slot."""
         meta = self.dir(name) / SLOT_META
         try:
-            d = json.loads(meta.read_text())
-            return SlotInfo(name=name, dir=self.dir(name), release=int(d["release"]), version=str(d["version"]),
-                            model=str(d["model"]), content_sha256=d["content_sha256"],
-                            manifest_sha256=d["manifest_sha256"], files=tuple(d["files"]),
-                            settings=dict(d.get("settings") or {}))
-        except (OSError, ValueError, KeyError, TypeError):
+            d = json.loads(read_bounded(meta, MAX_META_BYTES, follow_symlinks=False).decode("utf-8"))
+            files = d["files"]
+            if not (isinstance(files, list) and files and all(
+                    isinstance(f, dict) and isinstance(f.get("path"), str) and _PATH_RE.fullmatch(f["path"])
+                    and isinstance(f.get("role"), str) and isinstance(f.get("length"), int)
+                    and not isinstance(f.get("length"), bool) and is_hex(f.get("sha256"), 64) for f in files)):
+                return None  # a .slot.json that is not ours: the slot is not complete
+            if not isinstance(d["release"], int) or isinstance(d["release"], bool) or d["release"] < 0:
+                return None
+            settings = d.get("settings") or {}
+            return SlotInfo(name=name, dir=self.dir(name), release=d["release"], version=str(d["version"]),
+                            model=str(d["model"]), content_sha256=str(d["content_sha256"]),
+                            manifest_sha256=str(d["manifest_sha256"]), files=tuple(files),
+                            settings=dict(settings) if isinstance(settings, dict) else {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def verify(self, name: str, deep: bool = True) -> SlotInfo:
@@ -290,7 +302,9 @@ class Slots:
             if os.readlink(link) == want:
                 return
         except OSError:
-            pass
+            if os.path.lexists(link) and not link.is_symlink():
+                raise StateCorrupt(f"{link} is not a symlink (a directory or file took its place); "
+                                   "run `edgepack-agent recover` to repair it") from None
         tmp = link.with_name(f"current{TMP_MARK}{os.getpid()}")
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()

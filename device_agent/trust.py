@@ -30,6 +30,7 @@ DOMAIN = b"edgepack-sig-v1:"
 ROOT_TYPE = "edgepack-root"
 RELEASE_KEYS_TYPE = "edgepack-release-keys"
 MANIFEST_TYPE = "edgepack-manifest"
+COUNTER_RESET_TYPE = "edgepack-counter-reset"
 MAX_KEYS = 64
 MAX_SIGNATURES = 64
 
@@ -165,6 +166,36 @@ class ReleaseKeys:
 
 
 @dataclass(frozen=True)
+class CounterReset:
+    """A root-signed order to set a board's anti-rollback counter to ``counter``.
+
+    Why: a validly signed bundle with an absurd release number (2**63-1) would block every later
+    release, and revoking the release key that signed it does not lower the counter. Only the
+    root threshold (offline keys) can undo it. ``version`` must exceed the last reset the board
+    applied (a reset cannot be replayed), ``targets`` names the boards it is for, and it expires.
+    """
+
+    version: int
+    counter: int
+    targets: tuple[str, ...]
+    expires: _dt.datetime
+
+    @classmethod
+    def parse(cls, data: bytes | Mapping[str, Any], root: Root, now: _dt.datetime,
+              what: str = "counter reset") -> "CounterReset":
+        signed, msg, sigs = _envelope(data, COUNTER_RESET_TYPE, what)
+        root.require_threshold(msg, sigs, what)
+        targets = signed.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise MalformedBundle(f"{what}: 'targets' must be a non-empty list of target names")
+        r = cls(version=_int(signed, "version", what, lo=1), counter=_int(signed, "counter", what),
+                targets=tuple(targets), expires=parse_time(signed.get("expires"), f"{what} expires"))
+        if now > r.expires:
+            raise ExpiredError(f"{what} v{r.version} expired at {format_time(r.expires)}; sign a new one")
+        return r
+
+
+@dataclass(frozen=True)
 class TrustRoot:
     """What a board trusts. Immutable: updates return a new TrustRoot for the agent to persist.
 
@@ -295,5 +326,5 @@ class TrustRoot:
         return replace(self, release_keys_floor=max(floor, self.release_keys_floor))
 
 
-__all__ = ["TrustRoot", "Root", "ReleaseKeys", "signing_message", "key_id", "public_key_entry",
+__all__ = ["TrustRoot", "Root", "ReleaseKeys", "CounterReset", "COUNTER_RESET_TYPE", "signing_message", "key_id", "public_key_entry",
            "ROOT_TYPE", "RELEASE_KEYS_TYPE", "MANIFEST_TYPE", "utc_now"]

@@ -14,7 +14,9 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from device_agent._internal.encoding import safe_text
 from device_agent.errors import OtaError
 
 out = Console()
@@ -43,22 +45,27 @@ def _emit(as_json: bool, data: Any, table: Table | None = None, lines: list[str]
         out.print(line, highlight=False)
 
 
+def _t(v: Any) -> Text:
+    """A cell from a bundle (model, version, targets, paths): plain text, control characters escaped."""
+    return Text(safe_text(v))
+
+
 def _kv_table(title: str, rows: dict[str, Any]) -> Table:
-    t = Table(title=title, show_header=False)
+    t = Table(title=_t(title), show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value")
     for k, v in rows.items():
-        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        t.add_row(_t(k), _t(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v))
     return t
 
 
 def _files_table(files: list[dict[str, Any]], title: str) -> Table:
-    t = Table(title=title)
+    t = Table(title=_t(title))
     for c in ("path", "role", "encoding", "length", "transport", "sha256"):
         t.add_column(c, justify="right" if c in ("length", "transport") else "left")
     for f in files:
-        t.add_row(f["path"], f.get("role", ""), f["encoding"], f"{f['length']:,}", f"{f['transport_length']:,}",
-                  f["sha256"][:16] + "…")
+        t.add_row(_t(f["path"]), _t(f.get("role", "")), _t(f["encoding"]), f"{f['length']:,}",
+                  f"{f['transport_length']:,}", _t(f["sha256"][:16] + "…"))
     return t
 
 
@@ -163,6 +170,26 @@ def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (ver
     _guard(run)
 
 
+@keys_app.command("reset-counter")
+def keys_reset_counter(root: Path = typer.Option(..., help="Current root.json"),
+                       root_key: List[Path] = typer.Option(..., help="Root private key (repeat to reach the threshold)"),
+                       counter: int = typer.Option(..., help="Anti-rollback counter the boards get"),
+                       version: int = typer.Option(..., help="Reset version: higher than any reset boards applied"),
+                       target: List[str] = typer.Option(..., help="Board target the reset is for (repeat)"),
+                       expires_days: float = typer.Option(7),
+                       output: Path = typer.Option(..., "-o", "--output"),
+                       as_json: bool = typer.Option(False, "--json")) -> None:
+    """Root-signed reset of the boards' anti-rollback counter (`edgepack-agent reset-counter DOC`)."""
+    def run() -> None:
+        from .keys import make_counter_reset, read_doc, write_doc
+        doc = make_counter_reset(read_doc(root), _load_signers(root_key), counter=counter, version=version,
+                                 targets=target, expires_days=expires_days)
+        write_doc(output, doc)
+        _emit(as_json, {"output": str(output), "counter": counter, "version": version, "targets": list(target)},
+              _kv_table(f"counter reset v{version} -> {output}", {"counter": counter, "targets": list(target)}))
+    _guard(run)
+
+
 @keys_app.command("show")
 def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list, or a .pub/.key file"),
               as_json: bool = typer.Option(False, "--json")) -> None:
@@ -241,7 +268,7 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
         for c in ("path", "encoding", "bytes"):
             t.add_column(c)
         for f in rep.files:
-            t.add_row(f["path"], f["encoding"], f"{f['bytes']:,}")
+            t.add_row(_t(f["path"]), _t(f["encoding"]), f"{f['bytes']:,}")
         note = ("[yellow]delta was not smaller: wrote the full bundle[/]" if rep.fallback else
                 f"{rep.bundle_bytes:,} bytes = {data['ratio']:.1%} of the full bundle ({rep.full_bundle_bytes:,})")
         _emit(as_json, data, t, [note])

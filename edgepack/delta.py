@@ -41,7 +41,7 @@ except ImportError:
 from device_agent import bundle as reader
 from device_agent._internal.encoding import canonical_json, utc_now
 from device_agent._internal.manifest import FileEntry
-from device_agent._internal.streams import CHUNK
+from device_agent._internal.streams import CHUNK, FRAME_WINDOW_LOG
 from device_agent.delta_apply import (MAX_GLUE, MAX_PATCH_FROM_BASE, PATCH_MAGIC, chunk_bytes, sub_encode,
                                       xor_encode)
 from device_agent.trust import TrustRoot
@@ -156,7 +156,7 @@ def _compressor(level: int, window_log: int | None = None, ldm: bool = False,
 
 
 def _compress_chunks(chunks: Iterator[bytes], level: int) -> bytes:
-    c = _compressor(level, window_log=None)
+    c = _compressor(level, window_log=FRAME_WINDOW_LOG)  # boards decode these with an 8 MiB window at most
     out = bytearray()
     for ch in chunks:
         out += c.compress(ch)
@@ -244,7 +244,7 @@ def _tensor_delta(old: memoryview, new: memoryview, out: BinaryIO, level: int) -
     gdata = gc.compress(bytes(glue), zstd.ZstdCompressor.FLUSH_FRAME)
     header = canonical_json({"base_length": len(old), "target_length": len(new), "ops": ops,
                              "glue": {"length": len(glue), "comp_length": len(gdata), "base_spans": base_spans}})
-    hdata = _compressor(level).compress(header, zstd.ZstdCompressor.FLUSH_FRAME)
+    hdata = _compressor(level, window_log=FRAME_WINDOW_LOG).compress(header, zstd.ZstdCompressor.FLUSH_FRAME)
     out.write(PATCH_MAGIC + struct.pack(">II", len(hdata), len(header)) + hdata + gdata)
     for b in blobs:
         out.write(b)

@@ -209,6 +209,22 @@ def make_release_keys(root_doc: dict[str, Any], root_signers: Sequence[SigningKe
     return doc
 
 
+def make_counter_reset(root_doc: dict[str, Any], root_signers: Sequence[SigningKey], *, counter: int, version: int,
+                       targets: Sequence[str], expires_days: float = 7,
+                       now: _dt.datetime | None = None) -> dict[str, Any]:
+    """A root-signed reset of boards' anti-rollback counter (after a bundle with an absurd release
+    number was signed). Short-lived by default; ``version`` must exceed the last reset applied."""
+    from device_agent.trust import COUNTER_RESET_TYPE, CounterReset
+    if counter < 0 or version < 1 or not targets:
+        raise MalformedBundle("a counter reset needs --counter >= 0, --version >= 1 and at least one --target")
+    signed = {"type": COUNTER_RESET_TYPE, "version": version, "counter": counter, "targets": list(targets),
+              "expires": _expiry(expires_days, now)}
+    doc = _envelope(COUNTER_RESET_TYPE, signed, root_signers)
+    root, _, _ = Root.parse(root_doc)
+    CounterReset.parse(doc, root, now or _dt.datetime.now(_dt.timezone.utc))
+    return doc
+
+
 def revoke(release_keys_doc: dict[str, Any], root_doc: dict[str, Any], root_signers: Sequence[SigningKey],
            keyids: Iterable[str], *, expires_days: float = 365) -> dict[str, Any]:
     """A new release-key list (version + 1) without ``keyids`` and with them listed as revoked."""

@@ -198,7 +198,8 @@ def test_auth_failure(world, tmp_path):
     with pytest.raises(AuthFailed, match="authorized_keys"):
         open_transport(fl.boards[0], fl).connect()
     rep = push(w.r2, fl, policy=Policy(retries=0))
-    assert rep.boards[0].result == "auth_failed" and rep.exit_code == 21
+    # the only board is the canary: not reached means no canary result, and no result means no go
+    assert rep.boards[0].result == "auth_failed" and rep.halted and rep.exit_code == 25
 
 
 def test_host_keys_changed_unknown_and_tofu(world, tmp_path):

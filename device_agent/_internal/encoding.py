@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 from typing import Any
 
 from ..errors import MalformedBundle
@@ -21,6 +22,14 @@ def canonical_json(obj: Any) -> bytes:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name} in JSON")
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if v != v or v in (float("inf"), float("-inf")):
+        # 1e400 parses to inf: canonical JSON could not re-serialize it, and no field needs it
+        raise ValueError(f"number {s[:40]} is out of range (not a finite double)")
+    return v
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -37,7 +46,7 @@ def parse_json(data: bytes, what: str) -> Any:
     """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. Raises MalformedBundle."""
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_object,
-                          parse_constant=_reject_constant)
+                          parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise MalformedBundle(f"{what} is not valid JSON ({e}); rebuild the bundle with `edgepack bundle`") from None
 
@@ -67,11 +76,28 @@ def is_hex(s: Any, n: int) -> bool:
     return isinstance(s, str) and len(s) == n and all(c in "0123456789abcdef" for c in s)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe_text(s: Any, limit: int = 300) -> str:
+    """A string from a bundle or a board, made safe to print on a terminal: control characters
+    (ANSI escapes, carriage returns, bidi overrides) become visible ``\\xNN`` escapes and the
+    length is bounded. Markup is the printer's business (rich: ``escape`` / ``Text``)."""
+    t = str(s)
+    if len(t) > limit:
+        t = t[:limit] + "…"
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", t)
+
+
 def hash_file(path, chunk: int = 1 << 20) -> tuple[int, str]:
-    """(length, SHA-256 hex) of a file, read in bounded chunks: the one file hash of the agent."""
+    """(length, SHA-256 hex) of a file, read in bounded chunks: the one file hash of the agent.
+
+    Only regular files are read (a FIFO or device in a slot raises ``OSError``, never hangs)."""
+    from .files import open_regular
     h = hashlib.sha256()
     n = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while b := f.read(chunk):
             h.update(b)
             n += len(b)

@@ -21,8 +21,10 @@ DELTA_ENCODINGS = ("base-copy", "zstd-patch-from", "tensor-delta")
 ROLES = ("model", "settings", "golden", "extra")
 MAX_FILES = 256
 MAX_FILE_LENGTH = 1 << 40
-_PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+# Used with fullmatch only: `$` also matches before a trailing newline, so "model.onnx\n" passed re.match
+_PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
+_VERSION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+~-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,13 @@ def content_digest(files: list[tuple[str, int, str]]) -> str:
     return sha256_hex(canonical_json(sorted([list(f) for f in files])))
 
 
+_DOTTED_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,7}")
+
+
 def version_tuple(v: str) -> tuple[int, ...]:
+    # int() accepts " 1", "1\n", "+1" and "1_0": only plain dotted digits are a version
+    if not isinstance(v, str) or not _DOTTED_RE.fullmatch(v):
+        raise MalformedBundle(f"version {str(v)[:40]!r} is not dotted integers like 0.1.0") from None
     try:
         return tuple(int(p) for p in v.split("."))
     except ValueError:
@@ -75,7 +83,7 @@ def _int(d: dict, k: str, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
 
 def _str(d: dict, k: str, what: str, pattern: re.Pattern | None = None) -> str:
     v = d.get(k)
-    if not isinstance(v, str) or not v or len(v) > 256 or (pattern and not pattern.match(v)):
+    if not isinstance(v, str) or not v or len(v) > 256 or (pattern and not pattern.fullmatch(v)):
         raise MalformedBundle(f"{what}: '{k}' is missing or not a valid name; rebuild the bundle")
     return v
 
@@ -118,7 +126,7 @@ def parse_manifest(m: Any) -> Manifest:
     if kind not in ("full", "delta"):
         raise MalformedBundle("manifest 'kind' must be 'full' or 'delta'; rebuild the bundle")
     targets = m.get("targets")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and _NAME_RE.match(t) for t in targets):
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and _NAME_RE.fullmatch(t) for t in targets):
         raise MalformedBundle("manifest 'targets' must be a non-empty list of target names; rebuild the bundle")
     if m.get("compression") != "zstd":
         raise MalformedBundle(f"manifest compression {m.get('compression')!r} is not supported (only zstd)")
@@ -172,6 +180,6 @@ def parse_manifest(m: Any) -> Manifest:
     if expires <= created:
         raise MalformedBundle("manifest expires before it was created; rebuild the bundle")
     return Manifest(kind=kind, model=_str(m, "model", w, _NAME_RE), release=_int(m, "release", w),
-                    version=_str(m, "version", w), targets=tuple(targets), created=created, expires=expires,
+                    version=_str(m, "version", w, _VERSION_RE), targets=tuple(targets), created=created, expires=expires,
                     min_agent_version=mav, compression="zstd", content_sha256=content, files=tuple(files),
                     base_release=base_release, base_content_sha256=base_content)

@@ -17,9 +17,17 @@ except ImportError:
 from ..errors import LengthExceeded, MalformedBundle, TruncatedBundle
 
 CHUNK = 1 << 20  # 1 MiB: the unit of every streamed read/write
-# Largest decoder window a bundle may ask for. Full payloads are written with window_log <= 23
-# (8 MiB); byte-level patch-from payloads need a window that spans base + target.
+# Largest decoder window a bundle may ask for. Full payloads and tensor-delta frames are written
+# with window_log <= 23 (8 MiB); a prefix-compressed frame (patch-from, tensor-delta glue) needs a
+# window spanning prefix + output, which window_for() bounds from the signed lengths.
 MAX_WINDOW_LOG = 31
+FRAME_WINDOW_LOG = 23
+
+
+def window_for(n: int) -> int:
+    """The window_log a frame over ``n`` bytes (prefix + output) needs: what the host writes."""
+    import math
+    return max(10, min(MAX_WINDOW_LOG, math.ceil(math.log2(max(n, 1024)))))
 
 
 def read_exact(f: BinaryIO, n: int, what: str) -> bytes:
@@ -70,7 +78,8 @@ class FrameReader:
 
 
 def zstd_stream(src: "FrameReader", comp_len: int, out_len: int, what: str,
-                zstd_dict: zstd.ZstdDict | None = None, window_log_max: int = 27) -> Iterator[bytes]:
+                zstd_dict: zstd.ZstdDict | None = None,
+                window_log_max: int = FRAME_WINDOW_LOG) -> Iterator[bytes]:
     """Decompress one zstd frame of ``comp_len`` bytes read from ``src`` into exactly ``out_len`` bytes.
 
     Yields chunks of at most CHUNK bytes. Raises LengthExceeded if the frame decodes past

@@ -28,6 +28,7 @@ state directory (``state``); ``Fleet.default()`` is one such board, the embedded
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -118,6 +119,12 @@ class Fleet:
 
 
 _BOARD_KEYS = {f.name for f in fields(Board)}
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def valid_env_key(k: object) -> bool:
+    """An environment variable name (full match: no `;`, spaces, `=` or newline can ride along)."""
+    return isinstance(k, str) and _ENV_KEY.fullmatch(k) is not None
 _FLEET_KEYS = {"known_hosts", "trust_on_first_use", "ssh_config", "store"}
 
 
@@ -182,6 +189,12 @@ def load_fleet(path: str | Path) -> Fleet:
             if k in d and d[k] is not None and not isinstance(d[k], (int, float)):
                 raise InventoryError(f"{where}: {k} must be a number")
         d["tags"] = {str(k): str(v) for k, v in d.get("tags", {}).items()}
+        bad_env = [k for k in d.get("env", {}) if not valid_env_key(k)]
+        if bad_env:
+            raise InventoryError(f"{where}: env key {str(bad_env[0])[:60]!r} is not a variable name "
+                                 "([A-Za-z_][A-Za-z0-9_]*); it would reach the board's shell")
+        if not all(isinstance(v, (str, int, float, bool)) for v in d.get("env", {}).values()):
+            raise InventoryError(f"{where}: env values must be strings or numbers")
         d["env"] = {str(k): str(v) for k, v in d.get("env", {}).items()}
         boards.append(Board(**d))
     tofu = fl.get("trust_on_first_use", False)

@@ -38,6 +38,21 @@ RESEND_ERRORS = {"HashMismatch", "TruncatedBundle", "LengthExceeded", "NotABundl
 BASE_ERRORS = {"BaseMismatch", "Incompatible"}
 
 
+# --------------------------------------------------------------------------- board replies
+# A board's JSON is hostile input: every field is read through these, so a string where an object
+# belongs (or a list where a number belongs) is "no value", never a crash that skips the halt.
+def _obj(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 else None
+
+
+def _str(x: Any, n: int = 300) -> str | None:
+    return None if x is None else str(x)[:n]
+
+
 # --------------------------------------------------------------------------- the release
 @dataclass
 class BundleFile:
@@ -60,16 +75,17 @@ def read_bundle_info(path: str | Path) -> BundleFile:
     p = Path(path)
     if not p.is_file():
         raise InventoryError(f"bundle {p} not found; build it with `edgepack bundle`")
+    from device_agent._internal.encoding import parse_json, safe_text
+    from device_agent._internal.files import open_regular
+    from device_agent._internal.manifest import parse_manifest
     try:
-        with open(p, "rb") as f:
-            m = json.loads(read_header(f).manifest_bytes)
-    except (OtaError, ValueError) as e:
-        raise InventoryError(f"{p} is not a readable edgepack bundle: {e}") from None
-    base = m.get("base") or {}
-    return BundleFile(path=p, kind=m["kind"], release=int(m["release"]), version=str(m.get("version")),
-                      model=str(m.get("model")), content_sha256=m["content_sha256"], bytes=p.stat().st_size,
-                      sha256=file_sha256(p), base_release=base.get("release"),
-                      base_content_sha256=base.get("content_sha256"))
+        with open_regular(p) as f:
+            m = parse_manifest(parse_json(read_header(f).manifest_bytes, "manifest"))  # schema only: boards verify
+    except (OtaError, OSError) as e:
+        raise InventoryError(f"{p} is not a readable edgepack bundle: {safe_text(e)}") from None
+    return BundleFile(path=p, kind=m.kind, release=m.release, version=m.version, model=m.model,
+                      content_sha256=m.content_sha256, bytes=p.stat().st_size, sha256=file_sha256(p),
+                      base_release=m.base_release, base_content_sha256=m.base_content_sha256)
 
 
 @dataclass
@@ -249,7 +265,7 @@ class _BoardPush:
 
     def _agent(self, *args: str) -> tuple[int, dict[str, Any]]:
         res = self.t.agent(*args, timeout=self.p.command_timeout)
-        return res.rc, res.json()
+        return res.rc, _obj(res.json())
 
     def run(self) -> BoardResult:
         t0 = time.perf_counter()
@@ -263,15 +279,21 @@ class _BoardPush:
             self.r.result, self.r.error = HOST_KEY_REJECTED, str(e)
         except TransferFailed as e:
             self.r.result, self.r.error = TRANSFER_FAILED, str(e)
+        except Exception as e:  # a reply we could not make sense of: fail closed, the wave still judges
+            self.r.result = FAILED
+            self.r.error = f"board {self.b.name}: unusable reply or error ({type(e).__name__}: {str(e)[:200]})"
         finally:
-            self.t.close()
+            try:
+                self.t.close()
+            except Exception:
+                pass
             self.r.seconds = round(time.perf_counter() - t0, 3)
         return self.r
 
     def _status(self) -> dict[str, Any] | None:
         rc, st = self._agent("status", "--history", "0")
-        if rc != 0:
-            e = st.get("error") or {}
+        if rc != 0 or not isinstance(st.get("active"), (dict, type(None))):
+            e = _obj(st.get("error"))
             self.r.result = NOT_READY
             self.r.error = (f"board {self.b.name}: agent status failed ({e.get('type')}: {e.get('message')}); "
                             f"run `edgepack fleet bootstrap` for it")
@@ -285,9 +307,9 @@ class _BoardPush:
         st = self._status()
         if st is None:
             return
-        active = st.get("active") or {}
-        r.release_before = active.get("release")
-        content = active.get("content_sha256")
+        active = _obj(st.get("active"))
+        r.release_before = _int(active.get("release"))
+        content = _str(active.get("content_sha256"), 64)
         # "current" means this very release is active; a new release with the same bytes is still
         # installed (as a delta of base copies, a few KB) so the board's release number moves on
         if content == rel.full.content_sha256 and r.release_before == rel.release:
@@ -303,22 +325,28 @@ class _BoardPush:
         rc, j, f = self._send_and_install(f)
         if rc is None:
             return
-        r.release_after = (j.get("release") if rc == 0 else r.release_before)
-        if rc == 0:
+        committed = (rc == 0 and j.get("ok") is True and j.get("status") == "committed"
+                     and _int(j.get("release")) == f.release)
+        r.release_after = f.release if committed else r.release_before
+        if committed:
             fig = figures("install", j)
             r.p90_ms, r.drift = fig["p90_ms"], fig["drift"]
             r.result = COMMITTED
             self._judge()
+        elif rc == 0:
+            # exit 0 without a well-formed commit report (garbage, another release): not a commit
+            r.result = FAILED
+            r.error = (f"board {b.name}: install exited 0 but did not report release {f.release} committed; "
+                       "treated as a failure (check the agent on the board)")
         elif rc == 7:
             r.result = ROLLED_BACK
-            rep = j.get("report") or {}
-            fig = figures("install", rep)
+            fig = figures("install", _obj(j.get("report")))
             r.p90_ms, r.drift = fig["p90_ms"], fig["drift"]
-            r.error = (j.get("error") or {}).get("message")
+            r.error = _str(_obj(j.get("error")).get("message"))
         else:
             r.result = FAILED
-            e = j.get("error") or {}
-            r.error = f"install refused ({e.get('type')}, exit {rc}): {e.get('message')}"
+            e = _obj(j.get("error"))
+            r.error = f"install refused ({_str(e.get('type'), 60)}, exit {rc}): {_str(e.get('message'))}"
 
     def _send_and_install(self, f: BundleFile) -> tuple[int | None, dict[str, Any], BundleFile]:
         r = self.r
@@ -334,7 +362,7 @@ class _BoardPush:
             r.attempts += ts.attempts
             r.resumed_at += ts.resumed_at
             rc, j = self._install(ts.remote, f)
-            etype = (j.get("error") or {}).get("type")
+            etype = _obj(j.get("error")).get("type")
             if rc != 0 and etype in RESEND_ERRORS and not fresh:
                 fresh = True  # what arrived is not what was signed: send it again from byte 0
                 continue
@@ -361,8 +389,8 @@ class _BoardPush:
                 time.sleep(0.5 * (i + 1))
                 self._connect()
                 st = self._status()
-                act = (st or {}).get("active") or {}
-                if act.get("content_sha256") == f.content_sha256 and act.get("release") == f.release:
+                act = _obj(_obj(st).get("active"))
+                if act.get("content_sha256") == f.content_sha256 and _int(act.get("release")) == f.release:
                     return 0, {"ok": True, "release": f.release, "status": "committed",
                                "note": "install finished while the connection was down"}
         raise AssertionError("unreachable")
@@ -386,11 +414,11 @@ class _BoardPush:
         self._save("rollback", j, ok=rc == 0)
         self.r.result = ROLLED_BACK
         self.r.error = reason
-        if rc == 0:
-            self.r.release_after = ((j.get("active") or {}).get("release"))
+        if rc == 0 and j.get("ok") is True:
+            self.r.release_after = _int(_obj(j.get("active")).get("release"))
         else:
             self.r.result = FAILED
-            self.r.error = f"{reason}; rollback failed: {(j.get('error') or {}).get('message')}"
+            self.r.error = f"{reason}; rollback failed: {_str(_obj(j.get('error')).get('message'))}"
 
 
 # --------------------------------------------------------------------------- the rollout
@@ -429,17 +457,23 @@ def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | N
             results[d.board] = d
         bad = [d for d in done if d.result in RELEASE_FAILURES
                or (p.count_unreachable and d.result in NOT_REACHED)]
+        is_canary = name == "canary"
+        if is_canary:
+            # no canary result means no go: a canary that was not reached tested nothing
+            bad += [d for d in done if d.result in NOT_REACHED and d not in bad]
         failures += len(bad)
+        no_verdict = is_canary and not any(d.result in (COMMITTED, CURRENT) for d in done)
         summary = {"wave": i, "name": name, "boards": len(wave), "seconds": round(time.perf_counter() - tw, 3),
                    **{k: sum(d.result == k for d in done) for k in (COMMITTED, CURRENT, ROLLED_BACK, FAILED)},
                    "not_reached": sum(d.result in NOT_REACHED for d in done),
                    "bytes_sent": sum(d.bytes_sent for d in done), "failures_so_far": failures}
         rep.waves.append(summary)
         emit({"event": "wave_end", **summary})
-        if failures > limit:
+        if failures > limit or no_verdict:
             rep.halted = True
-            rep.halt_reason = (f"{name}: {failures} release failure(s) > max {limit}: "
-                               + "; ".join(f"{d.board}: {d.error}" for d in bad)[:500])
+            why = (f"{failures} release failure(s) > max {limit}" if failures > limit
+                   else "no canary board committed the release (no canary result means no go)")
+            rep.halt_reason = (f"{name}: {why}: " + "; ".join(f"{d.board}: {d.result}: {d.error}" for d in bad))[:500]
             if p.rollback_wave_on_halt:
                 for d in done:
                     if d.result == COMMITTED:
@@ -447,10 +481,14 @@ def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | N
                         try:
                             bp.t.connect()
                             bp.rollback(f"rollout halted ({name})")
-                        except (UnreachableBoard, AuthFailed, HostKeyRejected) as e:
-                            d.error = f"halt rollback failed: {e}"
+                        except Exception as e:  # one bad board must not skip the others' rollback
+                            d.result = FAILED
+                            d.error = f"halt rollback failed: {type(e).__name__}: {str(e)[:200]}"
                         finally:
-                            bp.t.close()
+                            try:
+                                bp.t.close()
+                            except Exception:
+                                pass
             emit({"event": "halted", "reason": rep.halt_reason})
             break
     rep.boards = [results[b.name] for b in boards]

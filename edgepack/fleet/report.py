@@ -22,11 +22,12 @@ def _e(x: Any) -> str:
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
+    """A figure for a table cell, HTML-escaped: every value may come from a board."""
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
+        return _e(f"{v:.{nd}f}")
+    return _e(v)
 
 
 def _nice_max(v: float) -> float:
@@ -158,7 +159,7 @@ def collect(store: Store) -> ReportData:
     lat: dict[tuple[str, str], tuple[int, float]] = {}  # (board, release) -> (priority, p90): bench beats install trial
     drift: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        if r.p90_ms is not None and r.release is not None and r.ok:
+        if r.p90_ms is not None and isinstance(r.release, int) and r.ok:
             k = (r.board, f"r{r.release}")
             pri = 2 if r.kind == "bench" else 1
             if k not in lat or pri >= lat[k][0]:
@@ -226,12 +227,12 @@ def render_html(store: Store, out: str | Path, *, title: str = "edgepack fleet r
     parts.append("</table><h2>Rollouts</h2><table id='rollouts'><tr><th>#</th><th>when</th><th>release</th>"
                  "<th>boards</th><th>committed</th><th>bytes sent</th><th>result</th></tr>")
     for r in d.rollouts:
-        rep = r["report"] or {}
-        bs = rep.get("boards", [])
+        rep = r["report"] if isinstance(r["report"], dict) else {}
+        bs = [b for b in rep.get("boards", []) if isinstance(b, dict)] if isinstance(rep.get("boards"), list) else []
         res = f"<span class='bad'>halted: {_e((r['reason'] or '')[:160])}</span>" if r["halted"] else "<span class='ok'>complete</span>"
-        parts.append(f"<tr><td>{r['id']}</td><td>{dt.datetime.fromtimestamp(r['ts']):%Y-%m-%d %H:%M}</td>"
+        parts.append(f"<tr><td>{_e(r['id'])}</td><td>{dt.datetime.fromtimestamp(r['ts']):%Y-%m-%d %H:%M}</td>"
                      f"<td>{_e(r['release'])}</td><td>{len(bs)}</td><td>{sum(b.get('result') == 'committed' for b in bs)}</td>"
-                     f"<td>{rep.get('bytes_sent', '–')}</td><td style='text-align:left'>{res}</td></tr>")
+                     f"<td>{_e(rep.get('bytes_sent', '–'))}</td><td style='text-align:left'>{res}</td></tr>")
     parts.append("</table></body></html>\n")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

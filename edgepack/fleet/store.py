@@ -7,6 +7,7 @@ The agent's JSON is stored verbatim (``json`` column); the few figures the queri
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -29,30 +30,45 @@ CREATE TABLE IF NOT EXISTS flags (
 
 
 def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+    """A finite number from a board reply, else None (NaN/inf/strings never reach the columns)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    return None
+
+
+def _int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 else None
+
+
+def _obj(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
 
 
 def figures(kind: str, d: dict[str, Any]) -> dict[str, Any]:
-    """Columns extracted from an agent JSON object (install, bench, eval, status)."""
+    """Columns extracted from an agent JSON object (install, bench, eval, status).
+
+    The JSON comes from a board: any field may have the wrong type; such a field is None."""
     f: dict[str, Any] = {"release": None, "p90_ms": None, "drift": None, "top1": None, "peak_rss_mb": None, "bytes": None}
-    rep = d.get("report") if not d.get("ok", True) and isinstance(d.get("report"), dict) else d
+    d = _obj(d)
+    rep = _obj(d.get("report")) if not d.get("ok", True) and isinstance(d.get("report"), dict) else d
     if kind == "install":
-        f["release"] = rep.get("release")
-        trial = rep.get("trial") or {}
-        f["p90_ms"] = _num((trial.get("latency") or {}).get("p90_ms"))
-        comp = trial.get("comparison") or {}
+        f["release"] = _int(rep.get("release"))
+        trial = _obj(rep.get("trial"))
+        f["p90_ms"] = _num(_obj(trial.get("latency")).get("p90_ms"))
+        comp = _obj(trial.get("comparison"))
         f["top1"] = _num(comp.get("top1_agreement"))
         f["peak_rss_mb"] = _num(trial.get("peak_rss_mb")) or _num(rep.get("peak_rss_mb_before_trial"))
-        f["bytes"] = rep.get("bundle_bytes")
+        f["bytes"] = _int(rep.get("bundle_bytes"))
     elif kind == "bench":
-        f["release"] = d.get("release")
-        f["p90_ms"] = _num((d.get("latency") or {}).get("p90_ms"))
+        f["release"] = _int(d.get("release"))
+        f["p90_ms"] = _num(_obj(d.get("latency")).get("p90_ms"))
         f["peak_rss_mb"] = _num(d.get("peak_rss_mb"))
     elif kind == "eval":
-        f["release"] = d.get("release")
-        f["top1"] = _num((d.get("comparison") or {}).get("top1_agreement"))
+        f["release"] = _int(d.get("release"))
+        f["top1"] = _num(_obj(d.get("comparison")).get("top1_agreement"))
     elif kind in ("status", "rollback"):
-        f["release"] = (d.get("active") or {}).get("release")
+        f["release"] = _int(_obj(d.get("active")).get("release"))
     if f["top1"] is not None:
         f["drift"] = round(1.0 - f["top1"], 6)
     return f
@@ -100,14 +116,15 @@ class Store:
     # ---------------------------------------------------------------- writes
     def add(self, board: str, kind: str, data: dict[str, Any], *, ok: bool | None = None, rollout: int | None = None,
             ts: float | None = None, **override: Any) -> int:
+        data = _obj(data)
         f = {**figures(kind, data), **{k: v for k, v in override.items() if v is not None}}
-        ok = bool(data.get("ok", True)) if ok is None else ok
+        ok = data.get("ok", True) is True if ok is None else ok
         with self._lock:
             cur = self.db.execute(
                 "INSERT INTO reports(ts, board, kind, release, ok, rollout, p90_ms, drift, top1, peak_rss_mb, bytes, json)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (ts or time.time(), board, kind, f["release"], int(ok), rollout, f["p90_ms"], f["drift"], f["top1"],
-                 f["peak_rss_mb"], f["bytes"], json.dumps(data, default=str)))
+                 f["peak_rss_mb"], f["bytes"], json.dumps(data, default=str, allow_nan=True)))
             self.db.commit()
             return int(cur.lastrowid)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import AuthFailed, HostKeyRejected, InventoryError, TransferFailed, UnreachableBoard
-from .inventory import Board, Fleet, resolve_ssh
+from .inventory import Board, Fleet, resolve_ssh, valid_env_key
 
 CHUNK = 32 * 1024  # one SFTP write request
 SYNC_EVERY = 256 * 1024  # at most this many unacknowledged bytes in flight (bounds re-sent bytes after a drop)
@@ -292,7 +292,10 @@ class SSHTransport(Transport):
         self.connect()
         cmd = " ".join(shlex.quote(a) for a in argv)
         if env:
-            cmd = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + cmd
+            bad = [k for k in env if not valid_env_key(k)]
+            if bad:  # the fleet file is checked on load; a Board built in code is checked here
+                raise InventoryError(f"board {self.board.name}: env key {str(bad[0])[:60]!r} is not a variable name")
+            cmd = "env " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items()) + " " + cmd
         t0 = time.perf_counter()
         try:
             chan = self.client.get_transport().open_session(timeout=self.board.connect_timeout)
