@@ -245,8 +245,13 @@ class Agent:
         with self.locked():
             try:
                 r = self._recover()
+                self.trust(self.sd.load())  # trust documents that no longer verify are corrupt too
             except StateCorrupt as e:
                 r = self._rebuild_state(str(e))
+            except NotInitialized as e:
+                if not (moved and self.sd.board_file.is_file()):
+                    raise
+                r = self._rebuild_state(str(e))  # state.json was not a file and was moved aside
             r["actions"] = moved + r["actions"]
             return r
 
@@ -564,8 +569,7 @@ class Agent:
                 raise RollbackError(f"counter reset v{r.version} is not newer than v{st.counter_reset_version} which "
                                     "this board already applied; sign a new one with a higher --version")
             before = st.counter
-            active = self._release_of(st.active) or 0
-            st.counter = max(r.counter, active)  # never below what is running: that stays installable
+            st.counter = r.counter  # may go below the active release: that one stays, later ones install
             st.counter_reset_version = r.version
             st.log("counter-reset", version=r.version, before=before, after=st.counter)
             self.sd.save(st)

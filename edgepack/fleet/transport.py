@@ -289,12 +289,12 @@ class SSHTransport(Transport):
 
     # ---------------------------------------------------------------- commands
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float | None = None) -> CommandResult:
+        bad = [k for k in (env or {}) if not valid_env_key(k)]
+        if bad:  # the fleet file is checked on load; a Board built in code is checked here, before connecting
+            raise InventoryError(f"board {self.board.name}: env key {str(bad[0])[:60]!r} is not a variable name")
         self.connect()
         cmd = " ".join(shlex.quote(a) for a in argv)
         if env:
-            bad = [k for k in env if not valid_env_key(k)]
-            if bad:  # the fleet file is checked on load; a Board built in code is checked here
-                raise InventoryError(f"board {self.board.name}: env key {str(bad[0])[:60]!r} is not a variable name")
             cmd = "env " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items()) + " " + cmd
         t0 = time.perf_counter()
         try:
