@@ -127,3 +127,91 @@ def test_sigkill_during_delta_install(tmp_path):
                 failures.append(f"N={n}: {type(e).__name__}: {e}")
             shutil.rmtree(board, ignore_errors=True)
     assert not failures, "\n".join(failures[:20])
+
+
+# --------------------------------------------------------------------------- the trial child dies with the installer
+def trial_processes(state: Path) -> list[int]:
+    """Pids of trial children (marked ``edgepack-trial`` in argv) working on ``state``."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"edgepack-trial" in cmd and str(state).encode() in cmd:
+            out.append(int(p.name))
+    return out
+
+
+def wait_gone(state: Path, seconds: float = 10.0) -> list[int]:
+    import time
+    end = time.monotonic() + seconds
+    while (left := trial_processes(state)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.fixture(scope="module")
+def child_world(world, tmp_path_factory):
+    """The crash world's template, but the trial runs in its own process (the default)."""
+    d, tpl, bundles = world
+    ctpl = tmp_path_factory.mktemp("child") / "tpl"
+    shutil.copytree(tpl, ctpl, symlinks=True)
+    a = Agent(ctpl)
+    cfg = a.board()
+    a.sd.save_board(cfg.__class__(**{**cfg.__dict__, "trial_in_process": False, "trial_runs": 3}))
+    return ctpl, bundles
+
+
+def test_sigkill_during_trial_leaves_no_trial_process(child_world, tmp_path):
+    import signal
+    import time
+    from agent_helpers import run_agent
+    tpl, bundles = child_world
+    for i in range(3):
+        board = tmp_path / f"k{i}"
+        shutil.copytree(tpl, board, symlinks=True)
+        cfg = Agent(board).board()  # a long trial (~10 s): only a kill can end it within the check below
+        Agent(board).sd.save_board(cfg.__class__(**{**cfg.__dict__, "trial_runs": 500_000}))
+        p = subprocess.Popen(agent_cmd(board, "install", str(bundles[3])), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 60
+        while not trial_processes(board) and p.poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
+        assert trial_processes(board), "the trial child never started"
+        time.sleep(0.5)  # let the child get into its inference loop
+        assert trial_processes(board)
+        p.send_signal(signal.SIGKILL) if p.poll() is None else None
+        p.wait()
+        assert not wait_gone(board, 2.0), "trial process outlived the SIGKILLed installer"
+        code, out, err = run_agent(board, "recover")
+        assert code == 0, err
+        assert active_ok(board)[0] == 2 and Agent(board).sd.load().counter == 2
+
+
+def test_sigkill_sample_with_trial_child_then_recover(child_world, tmp_path):
+    """CI-sized sample of the crash points with the trial in its own process; the full sweep
+    (every boundary, >= 200) is scripts/crash_sweep.py."""
+    from agent_helpers import run_agent
+    tpl, bundles = child_world
+    log = tmp_path / "log.json"
+    assert _crash_run(tpl, tmp_path / "count", bundles[3], 0, log) == 0
+    k = json.loads(log.read_text())["count"]
+    points = sorted({1, k, *range(1, k + 1, max(1, k // 12))})
+    failures = []
+    for n in points:
+        board = tmp_path / f"n{n}"
+        try:
+            rc = _crash_run(tpl, board, bundles[3], n)
+            assert rc == -9, f"exit {rc}"
+            assert not wait_gone(board), "trial process left running"
+            code, _, err = run_agent(board, "recover")
+            assert code == 0, err
+            release, _ = active_ok(board)
+            assert release in (2, 3) and Agent(board).sd.load().counter == release
+        except Exception as e:
+            failures.append(f"N={n}: {type(e).__name__}: {e}")
+        shutil.rmtree(board, ignore_errors=True)
+    assert not failures, "\n".join(failures)

@@ -326,7 +326,7 @@ class _BoardPush:
         if rc is None:
             return
         committed = (rc == 0 and j.get("ok") is True and j.get("status") == "committed"
-                     and _int(j.get("release")) == f.release)
+                     and _int(j.get("release")) == f.release and isinstance(j.get("trial"), dict))
         r.release_after = f.release if committed else r.release_before
         if committed:
             fig = figures("install", j)
