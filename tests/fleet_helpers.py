@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ class SimBoard:
 
 
 def agent_cmd() -> str:
-    return f"{sys.executable} -m device_agent"
+    # PYTHONPATH: the board runs this checkout's agent, not whatever the venv has installed
+    return f"env PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))} {sys.executable} -m device_agent"
 
 
 def make_boards(root: Path, n: int, client_pub: Path, prefix: str = "b") -> list[SimBoard]:
