@@ -477,13 +477,16 @@ def trial_report(state_dir: Path, slot: str, cfg: BoardConfig) -> dict[str, Any]
     except AgentError as e:
         return {"passed": False, "reason": f"model failed to load: {e}", "error_type": type(e).__name__}
     rss1 = rss_mb()
-    th = Thresholds.from_settings(info.settings, cfg.latency_budget_ms)
+    from .machine import EMULATOR, latency_source
+    src = latency_source()  # an emulator's clock is not the board's: no latency budget there
+    th = Thresholds.from_settings(info.settings, cfg.latency_budget_ms if src != EMULATOR else None)
     try:
         rep: HealthReport = check(sess, info.file("golden"), th, runs=cfg.trial_runs)
     except AgentError as e:
         return {"passed": False, "reason": f"health check could not run: {e}", "error_type": type(e).__name__}
     return {**rep.to_json(), **sess.describe(), "load_seconds": sess.load_seconds,
-            "model_rss_mb": round(rss1 - rss0, 2), "peak_rss_mb": round(peak_rss_mb(), 2)}
+            "model_rss_mb": round(rss1 - rss0, 2), "peak_rss_mb": round(peak_rss_mb(), 2), "latency_source": src,
+            **({"latency_budget_skipped": cfg.latency_budget_ms} if src == EMULATOR and cfg.latency_budget_ms else {})}
 
 
 def _settings_accelerator(settings: dict[str, Any]) -> str | None:
