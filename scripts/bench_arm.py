@@ -2,7 +2,7 @@
 """EfficientNet-Lite0 INT8 on the emulated Raspberry Pi 4 (ARM kernels under qemu) next to exact
 integer arithmetic (QDQ unfused on this host) and this host's fused int8 kernels.
 
-    python scripts/bench_arm.py [-o out/bench_arm.json] [--limit N]
+    python scripts/bench_arm.py [-o bench-results/arm.json] [--limit N]
 
 The INT8 model: the main job's out/efficientnet-lite0-int8.onnx if present, else ORT per-channel
 quantize_static (QDQ, U8 activations, S8 weights) on 100 calibration images. All held-out natural
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("-o", "--output", default="out/bench_arm.json")
+    ap.add_argument("-o", "--output", default="bench-results/arm.json")
     ap.add_argument("--limit", type=int, default=0)
     a = ap.parse_args()
     from edgepack.assets import asset
