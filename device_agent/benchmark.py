@@ -88,16 +88,21 @@ class EvalReport:
     data: str
     comparison: Comparison
     notes: list[str] = field(default_factory=list)
+    top1: list[int] | None = None  # each sample's top-1 class (``eval --per-sample``)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["comparison"] = self.comparison.to_json()
+        if self.top1 is None:
+            del d["top1"]
         return d
 
 
 def eval_model(model: str | Path, runtime: str, data: Path, *, threads: int = 0, accelerator: str | None = None,
-               release: int | None = None) -> EvalReport:
-    """Top-1 accuracy (if ``labels``), top-1 agreement and drift against the reference outputs."""
+               release: int | None = None, per_sample: bool = False) -> EvalReport:
+    """Top-1 accuracy (if ``labels``), top-1 agreement and drift against the reference outputs;
+    with ``per_sample`` also each sample's top-1 class (the board's own predictions, e.g. to
+    confirm a quantized model's accuracy in the board's arithmetic)."""
     sess = load_model(model, runtime, threads=threads, accelerator=accelerator)
     g = load_golden(data, sess)
     outs = [sess.run(f) for f in g.feeds]
@@ -107,8 +112,12 @@ def eval_model(model: str | Path, runtime: str, data: Path, *, threads: int = 0,
         notes.append("no labels in the data: accuracy not computed")
     if g.refs is None:
         notes.append("no reference outputs in the data: agreement/drift not computed")
+    top1 = None
+    if per_sample:
+        import numpy as np
+        top1 = [int(np.asarray(o[0], np.float64).reshape(-1).argmax()) for o in outs]
     return EvalReport(model=Path(model).name, release=release, runtime=sess.runtime, provider=sess.provider,
-                      data=data.name, comparison=c, notes=notes)
+                      data=data.name, comparison=c, notes=notes, top1=top1)
 
 
 __all__ = ["BenchReport", "EvalReport", "bench_model", "eval_model", "choose_runtime"]

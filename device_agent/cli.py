@@ -116,7 +116,8 @@ def cmd_bench(a: argparse.Namespace) -> dict[str, Any]:
     _say(f"{r.model} on {r.runtime} ({r.provider}, {r.threads or 'default'} threads): load {r.load_ms:.1f} ms, "
          f"first {r.first_inference_ms:.2f} ms, mean {lat['mean_ms']:.3f} p50 {lat['p50_ms']:.3f} "
          f"p90 {lat['p90_ms']:.3f} p99 {lat['p99_ms']:.3f} ms; RSS model {r.rss_model_mb:.1f} MiB, peak {r.peak_rss_mb:.1f} MiB")
-    return {"release": release, **r.to_json()}
+    from .machine import latency_source
+    return {"release": release, **r.to_json(), "latency_source": latency_source()}
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
@@ -124,7 +125,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     model, rt, threads, accel, golden, release = _model_args(a)
     if golden is None:
         raise UsageError("no evaluation data: the active release carries no golden.npz; pass --data FILE.npz")
-    r = eval_model(model, rt, golden, threads=threads, accelerator=accel, release=release)
+    r = eval_model(model, rt, golden, threads=threads, accelerator=accel, release=release,
+                   per_sample=a.per_sample)
     c = r.comparison
     _say(f"{r.model}: {c.samples} samples; accuracy {c.accuracy}, top-1 agreement {c.top1_agreement}, "
          f"cosine mean {c.cosine_mean}, max abs error {c.max_abs_error}")
@@ -133,9 +135,10 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_version(a: argparse.Namespace) -> dict[str, Any]:
     import device_agent
+    from .machine import machine_info, runtime_versions
     from .runtime import MODULES, installed
     return {"agent_version": __version__, "python": sys.version.split()[0], "path": str(Path(device_agent.__file__).parent),
-            "runtimes": {r: installed(r) for r in MODULES}}
+            "runtimes": {r: installed(r) for r in MODULES}, "runtime_versions": runtime_versions(), **machine_info()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--accelerator", help="EP / delegate / device to use")
         s.add_argument("--threads", type=int, default=None)
         s.add_argument("--data", help="npz with inputs / outputs / labels (default: the release's golden.npz)")
+        if name == "eval":
+            s.add_argument("--per-sample", action="store_true", help="also report each sample's top-1 class")
         if name == "bench":
             s.add_argument("--runs", type=int, default=100)
             s.add_argument("--warmup", type=int, default=10)

@@ -12,8 +12,8 @@ SUDO=""
 
 # System packages the tests and assets need (dpkg/apt-get download for Debian datasets,
 # openssh-server for the fleet tests, zstd/xdelta3 for delta benchmarks, chromium for the HTML
-# report test, iproute2 for the network-namespace slow-link test).
-APT_PKGS="openssh-server zstd xdelta3 chromium iproute2 time"
+# report test, iproute2 for the network-namespace slow-link test, qemu-user-static for the emulated Pi 4).
+APT_PKGS="openssh-server zstd xdelta3 chromium iproute2 time qemu-user-static"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -39,3 +39,7 @@ fi
 
 # the models and data the tests and the main job use; benchmarks add `all` (MiniLM fine-tune)
 .venv/bin/python scripts/assets.py ${EDGEPACK_ASSETS_GROUPS:-}  # e.g. EDGEPACK_ASSETS_GROUPS=all
+
+# the emulated Raspberry Pi 4 (aarch64 Python + wheels under qemu-user; ~1.5 min once, then instant).
+# EDGEPACK_ARM_BOARD=0 skips it: the default fleet then has the local board only.
+bash scripts/arm-board.sh

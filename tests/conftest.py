@@ -2,6 +2,7 @@
 that command in the message (never a silent skip)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
+# The embedded default fleet gains the emulated Pi 4 when scripts/arm-board.sh built it; the tests
+# of the default fleet stay on the local board unless they ask for it (tests/test_emulated_board.py).
+os.environ.setdefault("EDGEPACK_EMULATED_BOARD", "0")
 
 
 @pytest.fixture(scope="session")

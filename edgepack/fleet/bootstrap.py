@@ -73,7 +73,7 @@ def bootstrap(fleet: Fleet, boards: list[Board] | None = None, *, trust_root: st
             t = open_transport(b, fleet)
             try:
                 t.connect()
-                if b.transport == "ssh" and not b.agent:
+                if (b.transport == "ssh" or b.kind != "board") and not b.agent:  # emulated: the real zipapp too
                     r.agent_bytes = _put(t, pyz, b.agent_path)
                     r.copied_agent = True
                 t.makedirs(b.incoming)

@@ -46,6 +46,7 @@ class Board:
     name: str
     host: str = ""
     transport: str = "ssh"  # ssh | local
+    kind: str = "board"  # board | emulated-aarch64 (the agent under qemu-user here; see fleet/emulated.py)
     port: int | None = None
     user: str | None = None
     key: str | None = None
@@ -70,7 +71,7 @@ class Board:
     def agent_argv(self) -> list[str]:
         """The agent command as argv (before ``--state``)."""
         import shlex
-        if self.transport == "local" and not self.agent:
+        if self.transport == "local" and not self.agent and self.kind == "board":
             return [sys.executable, "-m", "device_agent"]
         return shlex.split(self.agent) if self.agent else [self.python, self.agent_path]
 
@@ -111,11 +112,14 @@ class Fleet:
 
     @classmethod
     def default(cls, home: str | Path | None = None) -> "Fleet":
-        """The embedded default: one local board (the agent as a subprocess, own state dir)."""
+        """The embedded default: one local board (the agent as a subprocess, own state dir), and the
+        emulated Raspberry Pi 4 ``rpi4-emu`` when its emulator is installed (``EDGEPACK_EMULATED_BOARD=0``
+        leaves it out)."""
         h = Path(home or os.environ.get("EDGEPACK_FLEET_HOME") or DEFAULT_HOME)
         b = Board(name="local", host="localhost", transport="local", state=str(h / "boards" / "local" / "state"),
                   incoming=str(h / "boards" / "local" / "incoming"), trial_in_process=True)
-        return cls(boards=[b], path=None, store=h / "fleet.db", ssh_config=None)
+        from .emulated import default_emulated_boards  # the emulated Pi 4, when scripts/arm-board.sh built it
+        return cls(boards=[b, *default_emulated_boards(h)], path=None, store=h / "fleet.db", ssh_config=None)
 
 
 _BOARD_KEYS = {f.name for f in fields(Board)}
@@ -170,6 +174,9 @@ def load_fleet(path: str | Path) -> Fleet:
         if d["name"] in seen:
             raise InventoryError(f"{where}: board name {d['name']!r} appears twice")
         seen.add(d["name"])
+        if d.get("kind", "board") != "board":
+            from .emulated import board_from_fleet_row  # an emulated board: local files, qemu python
+            d = board_from_fleet_row(d, where, base)
         d.setdefault("transport", "ssh")
         if d["transport"] not in ("ssh", "local"):
             raise InventoryError(f"{where}: transport must be 'ssh' or 'local', not {d['transport']!r}")

@@ -398,6 +398,8 @@ class _BoardPush:
     def _judge(self) -> None:
         """Host-side policy on the trial's figures; a regression is rolled back by the agent."""
         r, p, b = self.r, self.p, self.b
+        if b.kind != "board":  # an emulated board's timings are the emulator's: judged on outputs only
+            r.p90_ms = r.baseline_p90_ms = None
         if r.drift is not None and r.drift > p.max_drift:
             r.flags.append(f"top-1 drift {r.drift:.3f} > {p.max_drift}")
         if r.p90_ms is not None and b.latency_budget_ms is not None and r.p90_ms > b.latency_budget_ms:

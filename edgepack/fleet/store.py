@@ -71,6 +71,9 @@ def figures(kind: str, d: dict[str, Any]) -> dict[str, Any]:
         f["release"] = _int(_obj(d.get("active")).get("release"))
     if f["top1"] is not None:
         f["drift"] = round(1.0 - f["top1"], 6)
+    src = ((rep.get("trial") or {}) if kind == "install" else rep).get("latency_source")
+    if src == "emulator":  # an emulator's clock: never a budget, baseline or regression figure
+        f["p90_ms"] = None
     return f
 
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""EfficientNet-Lite0 INT8 on the emulated Raspberry Pi 4 (ARM kernels under qemu) next to exact
+integer arithmetic (QDQ unfused on this host) and this host's fused int8 kernels.
+
+    python scripts/bench_arm.py [-o bench-results/arm.json] [--limit N]
+
+The INT8 model: the main job's out/efficientnet-lite0-int8.onnx if present, else ORT per-channel
+quantize_static (QDQ, U8 activations, S8 weights) on 100 calibration images. All held-out natural
+images (natural-eval, 176) are run on each; agreement is top-1 against FP32 on the host. Time per
+image on the board is the emulator's (wall clock of the board's eval / images), not a Pi's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-o", "--output", default="bench-results/arm.json")
+    ap.add_argument("--limit", type=int, default=0)
+    a = ap.parse_args()
+    from edgepack.assets import asset
+    from edgepack.data import load_dataset
+    from edgepack.evaluate import session
+    from edgepack.fleet.emulated import emulator_kind, evaluate_on_board
+    fp32 = asset("models/efficientnet-lite0.onnx")
+    from edgepack.cli_quantize import _preprocessing
+    pp = _preprocessing(fp32, None, None)  # the model's declared image preprocessing
+    ev = load_dataset(asset("images/natural-eval"), pp)
+    name = session(fp32).get_inputs()[0].name
+    x = np.concatenate([f[name] for _, f in ev.feeds(32, [name])])
+    if a.limit:
+        x = x[:a.limit]
+    td = Path(tempfile.mkdtemp(prefix="bench-arm-"))
+    main_job = ROOT / "out" / "efficientnet-lite0-int8.onnx"
+    if main_job.is_file():
+        q, how = main_job, "main job (edgepack quantize --target rpi4-2gb)"
+    else:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        cal = load_dataset(asset("images/natural-calib"), pp, limit=100)
+        feeds = [{name: f[name][i:i + 1]} for _, f in cal.feeds(32, [name]) for i in range(len(f[name]))]
+
+        class R(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(feeds)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        q, how = td / "efficientnet-lite0-int8.onnx", f"ORT quantize_static per-channel QDQ, {len(feeds)} calibration images"
+        quantize_static(str(fp32), str(q), R(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+    def top1(sess) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        y = np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+        return y.argmax(1), (time.perf_counter() - t0) / len(x)
+
+    ref, t_fp = top1(session(fp32, threads=1))
+    exact, t_ex = top1(session(q, threads=1, optimize=False))
+    host, t_host = top1(session(q, threads=1))
+    t0 = time.perf_counter()
+    board = evaluate_on_board("rpi4-emu", q, x, threads=1)
+    t_board = (time.perf_counter() - t0) / len(x)
+    n = len(x)
+    pct = lambda a, b: round(float((a == b).mean() * 100), 2)  # noqa: E731
+    res = {"model": how, "images": n, "machine": {"host": platform.processor() or platform.machine(),
+                                                 "note": "2 shared cores, AVX2, no VNNI; board = qemu-aarch64 7.2 -cpu cortex-a72",
+                                                 "board": emulator_kind("emulated-aarch64").info()},
+           "agreement_with_fp32_pct": {"board_arm_kernels": pct(board, ref), "exact_int_arithmetic": pct(exact, ref),
+                                       "host_avx2_kernels": pct(host, ref)},
+           "board_vs_exact_same_top1": int((board == exact).sum()), "board_vs_host_same_top1": int((board == host).sum()),
+           "seconds_per_image": {"board_emulated_incl_start": round(t_board, 3), "exact_host": round(t_ex, 4),
+                                 "host_kernels": round(t_host, 4), "fp32_host": round(t_fp, 4)},
+           "command": "python scripts/bench_arm.py"}
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
