@@ -205,8 +205,8 @@ def _ov_device(requested: str | None, available: list[str]) -> str:
 
     ``GPU`` matches ``GPU.0`` (OpenVINO numbers several devices of a kind); ``CPU`` is the default.
     """
-    device = (requested or "CPU").strip()
-    base = device.split(".", 1)[0].split(":", 1)[0].upper()
+    device = (requested or "CPU").strip().upper()  # OpenVINO's device names are upper case: "cpu" is the CPU
+    base = device.split(".", 1)[0].split(":", 1)[0]
     if base in _OV_VIRTUAL:
         raise AcceleratorUnavailable(f"OpenVINO device {device!r} lets OpenVINO pick the hardware (it may run on "
                                      f"the CPU without saying so); name one device: {', '.join(available) or 'CPU'}")

@@ -174,7 +174,7 @@ def test_missing_device_is_named_never_replaced(tmp_path, fashion):
     for virtual in ("AUTO", f"AUTO:{dev},CPU", f"HETERO:{dev},CPU", "MULTI:CPU"):
         with pytest.raises(AcceleratorUnavailable, match="name one device"):
             load_model(m, "openvino", accelerator=virtual)
-    assert load_model(m, "openvino", accelerator="CPU").provider == "CPU"  # naming the CPU is fine
+    assert load_model(m, "openvino", accelerator="cpu").provider == "CPU"  # naming the CPU is fine
     code, out, _ = run_agent(None, "bench", "--model", str(m), "--runtime", "openvino", "--accelerator", dev,
                              "--runs", "2")
     assert code == 8 and out["error"]["type"] == "AcceleratorUnavailable" and dev in out["error"]["message"]
