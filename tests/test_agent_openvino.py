@@ -215,3 +215,18 @@ def test_profile_runtimes_are_validated():
         parse_target(d)
     d["compute"][0]["runtimes"] = ["tflite:xnnpack", "openvino:NPU", "ort"]
     assert parse_target(d).runtimes == ("litert", "openvino", "onnxruntime")
+
+
+def test_device_names_as_openvino_lists_them():
+    """Device matching against an OpenVINO device list like an Intel board with two GPUs and an NPU
+    reports (the pure selection logic; which device actually ran is checked after compiling)."""
+    from device_agent.runtime import _ov_device
+    board = ["CPU", "GPU.0", "GPU.1", "NPU"]
+    assert _ov_device(None, board) == "CPU"
+    assert _ov_device("npu", board) == "NPU" and _ov_device("GPU", board) == "GPU" and _ov_device("GPU.1", board) == "GPU.1"
+    with pytest.raises(AcceleratorUnavailable, match="GPU.2 is not present.*GPU.0, GPU.1"):
+        _ov_device("GPU.2", board)
+    with pytest.raises(AcceleratorUnavailable, match="name one device"):
+        _ov_device("BATCH:GPU", board)
+    with pytest.raises(AcceleratorUnavailable, match="NPU is not present"):
+        _ov_device("NPU", ["CPU"])
