@@ -195,33 +195,79 @@ def _load_litert(path: Path, threads: int, accelerator: str | None) -> Session:
 
 
 # --------------------------------------------------------------------------- OpenVINO (optional)
+# Virtual devices choose (or share) real devices themselves: AUTO and MULTI may run the model on the
+# CPU while the board asked for its NPU, so the adapter refuses them and names one device.
+_OV_VIRTUAL = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def _ov_device(requested: str | None, available: list[str]) -> str:
+    """The one OpenVINO device to compile for; AcceleratorUnavailable if absent or virtual.
+
+    ``GPU`` matches ``GPU.0`` (OpenVINO numbers several devices of a kind); ``CPU`` is the default.
+    """
+    device = (requested or "CPU").strip().upper()  # OpenVINO's device names are upper case: "cpu" is the CPU
+    base = device.split(".", 1)[0].split(":", 1)[0]
+    if base in _OV_VIRTUAL:
+        raise AcceleratorUnavailable(f"OpenVINO device {device!r} lets OpenVINO pick the hardware (it may run on "
+                                     f"the CPU without saying so); name one device: {', '.join(available) or 'CPU'}")
+    if device not in available and not (("." not in device) and any(a.split(".", 1)[0] == device for a in available)):
+        raise AcceleratorUnavailable(f"OpenVINO device {device} is not present on this board (has "
+                                     f"{', '.join(available) or 'none'}); install its driver or drop the request")
+    return device
+
+
 def _load_openvino(path: Path, threads: int, accelerator: str | None) -> Session:
     import openvino as ov
     core = ov.Core()
-    device = accelerator or "CPU"
-    if device not in core.available_devices:
-        raise AcceleratorUnavailable(f"OpenVINO device {device} is not present (has {', '.join(core.available_devices)})")
+    device = _ov_device(accelerator, list(core.available_devices))
+    cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}  # one stream: batch-1 latency, like the other adapters
+    if device == "CPU":
+        # f32 as the model says: on CPUs with bf16/AMX OpenVINO would otherwise lower FP32 models to bf16.
+        cfg["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = threads
     t0 = time.perf_counter()
     try:
-        cfg = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-        compiled = core.compile_model(core.read_model(str(path)), device, cfg)
-    except Exception as e:
-        raise ModelLoadError(f"OpenVINO cannot load {path.name}: {str(e).splitlines()[0][:300]}") from None
+        # The ONNX frontend only: Core.read_model would try every frontend (TensorFlow, Paddle, ...) on
+        # a file that is not valid ONNX, parsing hostile bytes with each and logging them to stderr.
+        from openvino.frontend import FrontEndManager
+        fe = FrontEndManager().load_by_framework("onnx")
+        compiled = core.compile_model(fe.convert(fe.load(str(path))), device, cfg)
+    except Exception as e:  # OpenVINO raises GeneralFailure/RuntimeError for unreadable models, unsupported ops
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(
+            ("Exception from", "Check '", "FrontEnd API failed"))]
+        msg = "; ".join(lines) or type(e).__name__
+        raise ModelLoadError(f"OpenVINO cannot load {path.name} on {device}: {msg[:300]}") from None
     dt = time.perf_counter() - t0
+    ran = [str(d) for d in compiled.get_property("EXECUTION_DEVICES")] or [device]
+    want = device.split(".", 1)[0]
+    if any(d.split(".", 1)[0] != want for d in ran):
+        raise AcceleratorUnavailable(f"OpenVINO compiled {path.name} for {device} but it runs on {', '.join(ran)}; "
+                                     "refusing to fall back silently")
     req = compiled.create_infer_request()
+    outs = list(compiled.outputs)
 
     def run(feeds: dict[str, Any]) -> list[Any]:
-        res = req.infer(feeds)
-        return [res[o] for o in compiled.outputs]
+        res = req.infer(feeds, share_outputs=False)  # copies: the next inference reuses the output buffers
+        return [res[o] for o in outs]
 
     def spec(p: Any) -> TensorSpec:
         ps = p.get_partial_shape()
-        return TensorSpec(p.get_any_name(), tuple(d.get_length() if d.is_static else None for d in ps),
-                          str(p.get_element_type()))
+        try:
+            dtype = p.get_element_type().to_dtype().name
+        except Exception:  # an element type numpy has no name for (e.g. u4): report OpenVINO's
+            dtype = p.get_element_type().get_type_name()
+        return TensorSpec(p.get_any_name(), tuple(d.get_length() if d.is_static else None for d in ps), dtype)
 
-    return Session(runtime="openvino", runtime_version=ov.__version__, provider=device, providers=[device],
-                   threads=threads, inputs=[spec(i) for i in compiled.inputs], outputs=[spec(o) for o in compiled.outputs],
-                   load_seconds=dt, _impl=run)
+    used_threads = threads
+    if device == "CPU":
+        try:
+            used_threads = int(compiled.get_property("INFERENCE_NUM_THREADS")) or threads
+        except Exception:
+            pass
+    return Session(runtime="openvino", runtime_version=ov.__version__.split("-", 1)[0], provider=ran[0],
+                   providers=ran, threads=used_threads, inputs=[spec(i) for i in compiled.inputs],
+                   outputs=[spec(o) for o in outs], load_seconds=dt, _impl=run)
 
 
 __all__ = ["Session", "TensorSpec", "load_model", "choose_runtime", "installed", "normalize"]

@@ -65,6 +65,13 @@ class Target:
     path: Path | None = None
 
     @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The agent's runtimes for this board, in preference order (``edgepack-agent init --runtime``
+        for each): the runtime part of every compute unit's ``runtime:device`` spec, first unit first."""
+        from device_agent.runtime import normalize
+        return tuple(dict.fromkeys(normalize(r.split(":", 1)[0]) for u in self.compute for r in u.runtimes))
+
+    @property
     def float_allowed(self) -> bool:
         """Whether a layer may stay in float (on some compute unit) without leaving the policy."""
         return self.quant.allow_float_fallback
@@ -79,6 +86,19 @@ def _req(d: dict, key: str, typ, where: str):
     if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
         raise TargetError(f"{where}: field {key!r} must be {typ.__name__}, got {type(v).__name__}")
     return v
+
+
+def _check_runtimes(specs: tuple, where: str) -> None:
+    """Each spec is ``runtime`` or ``runtime:device`` with a runtime the agent knows (an alias counts)."""
+    from device_agent.agent_errors import Incompatible
+    from device_agent.runtime import normalize
+    for r in specs:
+        if not isinstance(r, str) or not r.split(":", 1)[0]:
+            raise TargetError(f"{where}: runtimes must be strings like 'openvino:CPU', got {r!r}")
+        try:
+            normalize(r.split(":", 1)[0])
+        except Incompatible as e:
+            raise TargetError(f"{where}: {e}") from None
 
 
 def parse_target(data: dict, where: str = "target") -> Target:
@@ -99,9 +119,11 @@ def parse_target(data: dict, where: str = "target") -> Target:
         kind = _req(u, "kind", str, w)
         if kind not in KNOWN_KINDS:
             raise TargetError(f"{w}: kind must be one of {sorted(KNOWN_KINDS)}, got {kind!r}")
+        runtimes = tuple(_req(u, "runtimes", list, w))
+        _check_runtimes(runtimes, w)
         compute.append(ComputeUnit(
             name=_req(u, "name", str, w), kind=kind, dtypes=dtypes,
-            runtimes=tuple(_req(u, "runtimes", list, w)),
+            runtimes=runtimes,
             int8_ops=tuple(u.get("int8_ops", ())),
             fallback_cost_ms=float(u.get("fallback_cost_ms", 0.0))))
     b = data.get("budgets", {})
