@@ -73,6 +73,10 @@ class MetadataExpired(PullError):
     """Metadata has expired: the repository is frozen or not refreshed (``edgepack repo refresh``)."""
 
 
+class MetadataMismatch(PullError):
+    """Metadata whose length or hash differs from what the newer signed metadata says (mix-and-match)."""
+
+
 class TargetHashMismatch(PullError):
     """A downloaded bundle's length or hash differs from the signed targets metadata (arbitrary package)."""
 
@@ -98,8 +102,11 @@ def _tuf_errors() -> list[tuple[type, type[PullError]]]:
             (X.LengthOrHashMismatchError, TargetHashMismatch), (X.RepositoryError, RepositoryRefused)]
 
 
-def named(e: BaseException) -> PullError:
+def named(e: BaseException, *, metadata: bool = False) -> PullError:
     """The board's named error for a python-tuf exception (the TUF class stays in the message)."""
+    from tuf.api import exceptions as X
+    if metadata and isinstance(e, X.LengthOrHashMismatchError):
+        return MetadataMismatch(f"{type(e).__name__}: {e}")
     for tuf_cls, ours in _tuf_errors():
         if isinstance(e, tuf_cls):
             return ours(f"{type(e).__name__}: {e or tuf_cls.__doc__ or ''}".strip().rstrip(":"))
@@ -123,37 +130,81 @@ def admitted(rollout: Any, bucket: int) -> bool:
 
 
 # --------------------------------------------------------------------------- network
+class _Deadline:
+    """Closes a response's socket when the whole transfer has not finished in ``seconds``: the
+    blocked read then fails and is reported as slow retrieval. A per-read (gap) timeout alone lets
+    a server drip one byte per gap forever."""
+
+    def __init__(self, response: Any, seconds: float):
+        import threading
+        self.fired = False
+        self._r = response
+        self._t = threading.Timer(seconds, self._fire)
+        self._t.daemon = True
+        self._t.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        try:
+            self._r.shutdown()
+        except Exception:
+            pass
+
+    def cancel(self) -> None:
+        self._t.cancel()
+
+
 def _fetcher_cls():
+    import urllib3
     from tuf.api import exceptions as X
     from tuf.ngclient import Urllib3Fetcher
 
     class BoundedFetcher(Urllib3Fetcher):
-        """python-tuf's urllib3 fetcher plus a whole-request deadline and request/byte counters.
-        A gap timeout alone lets a server drip one byte per gap forever (slow retrieval)."""
+        """python-tuf's urllib3 fetcher plus a whole-request deadline and request/byte counters."""
 
         def __init__(self, deadline_s: float, gap_s: float):
             super().__init__(socket_timeout=max(1, int(gap_s)), chunk_size=CHUNK, app_user_agent="edgepack-agent")
             self.deadline_s = deadline_s
+            self.gap_s = gap_s
             self.requests = 0
             self.bytes = 0
             self.log: list[tuple[str, int]] = []
+            self.http = urllib3.PoolManager(headers={"User-Agent": "edgepack-agent"})
 
         def _fetch(self, url: str) -> Iterator[bytes]:
             self.requests += 1
-            t0 = time.monotonic()
-            it = super()._fetch(url)
-            return self._timed(url, it, t0)
-
-        def _timed(self, url: str, it: Iterator[bytes], t0: float) -> Iterator[bytes]:
-            n = 0
             try:
-                for chunk in it:
+                r = self.http.request("GET", url, preload_content=False, retries=False,
+                                      timeout=urllib3.Timeout(connect=self.gap_s, read=self.gap_s))
+            except urllib3.exceptions.TimeoutError as e:
+                raise X.SlowRetrievalError(f"{url}: {e}") from None
+            if r.status >= 400:
+                r.drain_conn()
+                r.release_conn()
+                self.log.append((url.rsplit("/", 1)[-1], 0))
+                raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
+            return self._chunks_timed(url, r)
+
+        def _chunks_timed(self, url: str, r: Any) -> Iterator[bytes]:
+            n = 0
+            dl = _Deadline(r, self.deadline_s)
+            try:
+                for chunk in r.stream(CHUNK):
                     n += len(chunk)
                     self.bytes += len(chunk)
-                    if time.monotonic() - t0 > self.deadline_s:
-                        raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:.0f} s")
                     yield chunk
+            except Exception as e:
+                if dl.fired:
+                    raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:g} s") from None
+                if isinstance(e, urllib3.exceptions.TimeoutError):
+                    raise X.SlowRetrievalError(f"{url}: {e}") from None
+                raise
             finally:
+                dl.cancel()
+                if dl.fired:  # a shut-down response may end quietly: never pass it on as complete
+                    self.log.append((url.rsplit("/", 1)[-1], n))
+                    raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:g} s")
+                r.release_conn()
                 self.log.append((url.rsplit("/", 1)[-1], n))
 
     return BoundedFetcher
@@ -173,17 +224,16 @@ def _download(url: str, dest: Path, length: int, *, deadline_s: float, gap_s: fl
         os.replace(part, dest)
         return 0
     headers = {"User-Agent": "edgepack-agent", **({"Range": f"bytes={have}-"} if have else {})}
-    http = urllib3.PoolManager()
-    t0 = time.monotonic()
     counter.requests += 1
     try:
-        r = http.request("GET", url, headers=headers, preload_content=False, retries=False,
-                         timeout=urllib3.Timeout(connect=gap_s, read=gap_s))
+        r = counter.http.request("GET", url, headers=headers, preload_content=False, retries=False,
+                                 timeout=urllib3.Timeout(connect=gap_s, read=gap_s))
     except urllib3.exceptions.TimeoutError as e:
         raise X.SlowRetrievalError(f"{url}: {e}") from None
     except urllib3.exceptions.HTTPError as e:
         raise X.DownloadError(f"{url}: {e}") from None
     got = 0
+    dl = _Deadline(r, deadline_s)
     try:
         if r.status >= 400:
             raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
@@ -196,16 +246,19 @@ def _download(url: str, dest: Path, length: int, *, deadline_s: float, gap_s: fl
                     counter.bytes += len(chunk)
                     if have + got > length:
                         raise X.DownloadLengthMismatchError(f"{url}: more than the signed {length} bytes")
-                    if time.monotonic() - t0 > deadline_s:
-                        raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:.0f} s")
                     f.write(chunk)
-            except (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError) as e:
-                raise X.SlowRetrievalError(f"{url}: {e}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if dl.fired:
+                    raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:g} s") from None
+                raise X.DownloadError(f"{url}: {e} (resumes next run)") from None
             finally:
                 f.flush()
                 os.fsync(f.fileno())
     finally:
+        dl.cancel()
         r.release_conn()
+    if dl.fired:
+        raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:g} s (resumes next run)")
     if have + got != length:
         raise X.DownloadError(f"{url}: connection closed after {have + got} of {length} bytes (resumes next run)")
     os.replace(part, dest)
@@ -352,7 +405,7 @@ class Puller:
         except PullError:
             raise
         except Exception as e:
-            raise self._fail(res, fetcher, named(e)) from None
+            raise self._fail(res, fetcher, named(e, metadata=True)) from None
         finally:
             res.requests, res.metadata_bytes, res.fetched = fetcher.requests, fetcher.bytes, list(fetcher.log)
         ours = {}
@@ -448,7 +501,8 @@ class Puller:
     def report(self, res: PullResult) -> None:
         """Queue the report in the outbox, then upload everything queued (oldest first)."""
         doc = self.report_doc(res)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"  # keys sort by time
         key = f"{stamp}-{res.board}-{uuid.uuid4().hex[:8]}.json"
         self.outbox.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.outbox / key, doc)
@@ -506,5 +560,5 @@ def pull(state_dir: str | Path | None, options: PullOptions) -> PullResult:
 
 
 __all__ = ["pull", "PullOptions", "PullResult", "Puller", "cohort_bucket", "admitted", "named", "PullError",
-           "RepositoryUnreachable", "MetadataUnsigned", "MetadataRollback", "MetadataExpired", "TargetHashMismatch",
+           "RepositoryUnreachable", "MetadataUnsigned", "MetadataRollback", "MetadataExpired", "MetadataMismatch", "TargetHashMismatch",
            "EndlessData", "SlowRetrieval", "RepositoryRefused"]

@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_helpers import ROOT as ROOT_DIR  # noqa: F401
 from agent_helpers import TARGET, bundle, golden_for, make_onnx, make_pki, write_trust
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -128,11 +129,13 @@ class Weed:
 
     def start(self) -> "Weed":
         self.dir.mkdir(parents=True, exist_ok=True)
-        ports = [free_port(avoid_grpc=True) for _ in range(4)]
-        self.s3_port = ports[3]
+        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance"]
+        ports = {n: free_port() for n in names}  # every listener explicit: nothing on a default port
+        self.s3_port = ports["s3.port"]
         self.proc = subprocess.Popen(
-            [WEED, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", f"-master.port={ports[0]}",
-             f"-volume.port={ports[1]}", f"-filer.port={ports[2]}", "-s3", f"-s3.port={ports[3]}",
+            [WEED, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", "-s3",
+             *(f"-{n}={p}" for n, p in ports.items()), "-master.telemetry=false",
              "-master.volumeSizeLimitMB=64", "-volume.max=8"],
             stdout=open(self.dir / "weed.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.monotonic()

@@ -1,6 +1,6 @@
 """Pull fleets' reports into the SQLite store, and ``fleet check`` judged from the store.
 
-Boards upload one JSON object per pull that did something (``reports/<UTC stamp>-<board>-<rand>.json``,
+Boards upload one JSON object per pull that did something (``reports/<UTC stamp, microseconds>-<board>-<rand>.json``,
 device_agent/pull.py). ``ingest`` lists the prefix, fetches the objects it has not seen and writes,
 per report, the agent's install JSON as an ``install`` row (a recall as a ``rollback`` row) and a
 ``status`` row with the board's active release, so ``fleet status``, ``fleet history``, the HTML
@@ -29,7 +29,7 @@ from .store import Store, figures
 PREFIX = "reports/"
 MAX_REPORT = 1 << 20
 BOARD_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-KEY_RE = re.compile(r"^reports/(\d{8}T\d{6}Z)-[A-Za-z0-9._-]{1,100}\.json$")
+KEY_RE = re.compile(r"^reports/(\d{8}T\d{6}(?:\.\d{6})?Z)-[A-Za-z0-9._-]{1,100}\.json$")
 SCHEMA = "CREATE TABLE IF NOT EXISTS ingested (key TEXT PRIMARY KEY, ts REAL NOT NULL, board TEXT)"
 
 
@@ -47,7 +47,8 @@ class IngestReport:
 
 
 def _stamp_ts(stamp: str) -> float:
-    return _dt.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc).timestamp()
+    fmt = "%Y%m%dT%H%M%S.%fZ" if "." in stamp else "%Y%m%dT%H%M%SZ"
+    return _dt.datetime.strptime(stamp, fmt).replace(tzinfo=_dt.timezone.utc).timestamp()
 
 
 def rows_of(key: str, data: bytes) -> tuple[str, float, list[tuple[str, dict[str, Any], bool]]]:
