@@ -154,6 +154,16 @@ class _Deadline:
         self._t.cancel()
 
 
+def _read1(r: Any) -> Iterator[bytes]:
+    """Whatever bytes have arrived (up to CHUNK) per read, so the deadline is checked while a
+    server drips; ``stream()`` would block until a whole chunk is in."""
+    while True:
+        b = r.read1(CHUNK)
+        if not b:
+            return
+        yield b
+
+
 def _fetcher_cls():
     import urllib3
     from tuf.api import exceptions as X
@@ -188,8 +198,12 @@ def _fetcher_cls():
         def _chunks_timed(self, url: str, r: Any) -> Iterator[bytes]:
             n = 0
             dl = _Deadline(r, self.deadline_s)
+            t0 = time.monotonic()
             try:
-                for chunk in r.stream(CHUNK):
+                for chunk in _read1(r):
+                    if time.monotonic() - t0 > self.deadline_s:
+                        dl.fired = True
+                        break
                     n += len(chunk)
                     self.bytes += len(chunk)
                     yield chunk
@@ -241,7 +255,11 @@ def _download(url: str, dest: Path, length: int, *, deadline_s: float, gap_s: fl
             have = 0
         with open(part, "ab" if have else "wb") as f:
             try:
-                for chunk in r.stream(CHUNK):
+                t0 = time.monotonic()
+                for chunk in _read1(r):
+                    if time.monotonic() - t0 > deadline_s:
+                        dl.fired = True
+                        break
                     got += len(chunk)
                     counter.bytes += len(chunk)
                     if have + got > length:
