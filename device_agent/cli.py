@@ -133,6 +133,17 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     return r.to_json()
 
 
+def cmd_pull(a: argparse.Namespace) -> dict[str, Any]:
+    from .pull import PullOptions, pull
+    res = pull(a.state, PullOptions(repo_url=a.repo, board_id=a.board_id, model=a.model,
+                                    tuf_root=Path(a.tuf_root) if a.tuf_root else None, report_url=a.report_url,
+                                    deadline_s=a.timeout, upload=not a.no_report))
+    _say(f"pull {res.board}: {res.action}" + (f" release {res.release_before} -> {res.release_after} ({res.kind}, "
+                                              f"{res.bytes_downloaded} bytes)" if res.target else "")
+         + f"; {res.requests} request(s), {res.metadata_bytes} metadata bytes")
+    return res.to_json()
+
+
 def cmd_version(a: argparse.Namespace) -> dict[str, Any]:
     import device_agent
     from .machine import machine_info, runtime_versions
@@ -178,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reset-counter", help="apply a root-signed anti-rollback counter reset")
     s.add_argument("document", help="counter-reset.json made by `edgepack keys reset-counter`")
     s.set_defaults(fn=cmd_reset_counter)
+    s = sub.add_parser("pull", help="one poll of a TUF repository: refresh, download (delta or full), install, report")
+    s.add_argument("--repo", required=True, help="repository base URL (metadata/ and targets/ below it)")
+    s.add_argument("--tuf-root", help="the repository's root.json (first run only; then kept in STATE/pull/tuf)")
+    s.add_argument("--board-id", help="this board's id (default: $EDGEPACK_BOARD_ID or one generated and kept)")
+    s.add_argument("--model", help="model to follow (default: the active release's)")
+    s.add_argument("--report-url", help="where to PUT the report (default: REPO/reports)")
+    s.add_argument("--timeout", type=float, default=30.0, help="deadline per download in seconds (slow retrieval)")
+    s.add_argument("--no-report", action="store_true", help="keep the report in STATE/pull/outbox only")
+    s.set_defaults(fn=cmd_pull)
 
     sub.add_parser("recover", help="finish or undo an interrupted install (also done by every command)").set_defaults(fn=cmd_recover)
     sub.add_parser("version", help="agent version and installed runtimes").set_defaults(fn=cmd_version)

@@ -45,6 +45,7 @@ from . import cli_quantize  # noqa: E402
 from . import cli_ota  # noqa: E402
 from . import cli_agent  # noqa: E402
 from . import cli_fleet  # noqa: E402
+from . import cli_pull  # noqa: E402
 
 cli_quantize.register(app)
 cli_quantize.register_analyze(app)
@@ -52,6 +53,7 @@ cli_quantize.register_qat(app)
 cli_ota.register(app)
 cli_agent.register(app)
 cli_fleet.register(app)
+cli_pull.register(app)
 
 
 def main() -> None:

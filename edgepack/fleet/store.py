@@ -11,9 +11,10 @@ import math
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -115,6 +116,18 @@ class Store:
 
     def __exit__(self, *a: Any) -> None:
         self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the store's lock, committed at the end (rolled back on error):
+        for bulk writers such as the pull-report ingest (edgepack.fleet.ingest)."""
+        with self._lock:
+            try:
+                yield self.db
+                self.db.commit()
+            except BaseException:
+                self.db.rollback()
+                raise
 
     # ---------------------------------------------------------------- writes
     def add(self, board: str, kind: str, data: dict[str, Any], *, ok: bool | None = None, rollout: int | None = None,

@@ -1,0 +1,582 @@
+"""``edgepack-agent pull``: one poll of a TUF repository, then the normal verified A/B install.
+
+One run (a systemd timer starts it; docs/fleet.md has the unit files)::
+
+    tuf.ngclient refresh          root N+1 probe, timestamp; snapshot/targets only when they changed
+    choose                        newest release of this board's model, for its target, newer than
+                                  its anti-rollback counter, whose rollout admits its cohort
+                                  (delta against the active release if published, else full)
+    download                      resumable (HTTP Range into state/pull/downloads/*.part), bounded
+                                  by the signed length, total deadline; then TUF's length+hash check
+    Agent.install(file)           the same verified install as `edgepack-agent install`: bundle
+                                  signature chain, anti-rollback, budgets, A/B write, trial, commit
+    report                        one JSON object PUT to <repo>/reports/ (or --report-url); kept in
+                                  state/pull/outbox/ and retried next run when the upload fails
+
+Nothing new costs two small GETs (the next-root probe, answered 404, and the timestamp). A
+recalled release (``rollout --halt --recall``) makes a board that runs it roll back.
+
+Every repository or download failure becomes one named error (exit 12 or 13), and nothing is
+installed: TUF refuses the metadata before the agent ever sees a bundle, and the agent verifies
+the bundle again on its own trust root.
+
+The only dependency beyond the agent's own is python-tuf (its urllib3 and securesystemslib);
+it is imported here only, so boards that never pull do not need it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .agent_errors import AgentError, UsageError
+from .errors import OtaError
+from .slots import atomic_write, atomic_write_json, fsync_dir
+from .state import iso
+
+CUSTOM = "edgepack"
+BOARD_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+DEFAULT_TIMEOUT_S = 30.0       # whole metadata refresh / per target download: deadline, not a gap timeout
+DEFAULT_GAP_S = 10             # socket timeout between bytes
+CHUNK = 256 * 1024
+TRANSIENT = {"Busy", "DiskFull"}  # install refusals worth retrying with the same bundle next poll
+
+
+# --------------------------------------------------------------------------- named errors
+class PullError(AgentError):
+    """The repository could not be used; nothing was installed."""
+
+    exit_code = 12
+
+
+class RepositoryUnreachable(PullError):
+    """The repository could not be reached (network, HTTP error); try again on the next poll."""
+
+    exit_code = 13
+
+
+class MetadataUnsigned(PullError):
+    """Metadata is not signed by the threshold of keys the trusted root names (forged or tampered)."""
+
+
+class MetadataRollback(PullError):
+    """Metadata older than (or inconsistent with) what the board already trusts: rollback or mix-and-match."""
+
+
+class MetadataExpired(PullError):
+    """Metadata has expired: the repository is frozen or not refreshed (``edgepack repo refresh``)."""
+
+
+class MetadataMismatch(PullError):
+    """Metadata whose length or hash differs from what the newer signed metadata says (mix-and-match)."""
+
+
+class TargetHashMismatch(PullError):
+    """A downloaded bundle's length or hash differs from the signed targets metadata (arbitrary package)."""
+
+
+class EndlessData(PullError):
+    """The server sent more bytes than the signed length allows."""
+
+
+class SlowRetrieval(PullError):
+    """The server did not deliver within the deadline (slow retrieval attack or a bad link)."""
+
+
+class RepositoryRefused(PullError):
+    """Other metadata verification failure (malformed, wrong type, bad delegation)."""
+
+
+def _tuf_errors() -> list[tuple[type, type[PullError]]]:
+    from tuf.api import exceptions as X
+    # most specific first: ExpiredMetadataError etc. all derive from RepositoryError
+    return [(X.SlowRetrievalError, SlowRetrieval), (X.DownloadLengthMismatchError, EndlessData),
+            (X.DownloadError, RepositoryUnreachable), (X.UnsignedMetadataError, MetadataUnsigned),
+            (X.BadVersionNumberError, MetadataRollback), (X.ExpiredMetadataError, MetadataExpired),
+            (X.LengthOrHashMismatchError, TargetHashMismatch), (X.RepositoryError, RepositoryRefused)]
+
+
+def named(e: BaseException, *, metadata: bool = False) -> PullError:
+    """The board's named error for a python-tuf exception (the TUF class stays in the message)."""
+    from tuf.api import exceptions as X
+    if metadata and isinstance(e, X.LengthOrHashMismatchError):
+        return MetadataMismatch(f"{type(e).__name__}: {e}")
+    for tuf_cls, ours in _tuf_errors():
+        if isinstance(e, tuf_cls):
+            return ours(f"{type(e).__name__}: {e or tuf_cls.__doc__ or ''}".strip().rstrip(":"))
+    return RepositoryRefused(f"{type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------- cohorts
+def cohort_bucket(board_id: str, model: str) -> int:
+    """The board's stable place in [0, 10000) for ``model``'s rollouts (SHA-256 of model and board
+    id). A rollout at B basis points (B/100 %) admits the boards with bucket < B, so raising it
+    only ever adds boards. Integers: TUF's canonical JSON has no floats."""
+    h = hashlib.sha256(f"edgepack-cohort-v1\0{model}\0{board_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") % 10_000
+
+
+def admitted(rollout: Any, bucket: int) -> bool:
+    if not isinstance(rollout, dict) or rollout.get("halted"):
+        return False
+    bp = rollout.get("basis_points")
+    return isinstance(bp, int) and not isinstance(bp, bool) and bucket < bp
+
+
+# --------------------------------------------------------------------------- network
+class _Deadline:
+    """Closes a response's socket when the whole transfer has not finished in ``seconds``: the
+    blocked read then fails and is reported as slow retrieval. A per-read (gap) timeout alone lets
+    a server drip one byte per gap forever."""
+
+    def __init__(self, response: Any, seconds: float):
+        import threading
+        self.fired = False
+        self._r = response
+        self._t = threading.Timer(seconds, self._fire)
+        self._t.daemon = True
+        self._t.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        try:
+            self._r.shutdown()
+        except Exception:
+            pass
+
+    def cancel(self) -> None:
+        self._t.cancel()
+
+
+def _read1(r: Any) -> Iterator[bytes]:
+    """Whatever bytes have arrived (up to CHUNK) per read, so the deadline is checked while a
+    server drips; ``stream()`` would block until a whole chunk is in."""
+    while True:
+        b = r.read1(CHUNK)
+        if not b:
+            return
+        yield b
+
+
+def _fetcher_cls():
+    import urllib3
+    from tuf.api import exceptions as X
+    from tuf.ngclient import Urllib3Fetcher
+
+    class BoundedFetcher(Urllib3Fetcher):
+        """python-tuf's urllib3 fetcher plus a whole-request deadline and request/byte counters."""
+
+        def __init__(self, deadline_s: float, gap_s: float):
+            super().__init__(socket_timeout=max(1, int(gap_s)), chunk_size=CHUNK, app_user_agent="edgepack-agent")
+            self.deadline_s = deadline_s
+            self.gap_s = gap_s
+            self.requests = 0
+            self.bytes = 0
+            self.log: list[tuple[str, int]] = []
+            self.http = urllib3.PoolManager(headers={"User-Agent": "edgepack-agent"})
+
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            self.requests += 1
+            try:
+                r = self.http.request("GET", url, preload_content=False, retries=False,
+                                      timeout=urllib3.Timeout(connect=self.gap_s, read=self.gap_s))
+            except urllib3.exceptions.TimeoutError as e:
+                raise X.SlowRetrievalError(f"{url}: {e}") from None
+            if r.status >= 400:
+                r.drain_conn()
+                r.release_conn()
+                self.log.append((url.rsplit("/", 1)[-1], 0))
+                raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
+            return self._chunks_timed(url, r)
+
+        def _chunks_timed(self, url: str, r: Any) -> Iterator[bytes]:
+            n = 0
+            dl = _Deadline(r, self.deadline_s)
+            t0 = time.monotonic()
+            try:
+                for chunk in _read1(r):
+                    if time.monotonic() - t0 > self.deadline_s:
+                        dl.fired = True
+                        break
+                    n += len(chunk)
+                    self.bytes += len(chunk)
+                    yield chunk
+            except Exception as e:
+                if dl.fired:
+                    raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:g} s") from None
+                if isinstance(e, urllib3.exceptions.TimeoutError):
+                    raise X.SlowRetrievalError(f"{url}: {e}") from None
+                raise
+            finally:
+                dl.cancel()
+                if dl.fired:  # a shut-down response may end quietly: never pass it on as complete
+                    self.log.append((url.rsplit("/", 1)[-1], n))
+                    raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:g} s")
+                r.release_conn()
+                self.log.append((url.rsplit("/", 1)[-1], n))
+
+    return BoundedFetcher
+
+
+def _download(url: str, dest: Path, length: int, *, deadline_s: float, gap_s: float, counter: Any) -> int:
+    """GET ``url`` into ``dest`` (``dest.part`` resumed with a Range request), never reading more
+    than ``length`` bytes in total. Returns the bytes transferred by this call."""
+    import urllib3
+    from tuf.api import exceptions as X
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > length:
+        part.unlink()
+        have = 0
+    if have == length:
+        os.replace(part, dest)
+        return 0
+    headers = {"User-Agent": "edgepack-agent", **({"Range": f"bytes={have}-"} if have else {})}
+    counter.requests += 1
+    try:
+        r = counter.http.request("GET", url, headers=headers, preload_content=False, retries=False,
+                                 timeout=urllib3.Timeout(connect=gap_s, read=gap_s))
+    except urllib3.exceptions.TimeoutError as e:
+        raise X.SlowRetrievalError(f"{url}: {e}") from None
+    except urllib3.exceptions.HTTPError as e:
+        raise X.DownloadError(f"{url}: {e}") from None
+    got = 0
+    dl = _Deadline(r, deadline_s)
+    try:
+        if r.status >= 400:
+            raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
+        if have and r.status != 206:  # the server ignored the Range: start again from byte 0
+            have = 0
+        with open(part, "ab" if have else "wb") as f:
+            try:
+                t0 = time.monotonic()
+                for chunk in _read1(r):
+                    if time.monotonic() - t0 > deadline_s:
+                        dl.fired = True
+                        break
+                    got += len(chunk)
+                    counter.bytes += len(chunk)
+                    if have + got > length:
+                        raise X.DownloadLengthMismatchError(f"{url}: more than the signed {length} bytes")
+                    f.write(chunk)
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if dl.fired:
+                    raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:g} s") from None
+                raise X.DownloadError(f"{url}: {e} (resumes next run)") from None
+            finally:
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        dl.cancel()
+        r.release_conn()
+    if dl.fired:
+        raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:g} s (resumes next run)")
+    if have + got != length:
+        raise X.DownloadError(f"{url}: connection closed after {have + got} of {length} bytes (resumes next run)")
+    os.replace(part, dest)
+    return got
+
+
+# --------------------------------------------------------------------------- the poll
+@dataclass(frozen=True, kw_only=True)
+class PullOptions:
+    repo_url: str
+    board_id: str | None = None
+    model: str | None = None
+    tuf_root: Path | None = None          # first run: the repository's root.json (flashed with the board)
+    report_url: str | None = None         # default: <repo_url>/reports
+    deadline_s: float = DEFAULT_TIMEOUT_S
+    gap_s: float = DEFAULT_GAP_S
+    upload: bool = True
+
+
+@dataclass
+class PullResult:
+    board: str
+    action: str  # nothing-new | installed | rolled-back | recalled | refused | not-admitted
+    release_before: int | None
+    release_after: int | None
+    target: str | None = None
+    kind: str | None = None
+    bundle_bytes: int = 0
+    bytes_downloaded: int = 0
+    requests: int = 0
+    metadata_bytes: int = 0
+    bucket: int | None = None
+    seconds: float = 0.0
+    install: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    report_key: str | None = None
+    report_uploaded: bool | None = None
+    fetched: list[tuple[str, int]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Puller:
+    def __init__(self, agent: Any, opt: PullOptions):
+        self.agent, self.opt = agent, opt
+        self.dir = agent.sd.path / "pull"
+        self.meta_dir = self.dir / "tuf"
+        self.dl_dir = self.dir / "downloads"
+        self.outbox = self.dir / "outbox"
+        self.repo = opt.repo_url.rstrip("/")
+        self.install_error: BaseException | None = None
+
+    def _skipped(self) -> set[str]:
+        try:
+            d = json.loads((self.dir / "skip.json").read_text())
+            return set(d) if isinstance(d, dict) else set()
+        except (OSError, ValueError):
+            return set()
+
+    def _skip(self, content_sha256: Any, error: dict[str, Any]) -> None:
+        """Remember a release this board refused or rolled back: a new release (other content) clears it."""
+        if not isinstance(content_sha256, str):
+            return
+        try:
+            d = json.loads((self.dir / "skip.json").read_text())
+        except (OSError, ValueError):
+            d = {}
+        d = d if isinstance(d, dict) else {}
+        d[content_sha256] = {"time": iso(), "error": error}
+        atomic_write_json(self.dir / "skip.json", dict(list(d.items())[-50:]))
+
+    # ------------------------------------------------------------ identity
+    def board_id(self) -> str:
+        bid = self.opt.board_id or os.environ.get("EDGEPACK_BOARD_ID")
+        f = self.dir / "board-id"
+        if not bid:
+            if f.is_file():
+                bid = f.read_text().strip()
+            else:
+                bid = f"board-{uuid.uuid4().hex[:16]}"
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(f, bid.encode() + b"\n")
+        if not BOARD_ID_RE.match(bid):
+            raise UsageError(f"board id {bid!r} must match {BOARD_ID_RE.pattern}")
+        return bid
+
+    # ------------------------------------------------------------ TUF
+    def updater(self, fetcher: Any):
+        from tuf.ngclient import Updater
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        boot = None
+        if not (self.meta_dir / "root.json").exists():
+            if not self.opt.tuf_root:
+                raise UsageError(f"no trusted repository root in {self.meta_dir}; pass --tuf-root ROOT.json once "
+                                 "(the repository's metadata/root.json, flashed with the board)")
+            try:
+                boot = Path(self.opt.tuf_root).read_bytes()
+            except OSError as e:
+                raise UsageError(f"cannot read --tuf-root {self.opt.tuf_root}: {e.strerror}") from None
+        try:
+            return Updater(str(self.meta_dir), f"{self.repo}/metadata/", str(self.dl_dir), f"{self.repo}/targets/",
+                           fetcher=fetcher, bootstrap=boot)
+        except Exception as e:  # a corrupt or forged bootstrap root
+            raise named(e) from None
+
+    def verified_targets(self) -> dict[str, Any]:
+        """The targets metadata this refresh verified (ngclient persists only verified bytes)."""
+        from tuf.api.metadata import Metadata
+        md = Metadata.from_bytes((self.meta_dir / "targets.json").read_bytes())
+        return dict(md.signed.targets)
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> PullResult:
+        t0 = time.perf_counter()
+        with self.agent.locked():
+            res = self._run()
+        res.seconds = round(time.perf_counter() - t0, 3)
+        if res.action != "nothing-new" and res.action != "not-admitted":
+            self.report(res)
+        return res
+
+    def _active(self) -> tuple[Any, Any]:
+        self.agent.recover()
+        st = self.agent.sd.load()
+        info = self.agent.slots.info(st.active) if st.active else None
+        return st, info
+
+    def _run(self) -> PullResult:
+        cfg = self.agent.board()
+        bid = self.board_id()
+        st, info = self._active()
+        model = self.opt.model or (info.model if info else None)
+        if not model:
+            raise UsageError("no release installed and no --model given: which model should this board pull?")
+        before = info.release if info else None
+        res = PullResult(board=bid, action="nothing-new", release_before=before, release_after=before,
+                         bucket=cohort_bucket(bid, model))
+        fetcher = _fetcher_cls()(self.opt.deadline_s, self.opt.gap_s)
+        try:
+            up = self.updater(fetcher)
+            up.refresh()
+            targets = self.verified_targets()
+        except PullError:
+            raise
+        except Exception as e:
+            raise self._fail(res, fetcher, named(e, metadata=True)) from None
+        finally:
+            res.requests, res.metadata_bytes, res.fetched = fetcher.requests, fetcher.bytes, list(fetcher.log)
+        ours = {}
+        for path, tf in targets.items():
+            c = (tf.custom or {}).get(CUSTOM) if isinstance(tf.custom, dict) else None
+            if isinstance(c, dict) and c.get("model") == model and cfg.target in (c.get("targets") or []) \
+                    and isinstance(c.get("release"), int):
+                ours[path] = (tf, c)
+        # a recalled release that this board runs: roll back to the kept previous one
+        if info is not None:
+            for path, (tf, c) in ours.items():
+                if c["release"] == info.release and c.get("content_sha256") == info.content_sha256 \
+                        and (c.get("rollout") or {}).get("recall") and st.previous:
+                    r = self.agent.rollback(f"release {info.release} recalled by the repository")
+                    res.action, res.release_after = "recalled", (r.get("active") or {}).get("release")
+                    res.install = {"ok": True, "rollback": r}
+                    return res
+        skip = self._skipped()
+        newer = [(tf, c) for tf, c in ours.values() if c["release"] > st.counter
+                 and c.get("content_sha256") not in skip]
+        if not newer:
+            return res
+        best = max(c["release"] for _, c in newer)
+        cands = [(tf, c) for tf, c in newer if c["release"] == best]
+        if not admitted(cands[0][1].get("rollout"), res.bucket):
+            res.action = "not-admitted"
+            return res
+        pick = next(((tf, c) for tf, c in cands if c.get("kind") == "delta" and info is not None
+                     and c.get("base_content_sha256") == info.content_sha256), None) \
+            or next(((tf, c) for tf, c in cands if c.get("kind") == "full"), None)
+        if pick is None:
+            return res
+        tf, c = pick
+        res.target, res.kind, res.bundle_bytes = tf.path, c.get("kind"), tf.length
+        path = self._fetch_target(up, tf, fetcher, res)
+        try:
+            rep = self.agent.install(path)
+            res.action, res.release_after = "installed", rep.release
+            res.install = {"ok": True, **rep.to_json()}
+        except (AgentError, OtaError) as e:
+            res.action = "rolled-back" if getattr(e, "report", None) is not None else "refused"
+            res.install = {"ok": False, "error": {"type": type(e).__name__, "message": str(e),
+                                                  "exit_code": getattr(e, "exit_code", 1)},
+                           **({"report": e.report.to_json()} if getattr(e, "report", None) else {})}
+            res.error = res.install["error"]
+            self.install_error = e
+            if type(e).__name__ not in TRANSIENT:
+                self._skip(c.get("content_sha256"), res.error)  # do not fetch it again every poll
+            _, info2 = self._active()
+            res.release_after = info2.release if info2 else None
+        finally:
+            path.unlink(missing_ok=True)
+        return res
+
+    def _fail(self, res: PullResult, fetcher: Any, err: PullError) -> PullError:
+        res.action = "refused"
+        res.error = {"type": type(err).__name__, "message": str(err), "exit_code": err.exit_code}
+        res.requests, res.metadata_bytes = fetcher.requests, fetcher.bytes
+        err.result = res  # type: ignore[attr-defined]
+        return err
+
+    def _fetch_target(self, up: Any, tf: Any, fetcher: Any, res: PullResult) -> Path:
+        h = tf.hashes["sha256"]
+        d, _, leaf = tf.path.rpartition("/")
+        url = f"{self.repo}/targets/{d + '/' if d else ''}{h}.{leaf}"
+        self.dl_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dl_dir.glob("*.part"):
+            if not stale.name.startswith(h[:32]):
+                stale.unlink()  # a partial download of a release that is no longer the one to fetch
+        dest = self.dl_dir / f"{h[:32]}.bundle"
+        from tuf.api import exceptions as X
+        try:
+            res.bytes_downloaded += _download(url, dest, tf.length, deadline_s=self.opt.deadline_s,
+                                              gap_s=self.opt.gap_s, counter=fetcher)
+            with open(dest, "rb") as f:
+                tf.verify_length_and_hashes(f)
+        except X.DownloadHTTPError as e:
+            raise self._fail(res, fetcher, named(e)) from None
+        except Exception as e:
+            if isinstance(e, (X.LengthOrHashMismatchError, X.DownloadLengthMismatchError)):
+                dest.unlink(missing_ok=True)
+                dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+            raise self._fail(res, fetcher, named(e)) from None
+        finally:
+            res.requests = fetcher.requests
+        return dest
+
+    # ------------------------------------------------------------ reports
+    def report_doc(self, res: PullResult) -> dict[str, Any]:
+        return {"format": "edgepack-pull-report", "version": 1, "board": res.board, "time": iso(),
+                "repo": self.repo, "target": self.agent.board().target, "result": res.to_json()}
+
+    def report(self, res: PullResult) -> None:
+        """Queue the report in the outbox, then upload everything queued (oldest first)."""
+        doc = self.report_doc(res)
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"  # keys sort by time
+        key = f"{stamp}-{res.board}-{uuid.uuid4().hex[:8]}.json"
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.outbox / key, doc)
+        res.report_key = f"reports/{key}"
+        atomic_write_json(self.dir / "last-report.json", doc)
+        if self.opt.upload:
+            res.report_uploaded = self.flush_outbox()
+
+    def flush_outbox(self) -> bool:
+        import urllib3
+        base = (self.opt.report_url or f"{self.repo}/reports").rstrip("/")
+        http = urllib3.PoolManager()
+        ok = True
+        for p in sorted(self.outbox.glob("*.json")):
+            try:
+                r = http.request("PUT", f"{base}/{p.name}", body=p.read_bytes(), retries=False,
+                                 headers={"Content-Type": "application/json"},
+                                 timeout=urllib3.Timeout(connect=self.opt.gap_s, read=self.opt.gap_s))
+            except urllib3.exceptions.HTTPError:
+                return False
+            if r.status >= 300:
+                return False
+            p.unlink()
+        fsync_dir(self.outbox)
+        return ok
+
+
+def pull(state_dir: str | Path | None, options: PullOptions) -> PullResult:
+    """One poll-and-install run for the board in ``state_dir`` (see the module docstring).
+
+    A refused or rolled-back install re-raises the agent's own error (exit 5/6/7 as for
+    ``install``) with ``.report`` = the PullResult; repository failures raise a ``PullError``."""
+    from .install import Agent
+    try:
+        import tuf  # noqa: F401
+    except ImportError:
+        raise UsageError("`pull` needs python-tuf on the board: pip install 'edgepack[agent-pull]' "
+                         "(tuf, with urllib3 and securesystemslib)") from None
+    p = Puller(Agent(state_dir), options)
+    try:
+        res = p.run()
+    except PullError as e:
+        res = getattr(e, "result", None)
+        if res is not None:
+            e.report = res  # type: ignore[attr-defined]
+            try:
+                p.report(res)
+            except Exception:  # the report is best effort; the named error is what matters
+                pass
+        raise
+    if p.install_error is not None:
+        p.install_error.report = res  # type: ignore[attr-defined]
+        raise p.install_error
+    return res
+
+
+__all__ = ["pull", "PullOptions", "PullResult", "Puller", "cohort_bucket", "admitted", "named", "PullError",
+           "RepositoryUnreachable", "MetadataUnsigned", "MetadataRollback", "MetadataExpired", "MetadataMismatch", "TargetHashMismatch",
+           "EndlessData", "SlowRetrieval", "RepositoryRefused"]
