@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--adaround-iterations", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--timeout", type=int, default=5400, help="seconds per peer run")
+    ap.add_argument("--table", metavar="JSON", help="print the docs table of a peers.json and exit")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "peers.json"))
     return ap
 
@@ -140,8 +141,27 @@ def evaluate(res: dict, fp32_ref: dict, evals: dict) -> None:
         res[numerics] = row
 
 
+def table(doc: dict) -> str:
+    """The docs/BENCHMARKS.md rows of a peers.json."""
+    rows = []
+    for r in doc["peers"]:
+        if "error" in r:
+            rows.append(f"| {r['peer']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | |")
+            continue
+        ex, ho = r.get("exact", {}), r.get("host", {})
+        g = lambda d, k, f: d.get(k, {}).get(f, "n/a")  # noqa: E731
+        lat = r.get("latency_vs_fp32", {})
+        rows.append(f"| {r['peer']} | {g(ex, 'heldout', 'agreement')} % | {g(ho, 'heldout', 'agreement')} % | "
+                    f"{g(ex, 'imagenet20', 'top1')} / {g(ho, 'imagenet20', 'top1')} % | {r['size_mb']} | "
+                    f"{lat.get('threads_1', 'n/a')}x / {lat.get('threads_2', 'n/a')}x | {r['quantize_seconds']} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     from edgepack.assets import asset
     from edgepack.data import ImagePreprocess, load_dataset
     from edgepack.evaluate import predict, session
