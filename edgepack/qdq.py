@@ -64,6 +64,7 @@ class QDQBuilder:
         out = self.work / f"cand-{self.n}.onnx"
         with quiet_ort():
             quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
+                             reduce_range=self.target.weight_bits < 8,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return out
 
@@ -94,6 +95,7 @@ class QDQBuilder:
 
         quantize_static(str(self.pre_path), str(out), calibration_data_reader=None,
                         quant_format=QuantFormat.QDQ, per_channel=self.target.quant.per_channel,
+                        reduce_range=self.target.weight_bits < 8,  # 7-bit weights: no u8 x s8 saturation
                         activation_type=act, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(float_layers), nodes_to_quantize=list(only or []),
                         op_types_to_quantize=list(op_types or []) or None,

@@ -35,6 +35,7 @@ from .errors import BudgetNotMet, DataError
 from .evaluate import compare, predict, session
 from .latency import compare_latency
 from .modelinfo import ModelInfo, check_sample_shape, load_model
+from .numerics import board_session, host_int8, host_session
 from .analyze import placement_of
 from .qdq import QDQBuilder, preprocess_model
 from .smoothquant import smooth
@@ -141,6 +142,10 @@ class QuantizeReport:
     seconds: float
     peak_rss_mb: float
     warnings: list[str] = field(default_factory=list)
+    numerics: str = "exact"                 # the target's INT8 arithmetic every figure is computed in
+    host_int8: str = ""                     # this host's INT8 instructions (edgepack.numerics.host_int8)
+    host_kernel_agreement: float | None = None  # the held-out agreement on this host's own fused kernels
+    latency_source: str = "host"            # "host-proxy" when the target is not this kind of CPU
 
     @property
     def size_ratio(self) -> float:
@@ -220,6 +225,10 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         pg.done()
         del fp32
 
+        def judge(path: Path):
+            """The board's arithmetic on this host (edgepack.numerics), never this laptop's kernels."""
+            return board_session(path, target.int8_arithmetic, weight_bits=target.weight_bits)
+
         def prepare(model: onnx.ModelProto, label: str) -> QDQBuilder:
             """Calibrate (and round weights for) one variant of the float model."""
             vdir = work / label
@@ -237,7 +246,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             pg.done()
             overrides = None
             if opt.weight_rounding == "gptq":
-                path, overrides = _advanced_rounding(model, calib, info, vdir, pg)
+                path, overrides = _advanced_rounding(model, calib, info, vdir, pg, bits=target.weight_bits)
             return QDQBuilder(path, cal, target, vdir, overrides)
 
         t_var = time.perf_counter()
@@ -257,7 +266,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             b = variants[variant][0]
             path = b.build(method, floats)
             pg.start(f"evaluating {name}", len(search))
-            c = compare(ref_search, predict(session(path), search, batch_size=opt.batch_size,
+            c = compare(ref_search, predict(judge(path), search, batch_size=opt.batch_size,
                                             progress=pg.advance), search.labels)
             pg.done()
             pl = placement_of(onnx.load(str(path)), target)
@@ -338,9 +347,16 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
 
         evals += 1
         pg.start("held-out evaluation", len(holdout))
-        final = compare(ref_hold, predict(session(chosen_path), holdout, batch_size=opt.batch_size,
+        final = compare(ref_hold, predict(judge(chosen_path), holdout, batch_size=opt.batch_size,
                                           progress=pg.advance), holdout.labels)
+        host_final = compare(ref_hold, predict(host_session(chosen_path), holdout, batch_size=opt.batch_size),
+                             holdout.labels)
         pg.done()
+        host = host_int8()
+        if host.arithmetic != target.int8_arithmetic:
+            warnings.append(f"this host ({host.label}) computes INT8 unlike {target.name} "
+                            f"({target.int8_arithmetic}): figures are the board's arithmetic; this host's own "
+                            f"kernels give {host_final.agreement:.1f} % agreement")
         met = final.drop <= budget
         if not met:
             warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
@@ -366,7 +382,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
             warnings.append(msg)
 
         golden = output.with_suffix(".golden.npz")
-        _write_golden(golden, chosen_path, info, holdout, opt.golden_samples)
+        _write_golden(golden, chosen_path, info, holdout, opt.golden_samples, judge)
         tmp = output.with_name(f".{output.name}.tmp")
         shutil.copyfile(chosen_path, tmp)
         m = onnx.load(str(tmp))
@@ -392,7 +408,10 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
                               for r in ranking[:10]],
             float_layers=chosen.float_layers, evaluations=evals, latency=lat, speedup_ok=speed_ok,
             seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(_peak_rss_mb(), 1),
-            warnings=warnings)
+            warnings=warnings, numerics=target.int8_arithmetic, host_int8=host.label,
+            host_kernel_agreement=round(host_final.agreement, 3),
+            latency_source="host" if target.arch == host.machine and target.int8_arithmetic == host.arithmetic
+            else "host-proxy")
     except BaseException:
         for p in (output.with_suffix(".golden.npz"),):
             if p.exists() and not output.exists():
@@ -413,7 +432,7 @@ def _dynamic_worth_trying(info: ModelInfo, target: Target) -> bool:
     return target.quant.allow_dynamic and target.float_allowed and mm > info.ops.get("Conv", 0)
 
 
-def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: int) -> None:
+def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: int, judge) -> None:
     """Golden inputs with the INT8 model's own host outputs (what a healthy board must reproduce)
     and the FP32 outputs (what drift is measured against), for the bundle's health check."""
     n = min(n, len(data))
@@ -423,7 +442,7 @@ def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: in
         arrays["inputs"] = next(iter(feed.values()))
     else:
         arrays.update({f"inputs_{k}": v for k, v in feed.items()})
-    arrays["outputs"] = session(model).run(None, feed)[0]
+    arrays["outputs"] = judge(model).run(None, feed)[0]  # as the board computes, not this host
     arrays["fp32_outputs"] = session(info.path).run(None, feed)[0]
     if data.labels is not None:
         arrays["labels"] = data.labels[:n]
@@ -444,14 +463,15 @@ def _has_layernorm_matmul(m: onnx.ModelProto) -> bool:
     return any(n.op_type == "MatMul" and n.input[0] in ln for n in m.graph.node)
 
 
-def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg: Progress):
+def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg: Progress,
+                       bits: int = 8):
     """GPTQ weight rounding with bias correction (rounding.py): the model to quantize and the
     per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers."""
     from .rounding import optimize_weight_rounding
 
     batches = lambda: (f for _, f in calib.feeds(8, info.input_names))  # noqa: E731
     pg.start("advanced PTQ: GPTQ weight rounding", 1)
-    rounded, overrides, _report = optimize_weight_rounding(model, batches)
+    rounded, overrides, _report = optimize_weight_rounding(model, batches, bits=bits)
     pg.advance()
     pg.done()
     path = work / "rounded.onnx"

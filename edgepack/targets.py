@@ -62,7 +62,15 @@ class Target:
     latency_ms: float
     model_ram_mb: int
     quant: QuantPolicy = field(default_factory=QuantPolicy)
+    int8_arithmetic: str = "exact"        # how the board's INT8 kernels compute (edgepack.numerics)
     path: Path | None = None
+
+    @property
+    def weight_bits(self) -> int:
+        """Widest weights that compute exactly on this board (7 where u8 x s8 pair sums saturate)."""
+        from .numerics import arithmetic
+
+        return arithmetic(self.int8_arithmetic).max_weight_bits
 
     @property
     def runtimes(self) -> tuple[str, ...]:
@@ -144,7 +152,10 @@ def parse_target(data: dict, where: str = "target") -> Target:
         max_top1_drop=_req(b, "max_top1_drop", float, f"{where} [budgets]"),
         latency_ms=_req(b, "latency_ms", float, f"{where} [budgets]"),
         model_ram_mb=_req(b, "model_ram_mb", int, f"{where} [budgets]"),
-        quant=pol)
+        quant=pol, int8_arithmetic=data.get("int8_arithmetic", "exact"))
+    from .numerics import arithmetic
+
+    arithmetic(t.int8_arithmetic)  # unknown names are a TargetError
     for fld in ("ram_mb", "storage_mb", "ota_budget_mb", "latency_ms", "model_ram_mb", "threads"):
         if getattr(t, fld) <= 0:
             raise TargetError(f"{where}: {fld} must be positive")
