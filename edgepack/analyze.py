@@ -29,7 +29,7 @@ import onnx
 from .calibrate import _exposing_session, activation_tensors, collect
 from .data import Dataset
 from .evaluate import compare, predict, session
-from .modelinfo import WEIGHT_OPS, check_sample_shape, load_model
+from .modelinfo import WEIGHT_OPS, check_samples, load_model
 from .plots import bar_chart, line_chart, page, table
 from .qdq import QDQBuilder, preprocess_model
 from .targets import Target
@@ -192,8 +192,8 @@ def analyze(model_path: str | Path, target: Target, calib: Dataset, evaluation: 
     t0 = time.perf_counter()
     prog = progress or (lambda *a: None)
     info = load_model(model_path)
-    check_sample_shape(info, calib.loader(0), "calibration")
-    check_sample_shape(info, evaluation.loader(0), "evaluation")
+    check_samples(info, calib, "calibration")
+    check_samples(info, evaluation, "evaluation")
     ev = evaluation.subset(np.arange(min(max_eval, len(evaluation))), evaluation.name)
     work = Path(tempfile.mkdtemp(prefix="edgepack-a-"))
     try:

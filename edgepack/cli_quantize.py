@@ -74,6 +74,9 @@ def render_report(r, console: Console) -> None:
         t.add_row("top-1 FP32 / INT8", f"{r.fp32_top1:.2f} % / {r.int8_top1:.2f} %  (drop {r.drop_points:+.2f} points, "
                   f"McNemar p={r.mcnemar_p:.2g})")
     t.add_row("top-1 agreement with FP32", f"{r.agreement:.2f} % over {r.holdout_samples} held-out samples")
+    t.add_row("computed as", f"{r.numerics} (the board's INT8 arithmetic); this host: {r.host_int8}")
+    if r.host_kernel_agreement is not None:
+        t.add_row("this host's own kernels", f"{r.host_kernel_agreement:.2f} % agreement (not the board's figure)")
     ok = "[green]met[/]" if r.budget_met else "[red]NOT met[/]"
     t.add_row("accuracy budget", f"{r.metric} drop <= {r.budget_points:g} points: {ok} ({r.drop_points:.2f})")
     t.add_row("calibration", f"{r.calibration_method} on {r.calibration_samples} samples "
@@ -84,7 +87,7 @@ def render_report(r, console: Console) -> None:
                                                  for s in r.sensitive_layers[:5]) or "(not needed)")
     t.add_row("layers kept in float", "\n".join(r.float_layers) or "none")
     for row in r.latency:
-        t.add_row(f"latency, {row.threads} thread(s)", f"FP32 {row.fp32_ms:.2f} ms -> INT8 {row.int8_ms:.2f} ms "
+        t.add_row(f"latency, {row.threads} thread(s)" + (" (host proxy)" if r.latency_source == "host-proxy" else ""), f"FP32 {row.fp32_ms:.2f} ms -> INT8 {row.int8_ms:.2f} ms "
                   f"= {row.ratio:.2f}x (median of {row.runs})")
     t.add_row("evaluations / time / peak RSS", f"{r.evaluations} / {r.seconds:.1f} s / {r.peak_rss_mb:.0f} MB")
     console.print(t)

@@ -101,3 +101,15 @@ def check_sample_shape(info: ModelInfo, sample, what: str) -> None:
         if kind not in "fiu" or (info.input_kinds[name] == "i" and kind == "f"):
             raise DataError(f"{what} input {name!r} has dtype {np.asarray(arr).dtype}; the model wants "
                             f"{'integers' if info.input_kinds[name] == 'i' else 'floats'}")
+        if info.input_kinds[name] == "f" and kind in "iu":
+            raise DataError(f"{what} input {name!r} has integer dtype {np.asarray(arr).dtype} but the model takes "
+                            "floats: store the preprocessed float values (or declare --preprocess for images)")
+        if kind == "f" and not np.isfinite(arr).all():
+            raise DataError(f"{what} input {name!r} holds NaN or Inf values: clean the data before quantizing")
+
+
+def check_samples(info: ModelInfo, data, what: str, limit: int = 64) -> None:
+    """Shape, dtype and finiteness of the first ``limit`` samples, before any work starts: a NaN
+    or a wrong dtype deep in a data set must not cost a whole calibration run."""
+    for i in range(min(len(data), limit)):
+        check_sample_shape(info, data.loader(i), what)

@@ -34,7 +34,7 @@ from .data import Dataset
 from .errors import BudgetNotMet, DataError
 from .evaluate import compare, predict, session
 from .latency import compare_latency
-from .modelinfo import ModelInfo, check_sample_shape, load_model
+from .modelinfo import ModelInfo, check_samples, load_model
 from .numerics import board_session, host_int8, host_session
 from .analyze import placement_of
 from .qdq import QDQBuilder, preprocess_model
@@ -209,7 +209,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         if ds is not None:
             if len(ds) == 0:
                 raise DataError(f"{what} set is empty")
-            check_sample_shape(info, ds.loader(0), what)
+            check_samples(info, ds, what)
     if search is None:
         search, holdout = split_eval(evaluation, opt.seed)
     else:
