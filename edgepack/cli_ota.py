@@ -216,6 +216,19 @@ def _roots(paths: list[Path]) -> list[dict]:
     return [read_doc(p) for p in paths]
 
 
+def _check_ota_budget(path: Path, size: int, targets: List[str]) -> None:
+    """A bundle over a shipped target's OTA budget is removed and refused (--allow-oversize keeps it)."""
+    from .errors import BudgetNotMet
+    from .targets import list_targets, load_target
+
+    known = set(list_targets())
+    for t in (load_target(n) for n in targets if n in known):
+        if size > t.ota_budget_mb * 1e6:
+            path.unlink(missing_ok=True)
+            raise BudgetNotMet(f"bundle is {size / 1e6:.2f} MB, over {t.name}'s OTA budget of {t.ota_budget_mb:g} MB; "
+                               "nothing written (quantize to a smaller model, or pass --allow-oversize)")
+
+
 def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onnx or .tflite"),
                name: str = typer.Option(..., help="Model name (same across releases)"),
                release: int = typer.Option(..., help="Monotonic release number (boards refuse lower ones)"),
@@ -228,6 +241,8 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                golden: Optional[Path] = typer.Option(None, help=".npz with input* arrays and output* reference outputs"),
                expires_days: float = typer.Option(90, help="Manifest lifetime (boards refuse expired bundles)"),
                level: int = typer.Option(9, help="zstd level"),
+               allow_oversize: bool = typer.Option(False, "--allow-oversize",
+                                                   help="Keep a bundle larger than a target's OTA budget"),
                output: Path = typer.Option(..., "-o", "--output"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Build a signed full bundle; it is read back with the board's verifier before it is kept."""
@@ -237,6 +252,8 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
         rep = build_bundle(output, models=model, name=name, release=release, version=version, targets=target,
                            signer=_load_signers(key), release_keys_doc=read_doc(release_keys), roots=_roots(root),
                            settings=settings, golden=golden, expires_days=expires_days, level=level)
+        if not allow_oversize:
+            _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),
                 "files": rep.files, "release": release}
         _emit(as_json, data, _files_table(rep.files, f"{rep.path} ({rep.bundle_bytes:,} bytes)"))

@@ -74,6 +74,10 @@ def render_report(r, console: Console) -> None:
         t.add_row("top-1 FP32 / INT8", f"{r.fp32_top1:.2f} % / {r.int8_top1:.2f} %  (drop {r.drop_points:+.2f} points, "
                   f"McNemar p={r.mcnemar_p:.2g})")
     t.add_row("top-1 agreement with FP32", f"{r.agreement:.2f} % over {r.holdout_samples} held-out samples")
+    if r.board_confirmation:
+        bc = r.board_confirmation
+        t.add_row(f"on board {bc['board']}", f"{bc['board_agreement']:.2f} % agreement (host predicted "
+                  f"{bc['predicted_agreement']:.2f} %, {bc['mismatch_samples']} sample(s) apart)")
     t.add_row("computed as", f"{r.numerics} (the board's INT8 arithmetic); this host: {r.host_int8}")
     if r.host_kernel_agreement is not None:
         t.add_row("this host's own kernels", f"{r.host_kernel_agreement:.2f} % agreement (not the board's figure)")
@@ -130,6 +134,9 @@ def register(app: typer.Typer) -> None:
         max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
         report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUTPUT with .json)"),
+        confirm_on: Optional[str] = typer.Option(None, "--confirm-on", help="board (e.g. rpi4-emu) that runs the final "
+                                                 "model on the held-out samples; its figure is shown beside the host's"),
+        max_mismatch: int = typer.Option(2, "--max-mismatch", help="samples the board's figure may differ by"),
     ) -> None:
         """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
 
@@ -155,6 +162,14 @@ def register(app: typer.Typer) -> None:
                                    max_evals=max_evals)
             with RichProgress(enabled=not as_json) as pg:
                 r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
+            if confirm_on:
+                from .confirm import confirm_on_board
+                from .quantize import split_eval
+                hold = ev if se is not None else split_eval(ev, opts.seed)[1]
+                if not as_json:
+                    out.print(f"confirming on board {confirm_on} ({len(hold)} held-out samples) ...")
+                r.board_confirmation = confirm_on_board(confirm_on, model, output, hold, r.agreement,
+                                                        max_mismatch=max_mismatch).to_dict()
             rp = report or output.with_suffix(".json")
             rp.write_text(r.to_json())
             if as_json:

@@ -41,3 +41,10 @@ class BudgetNotMet(EdgepackError):
     """The accuracy or latency budget could not be met (raised only when asked to refuse)."""
 
     exit_code = 4
+
+
+class BoardMismatch(EdgepackError):
+    """The board's own figure (``quantize --confirm-on``) differs from the host's prediction of it
+    by more than the allowed number of samples: the host-side numerics model is wrong for it."""
+
+    exit_code = 5

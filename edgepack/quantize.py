@@ -146,6 +146,7 @@ class QuantizeReport:
     host_int8: str = ""                     # this host's INT8 instructions (edgepack.numerics.host_int8)
     host_kernel_agreement: float | None = None  # the held-out agreement on this host's own fused kernels
     latency_source: str = "host"            # "host-proxy" when the target is not this kind of CPU
+    board_confirmation: dict | None = None  # edgepack.confirm: the board's own figure (--confirm-on)
 
     @property
     def size_ratio(self) -> float:

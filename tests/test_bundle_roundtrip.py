@@ -168,3 +168,29 @@ def test_cli_refuses_loose_key(tmp_path):
     r = run(["keys", "sign-release-keys", "--root", pk / "root.json", "--root-key", pk / "root-1.key",
              "--root-key", pk / "root-2.key", "--version", 1, "-o", pk / "rk.json"], ok=False)
     assert r.exit_code != 0 and "chmod 600" in r.stderr and not (pk / "rk.json").exists()
+
+
+def test_bundle_over_the_targets_ota_budget_is_refused(tmp_path):
+    """rpi4-2gb's OTA budget is 8 MB: a larger bundle exits 4 and leaves nothing, unless overridden."""
+    import numpy as np
+
+    pk = tmp_path / "pki"
+    run(["keys", "init-root", pk])
+    run(["keys", "new-release-key", pk / "rel.key"])
+    run(["keys", "sign-release-keys", "--root", pk / "root.json", "--root-key", pk / "root-1.key",
+         "--root-key", pk / "root-2.key", "--key", pk / "rel.key.pub", "--version", 1, "-o", pk / "rk.json"])
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(1600, 1600)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1600])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1600])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    import onnx
+    onnx.save(m, str(tmp_path / "big.onnx"))  # 10.2 MB of random floats: zstd cannot shrink it below 8 MB
+    common = ["--name", "big", "--release", 1, "--version", "1.0", "--target", "rpi4-2gb", "--key", pk / "rel.key",
+              "--release-keys", pk / "rk.json", "--root", pk / "root.json"]
+    r = run(["bundle", tmp_path / "big.onnx", *common, "-o", tmp_path / "b.bundle"], ok=False)
+    assert r.exit_code == 4 and "OTA budget" in r.output and not (tmp_path / "b.bundle").exists()
+    run(["bundle", tmp_path / "big.onnx", *common, "--allow-oversize", "-o", tmp_path / "b.bundle"])
+    assert (tmp_path / "b.bundle").stat().st_size > 8e6

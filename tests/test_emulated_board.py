@@ -163,3 +163,21 @@ def test_default_fleet_with_emulated_board(arm_board, tmp_path):
 
     rb = t.agent("rollback", "--reason", "test")
     assert rb.rc == 0 and rb.json()["active"]["release"] == 1
+
+
+def test_quantize_confirm_on_emulated_board(arm_board, assets, tmp_path):
+    """`quantize --confirm-on rpi4-emu`: the board's own figure beside the host's prediction
+    (computed in the target's declared exact arithmetic) agrees within the stated samples."""
+    t = np.load(assets("fashion-mnist/test-x.npz"))
+    np.savez(tmp_path / "eval.npz", inputs=t["inputs"][HELD_OUT], labels=t["labels"][HELD_OUT])
+    r = cli("quantize", str(assets("models/fashion-cnn.onnx")), "--target", "rpi4-2gb",
+            "--calib", str(assets("fashion-mnist/calib-x.npz")), "--calib-size", "64",
+            "--search", str(assets("fashion-mnist/search-x.npz")), "--eval", str(tmp_path / "eval.npz"),
+            "--max-evals", "3", "--threads", "1", "--rounding", "nearest",
+            "--confirm-on", "rpi4-emu", "--max-mismatch", "2", "-o", str(tmp_path / "q.onnx"), "--json")
+    assert r.returncode in (0, 4), r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    bc = rep["board_confirmation"]
+    assert bc["board"] == "rpi4-emu" and bc["samples"] == rep["holdout_samples"]
+    assert bc["mismatch_samples"] <= 2
+    assert abs(bc["board_agreement"] - rep["agreement"]) * bc["samples"] / 100 <= 2 + 1e-9
