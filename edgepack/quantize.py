@@ -341,9 +341,15 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
                                 "table but not chosen (pass allow_cpu_fallback / --allow-cpu-fallback to accept them)")
 
         # Of the candidates that meet the budget prefer the fewest float layers; else the best.
+        # Candidates larger than the board's OTA budget are chosen only when nothing else is allowed.
         allowed = [c for c in candidates if _allowed(c, target, opt)]
-        meeting = [c for c in allowed if c.search_drop <= budget]
-        chosen = min(meeting, key=lambda c: (len(c.float_layers), c.search_drop)) if meeting else best
+        fits = [c for c in allowed if c.size_bytes <= target.ota_budget_mb * 1e6] or allowed
+        meeting = [c for c in fits if c.search_drop <= budget]
+        chosen = (min(meeting, key=lambda c: (len(c.float_layers), c.search_drop)) if meeting
+                  else min(fits, key=lambda c: (c.search_drop, -c.output_sqnr_db)) if fits else best)
+        if not meeting and any(c.search_drop <= budget for c in allowed):
+            warnings.append(f"the only candidates within the accuracy budget are larger than {target.name}'s "
+                            f"OTA budget ({target.ota_budget_mb:g} MB); the best one that fits was kept")
         chosen_path = paths[chosen.name]
 
         evals += 1

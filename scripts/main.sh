@@ -24,6 +24,12 @@ $EP quantize "$A/models/efficientnet-lite0.onnx" --target rpi4-2gb \
   --search "$A/images/natural-calib" --eval "$A/images/natural-eval" \
   -o out/efficientnet-lite0-int8.onnx "$@" || rc=$?
 [ "$rc" -eq 0 ] || [ "$rc" -eq 4 ] || exit "$rc"   # 4: budget missed, the best model was still written
+budget_missed=$rc
+if [ "$budget_missed" -eq 4 ]; then
+  echo "!! the quantized model MISSED its accuracy budget (see out/efficientnet-lite0-int8.json)." >&2
+  if [ "${EDGEPACK_STRICT:-0}" = 1 ]; then echo "!! EDGEPACK_STRICT=1: not pushing it" >&2; exit 4; fi
+  echo "!! pushing it anyway so the pipeline runs end to end; the main job exits 4 at the end" >&2
+fi
 
 echo "== 2/4 bundle" >&2
 K=out/keys
@@ -60,4 +66,8 @@ echo "== 4/4 report" >&2
 $EP fleet check --runs 20 || true
 $EP report --html out/fleet.html
 echo "done: out/efficientnet-lite0-int8.onnx, out/releases/r$rel.bundle, out/fleet.html" >&2
-exit "$push_rc"
+[ "$push_rc" -eq 0 ] || exit "$push_rc"
+if [ "$budget_missed" -eq 4 ]; then
+  echo "!! accuracy budget NOT met by the pushed model (out/efficientnet-lite0-int8.json): exit 4" >&2
+  exit 4
+fi
