@@ -8,6 +8,8 @@ quietly runs 10x slower than its budget is worse than one that says why it refus
 """
 from __future__ import annotations
 
+import os
+
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -118,6 +120,11 @@ def _load_ort(path: Path, threads: int, accelerator: str | None) -> Session:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if os.environ.get("EDGEPACK_AGENT_INT8") == "exact":
+        # A stand-in board on a host whose INT8 kernels differ from the board's (x86 AVX2 without
+        # VNNI saturates u8 x s8 pair sums): QDQ runs unfused, i.e. exact integer products, as
+        # ARM NEON, VNNI and NPUs compute. The host's own default board (edgepack.fleet) sets it.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
     if accelerator and accelerator != "CPUExecutionProvider":
         avail = ort.get_available_providers()

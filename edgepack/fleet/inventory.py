@@ -117,7 +117,10 @@ class Fleet:
         leaves it out)."""
         h = Path(home or os.environ.get("EDGEPACK_FLEET_HOME") or DEFAULT_HOME)
         b = Board(name="local", host="localhost", transport="local", state=str(h / "boards" / "local" / "state"),
-                  incoming=str(h / "boards" / "local" / "incoming"), trial_in_process=True)
+                  incoming=str(h / "boards" / "local" / "incoming"), trial_in_process=True,
+                  # it stands in for the shipped boards, which compute INT8 exactly: not this host's
+                  # kernels (which saturate u8 x s8 pair sums on AVX2 without VNNI); device_agent.runtime
+                  env={"EDGEPACK_AGENT_INT8": "exact"})
         from .emulated import default_emulated_boards  # the emulated Pi 4, when scripts/arm-board.sh built it
         return cls(boards=[b, *default_emulated_boards(h)], path=None, store=h / "fleet.db", ssh_config=None)
 
