@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import TargetError
+from .evaluate import session as _session
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,6 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 class NumericsUnavailable(TargetError):
     """This host cannot compute a model as the target does (and nothing stands in for it)."""
-
-
-def _session(model: str | Path | bytes, threads: int, optimize: bool) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so,
-                                providers=["CPUExecutionProvider"])
 
 
 def board_session(model: str | Path, arith: str, *, threads: int = 0,
