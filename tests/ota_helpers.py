@@ -18,7 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from device_agent.trust import TrustRoot
 from edgepack import keys as K
 
-NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+# The test PKI is signed "yesterday at midnight UTC", not at a fixed date: a fixed date turns into a
+# time bomb once the real clock passes the release-key list's one-year lifetime.
+NOW = (dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+       - dt.timedelta(days=1))
 
 
 def make_onnx(path: Path, *, seed: int = 0, hidden: int = 64, drift: float = 0.0, int8: bool = False,

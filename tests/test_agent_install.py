@@ -1,6 +1,7 @@
 """The install transaction on real files: verified A/B install, health-gated commit, rollback."""
 from __future__ import annotations
 
+import datetime as dt
 
 import pytest
 
@@ -95,7 +96,9 @@ def test_anti_rollback_counter_and_policy_refusals(tmp_path, pki, rel):
 
 def test_expired_bundle_refused(tmp_path, pki, rel, monkeypatch):
     a = init_board(tmp_path / "board", pki, trial_in_process=True)
-    monkeypatch.setenv("EDGEPACK_AGENT_NOW", "2027-06-01T00:00:00Z")
+    from ota_helpers import NOW
+    later = NOW + dt.timedelta(days=500)  # past the bundle's 90 days and the key list's year
+    monkeypatch.setenv("EDGEPACK_AGENT_NOW", later.strftime("%Y-%m-%dT%H:%M:%SZ"))
     with pytest.raises(ExpiredError):
         a.install(rel["r1"])
     assert a.sd.load().active is None

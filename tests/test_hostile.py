@@ -348,7 +348,7 @@ def test_far_future_created_refused(w, tmp_path):
     st = board(w, tmp_path)
     b = bundle(w.pki, tmp_path / "fut.bundle", w.m2, release=2, golden=w.g2)
     from agent_helpers import build
-    # 3 days ahead: past the 1-day clock allowance, inside the test PKI's lifetime (it ends 2027-01-01)
+    # 3 days ahead: past the 1-day clock allowance, inside the test PKI's one-year lifetime
     build(w.pki, b, w.m2, release=2, golden=w.g2, now=utc_now() + dt.timedelta(days=3),
           settings={"runtime": "onnxruntime", "threads": 1})
     refused(st, NotYetValid, lambda: Agent(st).install(b))
