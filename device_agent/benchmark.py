@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .health import Comparison, compare, latency_stats, load_golden, smoke_feed
-from .install import peak_rss_mb, rss_mb
+from .budgets import peak_rss_mb, rss_mb
 from .runtime import choose_runtime, load_model
 
 

@@ -27,45 +27,28 @@ import io
 import os
 import secrets
 import shutil
-import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import __version__ as AGENT_VERSION
-from ._internal.encoding import format_time, hash_file, parse_json, sha256_hex, utc_now
-from ._internal.manifest import (FORMAT_VERSION, FileEntry, Manifest, parse_manifest, version_tuple)
-from ._internal.streams import CHUNK, FrameReader, read_exact, zstd_stream
 from .delta_apply import iter_patch_from, iter_tensor_delta
-from ._internal.files import describe, open_regular
-from .errors import (AgentTooOld, BaseMismatch, ExpiredError, HashMismatch, LengthExceeded, MalformedBundle,
-                     NotABundle, NotYetValid, ReleaseStepTooLarge, RollbackError, TargetMismatch, TruncatedBundle,
-                     UnsupportedFormat)
-from .trust import MANIFEST_TYPE, TrustRoot, parse_signatures
+from .durable import describe, fsync_dir, hash_file, open_regular, utc_now
+from .errors import (AgentTooOld, BaseMismatch, ExpiredError, HashMismatch, LengthExceeded, NotABundle, NotYetValid,
+                     ReleaseStepTooLarge, RollbackError, TargetMismatch, TruncatedBundle)
+from .trust import MANIFEST_TYPE, TrustRoot
+from .wire import codecs
+from .wire.encoding import format_time, parse_json, sha256_hex
+from .wire.header import MAGIC, BundleHeader, read_header
+from .wire.limits import LIMITS
+from .wire.manifest import FORMAT_VERSION, FileEntry, Manifest, parse_manifest, version_tuple
+from .wire.streams import CHUNK, FrameReader, read_exact, zstd_stream
 
-MAGIC = b"EPBUNDLE"
-MAX_TRUST = 1 << 20
-MAX_MANIFEST = 1 << 20
-MAX_SIGS = 64 << 10
-FULL_WINDOW_LOG_MAX = 23  # docs/bundle-format.md: full payloads are decoded with a window of at most 8 MiB
-MAX_BUFFERED_FRAME = 8 << 20  # frames up to this size are read once and decoded from the hashed copy
-MAX_CLOCK_SKEW = _dt.timedelta(days=1)  # a manifest "created" later than now + this is refused
 STAGING_PREFIX = ".edgepack-partial-"
 
 __all__ = ["open_bundle", "verify_payloads", "extract", "read_header", "VerifiedManifest", "FileEntry",
            "BundleHeader", "MAGIC", "FORMAT_VERSION", "AGENT_VERSION"]
-
-
-@dataclass(frozen=True)
-class BundleHeader:
-    """The raw, *unverified* parts of a bundle header. Use only to inspect; trust open_bundle."""
-
-    format_version: int
-    trust: dict[str, Any]
-    manifest_bytes: bytes
-    signatures: list[tuple[str, bytes]]
-    payload_offset: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +61,7 @@ class VerifiedManifest:
     signed_by: tuple[str, ...]
     trust: TrustRoot  # the trust root after the bundle's embedded updates: the agent persists it
     payload_offset: int
+    embedded_trust: dict[str, Any]  # the trust section as carried (a delta of this release carries it on)
 
     # conveniences used by the agent and CLI
     @property
@@ -112,37 +96,6 @@ class VerifiedManifest:
 
 
 # --------------------------------------------------------------------------- header
-def read_header(f: BinaryIO) -> BundleHeader:
-    """Parse the container header from the current position. No trust decisions are made here."""
-    magic = f.read(len(MAGIC))
-    if magic != MAGIC:
-        if not magic:
-            raise NotABundle("not an edgepack bundle (empty file, bad magic); pass a file made by `edgepack bundle`")
-        if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
-            raise TruncatedBundle("bundle ends inside its magic; the file is cut short: copy it again")
-        raise NotABundle("not an edgepack bundle (bad magic); pass a file made by `edgepack bundle` or `edgepack delta`")
-    fv, flags = struct.unpack(">HH", read_exact(f, 4, "header"))
-    if fv > FORMAT_VERSION:
-        raise UnsupportedFormat(f"bundle format version {fv} is newer than this agent reads ({FORMAT_VERSION}); "
-                                "update the device agent first")
-    if fv < 1 or flags != 0:
-        raise MalformedBundle(f"bundle header has format version {fv} / flags {flags}; rebuild the bundle")
-    pos = len(MAGIC) + 4
-    sections = []
-    for name, cap in (("trust section", MAX_TRUST), ("manifest", MAX_MANIFEST), ("signatures", MAX_SIGS)):
-        (n,) = struct.unpack(">I", read_exact(f, 4, f"{name} length"))
-        if n > cap:
-            raise MalformedBundle(f"bundle {name} is {n} bytes (max {cap}); the file is corrupt or hostile")
-        sections.append(read_exact(f, n, name))
-        pos += 4 + n
-    trust = parse_json(sections[0], "bundle trust section")
-    if not isinstance(trust, dict):
-        raise MalformedBundle("bundle trust section is not a JSON object; rebuild the bundle")
-    sigs_doc = parse_json(sections[2], "bundle signatures")
-    return BundleHeader(format_version=fv, trust=trust, manifest_bytes=sections[1],
-                        signatures=parse_signatures(sigs_doc, "bundle signatures"), payload_offset=pos)
-
-
 def _open(path: Path) -> BinaryIO:
     """The bundle file, refused unless it is a regular file (a FIFO would block, /dev/zero never ends)."""
     try:
@@ -175,9 +128,9 @@ def open_bundle(path: str | Path, trust_root: TrustRoot, *, now: _dt.datetime | 
         on_trust(trust)
     signed_by = trust.verify_release_signatures(MANIFEST_TYPE, hdr.manifest_bytes, hdr.signatures)
     m = parse_manifest(parse_json(hdr.manifest_bytes, "manifest"))
-    if m.created > now + MAX_CLOCK_SKEW:
+    if m.created > now + LIMITS.max_clock_skew:
         raise NotYetValid(f"bundle for {m.model} release {m.release} claims it was created {format_time(m.created)}, "
-                          f"after this board's clock ({format_time(now)}) + {MAX_CLOCK_SKEW.days} day; fix the "
+                          f"after this board's clock ({format_time(now)}) + {LIMITS.max_clock_skew.days} day; fix the "
                           "build host's or the board's clock and rebuild")
     if now > m.expires:
         raise ExpiredError(f"bundle for {m.model} release {m.release} expired at {format_time(m.expires)}; "
@@ -203,7 +156,7 @@ def open_bundle(path: str | Path, trust_root: TrustRoot, *, now: _dt.datetime | 
         raise LengthExceeded(f"bundle has {size - expected} bytes past its declared end; "
                              "refusing it (corrupt or hostile bundle)")
     return VerifiedManifest(path=path, manifest=m, manifest_bytes=hdr.manifest_bytes, signed_by=tuple(signed_by),
-                            trust=trust, payload_offset=hdr.payload_offset)
+                            trust=trust, payload_offset=hdr.payload_offset, embedded_trust=hdr.trust)
 
 
 # --------------------------------------------------------------------------- payloads
@@ -240,21 +193,36 @@ def _check_transport(f: BinaryIO, fe: FileEntry) -> None:
                            "from another release); copy the bundle again or rebuild it")
 
 
+@codecs.register_decoder(codecs.ZSTD)
+def _decode_zstd(fr: FrameReader, fe: FileEntry, base: BinaryIO | None, what: str) -> Iterator[bytes]:
+    yield from zstd_stream(fr, fe.transport_length, fe.length, what, window_log_max=LIMITS.full_window_log)
+
+
+@codecs.register_decoder(codecs.BASE_COPY)
+def _decode_base_copy(fr: FrameReader, fe: FileEntry, base: BinaryIO, what: str) -> Iterator[bytes]:
+    while chunk := base.read(CHUNK):
+        yield chunk
+
+
+@codecs.register_decoder(codecs.PATCH_FROM)
+def _decode_patch_from(fr: FrameReader, fe: FileEntry, base: BinaryIO, what: str) -> Iterator[bytes]:
+    yield from iter_patch_from(fr, base, fe.base_length or 0, fe.length, fe.transport_length, what)
+
+
+@codecs.register_decoder(codecs.TENSOR_DELTA)
+def _decode_tensor_delta(fr: FrameReader, fe: FileEntry, base: BinaryIO, what: str) -> Iterator[bytes]:
+    yield from iter_tensor_delta(fr, base, fe.base_length or 0, fe.length, what)
+
+
 def _iter_file(f: BinaryIO, fe: FileEntry, bases: dict[str, Path], stack: ExitStack) -> Iterator[bytes]:
     fr = FrameReader(f, fe.transport_length, f"payload {fe.path!r}")
     what = f"payload {fe.path!r}"
-    if fe.encoding == "zstd":
-        yield from zstd_stream(fr, fe.transport_length, fe.length, what, window_log_max=FULL_WINDOW_LOG_MAX)
-    elif fe.encoding == "base-copy":
+    decode = codecs.decoder(fe.encoding)  # the manifest schema admitted only registered names
+    if fe.is_delta:
         with open_regular(bases[fe.path]) as b:
-            while chunk := b.read(CHUNK):
-                yield chunk
-    elif fe.encoding == "zstd-patch-from":
-        with open_regular(bases[fe.path]) as b:
-            yield from iter_patch_from(fr, b, fe.base_length or 0, fe.length, fe.transport_length, what)
-    elif fe.encoding == "tensor-delta":
-        with open_regular(bases[fe.path]) as b:
-            yield from iter_tensor_delta(fr, b, fe.base_length or 0, fe.length, what)
+            yield from decode(fr, fe, b, what)
+    else:
+        yield from decode(fr, fe, None, what)
     if fr.remaining:
         raise LengthExceeded(f"{what} has {fr.remaining} unused bytes after its data; refusing it")
     if fe.transport_length and fr.hash.hexdigest() != fe.transport_sha256:
@@ -266,7 +234,7 @@ def _iter_file(f: BinaryIO, fe: FileEntry, bases: dict[str, Path], stack: ExitSt
 def _stream(vm: VerifiedManifest, bases: dict[str, Path], sink: Callable[[FileEntry], Any] | None) -> None:
     """Walk every frame: check its transport hash, then (if it can be rebuilt) its content hash.
 
-    A frame of at most MAX_BUFFERED_FRAME bytes is read once, hashed, and decoded from that
+    A frame of at most LIMITS.max_buffered_frame bytes is read once, hashed, and decoded from that
     authenticated copy. A larger frame is hashed in a first pass and decoded in a second pass
     over the same descriptor, which is hashed again and must match (docs/bundle-format.md says
     why: holding a 200 MB frame in RAM or spooling it to disk is what a board cannot afford).
@@ -276,7 +244,7 @@ def _stream(vm: VerifiedManifest, bases: dict[str, Path], sink: Callable[[FileEn
         f.seek(vm.payload_offset)
         for fe in vm.files:
             start = f.tell()
-            if fe.transport_length <= MAX_BUFFERED_FRAME:
+            if fe.transport_length <= LIMITS.max_buffered_frame:
                 data = read_exact(f, fe.transport_length, f"payload {fe.path!r}")
                 if sha256_hex(data) != fe.transport_sha256:
                     raise HashMismatch(f"payload {fe.path!r} does not match its signed hash (tampered, corrupt, or "
@@ -317,19 +285,6 @@ def verify_payloads(vm: VerifiedManifest, base_dir: str | Path | None = None) ->
     _stream(vm, bases, None)
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def extract(vm: VerifiedManifest, dest_dir: str | Path, base_dir: str | Path | None = None) -> list[Path]:
     """Write the bundle's files into ``dest_dir``, all verified, or nothing at all.
 
@@ -358,13 +313,13 @@ def extract(vm: VerifiedManifest, dest_dir: str | Path, base_dir: str | Path | N
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-        _fsync_dir(staging)
+        fsync_dir(staging)
         out = []
         for fe in vm.files:
             target = dest / fe.path
             os.replace(staging / fe.path, target)
             out.append(target)
-        _fsync_dir(dest)
+        fsync_dir(dest)
         staging.rmdir()
         return out
     except BaseException:

@@ -32,7 +32,7 @@ def _out(obj: dict[str, Any]) -> None:
 def _say(msg: str) -> None:
     """One human line on stderr. Bundle/board strings in it are data: control characters (ANSI
     escapes, carriage returns) are shown escaped, never sent to the terminal."""
-    from ._internal.encoding import safe_text
+    from .wire.encoding import safe_text
     sys.stderr.write(safe_text(msg, limit=2000) + "\n")
 
 
@@ -101,7 +101,7 @@ def _model_args(a: argparse.Namespace) -> tuple[Path, str, int, str | None, Path
     info = agent.active_info(verify=True)
     rt = choose_runtime(info.model_path, a.runtime or cfg.runtimes,
                         a.runtime[0] if a.runtime else info.settings.get("runtime"))
-    from .install import board_accelerator
+    from .trial import board_accelerator
     accel = a.accelerator or board_accelerator(cfg, info.settings)
     threads = a.threads if a.threads is not None else cfg.threads
     golden = Path(a.data) if a.data else info.file("golden")
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
-        from .install import peak_rss_mb, rss_mb
+        from .budgets import peak_rss_mb, rss_mb
         _out({"ok": True, "command": args.cmd, **result,
               "process": {"rss_mb": round(rss_mb(), 2), "peak_rss_mb": round(peak_rss_mb(), 2)}})
         return 0

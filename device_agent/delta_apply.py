@@ -28,8 +28,8 @@ try:  # Python 3.14+: the standard library's module; before: its backport
 except ImportError:
     from backports import zstd
 
-from ._internal.encoding import parse_json
-from ._internal.streams import CHUNK, FrameReader, window_for, zstd_stream
+from .wire.encoding import parse_json
+from .wire.streams import CHUNK, FrameReader, window_for, zstd_stream
 from .errors import MalformedBundle, MalformedPatch
 
 PATCH_MAGIC = b"EPTDELT1"
@@ -117,9 +117,8 @@ def _ints(op: list, n: int, what: str) -> list[int]:
     return vals
 
 
-def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target_length: int,
-                      what: str) -> Iterator[bytes]:
-    """Yield the reconstructed file, chunk by chunk, from a tensor-delta patch read off ``src``."""
+def _read_patch_header(src: FrameReader, base_length: int, target_length: int, what: str) -> dict:
+    """The patch's compressed JSON header, checked against the signed lengths."""
     try:
         magic = src.read_exact(8, f"{what} magic")
         if magic != PATCH_MAGIC:
@@ -135,10 +134,14 @@ def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target
         raise MalformedPatch(f"{what} header is not an object; rebuild the delta")
     if header.get("base_length") != base_length or header.get("target_length") != target_length:
         raise MalformedPatch(f"{what} header lengths disagree with the signed manifest; rebuild the delta")
-    glue = header.get("glue")
-    ops = header.get("ops")
+    glue, ops = header.get("glue"), header.get("ops")
     if not isinstance(glue, dict) or not isinstance(ops, list) or len(ops) > MAX_OPS:
         raise MalformedPatch(f"{what} header needs 'glue' and 'ops'; rebuild the delta")
+    return header
+
+
+def _read_glue(src: FrameReader, base: BinaryIO, glue: dict, base_length: int, what: str) -> bytes:
+    """The glue (graph bytes between tensors), decompressed with its base spans as zstd prefix."""
     spans = glue.get("base_spans")
     if not isinstance(spans, list) or len(spans) > MAX_OPS:
         raise MalformedPatch(f"{what}: glue base_spans must be a list; rebuild the delta")
@@ -154,12 +157,33 @@ def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target
             raise MalformedPatch(f"{what}: glue span {off}+{n} is outside the base; rebuild the delta")
         prefix += _read_base(base, off, n)
     zd = zstd.ZstdDict(bytes(prefix), is_raw=True).as_prefix if prefix else None
-    glue_bytes = b"".join(zstd_stream(src, glue_comp, glue_len, f"{what} glue", zstd_dict=zd,
-                                      window_log_max=max(23, window_for(len(prefix) + glue_len))))
-    del prefix, zd
-    gpos = 0
-    produced = 0
-    for op in ops:
+    return b"".join(zstd_stream(src, glue_comp, glue_len, f"{what} glue", zstd_dict=zd,
+                                window_log_max=max(23, window_for(len(prefix) + glue_len))))
+
+
+def _tensor_op(src: FrameReader, base: BinaryIO, k: str, op: list, base_length: int, room: int,
+               what: str) -> Iterator[bytes]:
+    """One XOR ("x") or difference ("s") op: the base tensor's bytes combined with the patch's planes."""
+    elem, off, n, comp = _ints(op, 4, what)
+    if elem not in ELEM_SIZES or n % elem or off + n > base_length or n > room:
+        raise MalformedPatch(f"{what}: tensor op out of bounds or misaligned; rebuild the delta")
+    pos = 0
+    for planes in _rechunk(zstd_stream(src, comp, n, f"{what} tensor delta"), chunk_bytes(elem)):
+        old = _read_base(base, off + pos, len(planes))
+        if len(planes) % elem:
+            raise MalformedPatch(f"{what}: tensor delta chunk misaligned; rebuild the delta")
+        yield _decode(k, planes, old, elem)
+        pos += len(planes)
+
+
+def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target_length: int,
+                      what: str) -> Iterator[bytes]:
+    """Yield the reconstructed file, chunk by chunk, from a tensor-delta patch read off ``src``."""
+    header = _read_patch_header(src, base_length, target_length, what)
+    glue_bytes = _read_glue(src, base, header["glue"], base_length, what)
+    glue_len = len(glue_bytes)
+    gpos = produced = 0
+    for op in header["ops"]:
         if not isinstance(op, list) or not op or not isinstance(op[0], str):
             raise MalformedPatch(f"{what}: malformed op; rebuild the delta")
         k = op[0]
@@ -182,17 +206,8 @@ def iter_tensor_delta(src: FrameReader, base: BinaryIO, base_length: int, target
                 raise MalformedPatch(f"{what}: ops produce more than the target length; rebuild the delta")
             yield from zstd_stream(src, comp, n, f"{what} tensor data")
         elif k in ("x", "s"):
-            elem, off, n, comp = _ints(op, 4, what)
-            if elem not in ELEM_SIZES or n % elem or off + n > base_length or produced + n > target_length:
-                raise MalformedPatch(f"{what}: tensor op out of bounds or misaligned; rebuild the delta")
-            cb = chunk_bytes(elem)
-            pos = 0
-            for planes in _rechunk(zstd_stream(src, comp, n, f"{what} tensor delta"), cb):
-                old = _read_base(base, off + pos, len(planes))
-                if len(planes) % elem:
-                    raise MalformedPatch(f"{what}: tensor delta chunk misaligned; rebuild the delta")
-                yield _decode(k, planes, old, elem)
-                pos += len(planes)
+            n = _ints(op, 4, what)[2]
+            yield from _tensor_op(src, base, k, op, base_length, target_length - produced, what)
         else:
             raise MalformedPatch(f"{what}: unknown op {k!r}; update the device agent or rebuild the delta")
         produced += n

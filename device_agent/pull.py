@@ -37,8 +37,9 @@ from typing import Any, Iterator
 
 from .agent_errors import AgentError, UsageError
 from .errors import OtaError
-from .slots import atomic_write, atomic_write_json, fsync_dir
-from .state import iso
+from .durable import fsync_dir
+from .slots import atomic_write, atomic_write_json
+from .durable import iso
 
 CUSTOM = "edgepack"
 BOARD_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")

@@ -1,4 +1,4 @@
-"""A/B model slots and the durability primitives every agent write goes through.
+"""A/B model slots: which release each holds, whether it is complete and good, and the `current` link.
 
 Layout under the state directory::
 
@@ -11,163 +11,51 @@ slot not named there is scratch space the next install may wipe. A slot is *comp
 when its ``.slot.json`` exists, and it is *good* only when every file matches the length and
 SHA-256 recorded there (the signed hashes of the bundle it came from).
 
-Durability discipline (why each step): data is written to a temp name, flushed and fsynced
-(so the bytes are on disk before any name points at them), renamed over the target (atomic on
-POSIX), and the directory is fsynced (so the rename itself survives power loss).
-
-Crash injection: every durability boundary calls :func:`boundary`. With
-``EDGEPACK_AGENT_CRASH_AT=N`` the process SIGKILLs itself at the N-th boundary of an install;
-an audit hook also turns every write-open, rename, unlink, mkdir and rmdir made by *any*
-module (including the bundle extractor) into a boundary, so the test reaches every step of
-the transaction without the extractor knowing about it.
+Durability (temp file, fsync, rename, directory fsync) is device_agent/durable.py's; this module
+only maps a full disk to the agent's named DiskFull error. Crash injection for the tests hooks the
+same boundaries (device_agent/testing.py).
 """
 from __future__ import annotations
 
-import atexit
-import errno
 import json
 import os
-import shutil
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._internal.encoding import hash_file, is_hex
-from ._internal.files import read_bounded
-from ._internal.manifest import _PATH_RE
+from . import durable
 from .agent_errors import ActiveSlotCorrupt, DiskFull, StateCorrupt
+from .durable import TMP_MARK, fsync_dir, read_bounded, remove_tree
+from .wire.encoding import is_hex
+from .wire.manifest import PATH_RE
 
 SLOTS = ("a", "b")
 SLOT_META = ".slot.json"
-WRITE_CHUNK = 4096  # small on purpose: one crash boundary per chunk of agent-written files
 HASH_CHUNK = 1 << 20
-TMP_MARK = ".tmp-"
 MAX_META_BYTES = 4 << 20
 
-# --------------------------------------------------------------------------- crash injection
-_crash_at = 0
-_count = 0
-_armed = False
-_labels: list[str] = []
-_log_path: str | None = None
-_hook_installed = False
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
-
-def boundary(label: str) -> None:
-    """Mark a durability boundary; with crash injection armed, maybe die right here."""
-    global _count
-    if not _armed:
-        return
-    _count += 1
-    if _log_path:
-        _labels.append(label)
-    if _count == _crash_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _audit(event: str, args: tuple) -> None:
-    if not _armed:
-        return
-    if event == "open":
-        path, mode, flags = (list(args) + [None, None, None])[:3]
-        if not isinstance(path, (str, bytes)):
-            return
-        if isinstance(mode, str):
-            if not any(c in mode for c in "wax+"):
-                return
-        elif not (isinstance(flags, int) and flags & _WRITE_FLAGS):
-            return
-        boundary(f"open-w {os.path.basename(os.fsdecode(path))}")
-    elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.truncate"):
-        boundary(f"{event} {os.path.basename(os.fsdecode(args[0])) if isinstance(args[0], (str, bytes)) else ''}")
-
-
-def _dump_log() -> None:
-    if _log_path:
-        with open(_log_path, "w") as f:
-            json.dump({"count": _count, "labels": _labels}, f)
-
-
-def arm_crash_injection() -> None:
-    """Start counting boundaries if the test environment asks for it (no-op otherwise)."""
-    global _crash_at, _armed, _log_path, _hook_installed
-    crash = os.environ.get("EDGEPACK_AGENT_CRASH_AT")
-    log = os.environ.get("EDGEPACK_AGENT_BOUNDARY_LOG")
-    if not crash and not log:
-        return
-    _crash_at = int(crash or 0)
-    _log_path = log
-    if not _hook_installed:
-        sys.addaudithook(_audit)  # cannot be removed: only ever installed under test
-        atexit.register(_dump_log)
-        _hook_installed = True
-    _armed = True
-
-
-def disarm_crash_injection() -> None:
-    global _armed
-    _armed = False
-
-
-# --------------------------------------------------------------------------- durable writes
-def fsync_dir(d: str | Path) -> None:
-    """fsync a directory so the names created/renamed in it survive power loss."""
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        boundary(f"fsync-dir {Path(d).name}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _disk_full(e: OSError, what: str) -> Exception:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"disk full while writing {what}; the active release is untouched: free space on the board")
-    return e
+def _disk_full(e: durable.DiskFullError) -> DiskFull:
+    return DiskFull(f"{e.strerror}; the active release is untouched: free space on the board")
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically: temp file, chunked writes, fsync, rename, fsync dir."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    """durable.atomic_write, with a full disk reported as the agent's DiskFull."""
     try:
-        with open(tmp, "wb") as f:
-            for i in range(0, max(len(data), 1), WRITE_CHUNK):
-                f.write(data[i:i + WRITE_CHUNK])
-                f.flush()
-                boundary(f"write {path.name}[{i // WRITE_CHUNK}]")
-            boundary(f"fsync {path.name}")
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise _disk_full(e, str(path)) from None
-    fsync_dir(path.parent)
+        durable.atomic_write(path, data)
+    except durable.DiskFullError as e:
+        raise _disk_full(e) from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
-
-
-def remove_tree(p: Path) -> None:
-    """Delete a directory tree, then fsync its parent so the deletion is durable."""
-    if p.is_symlink() or p.is_file():
-        p.unlink()
-    elif p.exists():
-        shutil.rmtree(p)
-    else:
-        return
-    fsync_dir(p.parent)
+    try:
+        durable.atomic_write_json(path, obj)
+    except durable.DiskFullError as e:
+        raise _disk_full(e) from None
 
 
 def sha256_file(p: Path) -> tuple[int, str]:
-    return hash_file(p, HASH_CHUNK)
+    return durable.hash_file(p, HASH_CHUNK)
 
 
 # --------------------------------------------------------------------------- slots
@@ -232,7 +120,7 @@ class Slots:
             d = json.loads(read_bounded(meta, MAX_META_BYTES, follow_symlinks=False).decode("utf-8"))
             files = d["files"]
             if not (isinstance(files, list) and files and all(
-                    isinstance(f, dict) and isinstance(f.get("path"), str) and _PATH_RE.fullmatch(f["path"])
+                    isinstance(f, dict) and isinstance(f.get("path"), str) and PATH_RE.fullmatch(f["path"])
                     and isinstance(f.get("role"), str) and isinstance(f.get("length"), int)
                     and not isinstance(f.get("length"), bool) and is_hex(f.get("sha256"), 64) for f in files)):
                 return None  # a .slot.json that is not ours: the slot is not complete
@@ -331,5 +219,4 @@ class Slots:
         return removed
 
 
-__all__ = ["Slots", "SlotInfo", "SLOTS", "atomic_write", "atomic_write_json", "fsync_dir", "boundary",
-           "arm_crash_injection", "disarm_crash_injection", "sha256_file", "remove_tree"]
+__all__ = ["Slots", "SlotInfo", "SLOTS", "atomic_write", "atomic_write_json", "sha256_file"]

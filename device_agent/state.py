@@ -18,7 +18,6 @@ Fields of state.json (version 1)::
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._internal.files import describe, read_bounded
+from .durable import describe, iso, read_bounded
 from .agent_errors import NotInitialized, StateCorrupt, UsageError
 from .slots import atomic_write_json
 
@@ -40,19 +39,6 @@ MAX_STATE_BYTES = 4 << 20  # state.json / board.json are a few KB; anything bigg
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
-
-
-def now_utc() -> _dt.datetime:
-    """The agent's clock; EDGEPACK_AGENT_NOW (ISO 8601) simulates a board's clock in tests."""
-    s = os.environ.get("EDGEPACK_AGENT_NOW")
-    if s:
-        t = _dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-        return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
-def iso(t: _dt.datetime | None = None) -> str:
-    return (t or now_utc()).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -220,4 +206,4 @@ class StateDir:
         atomic_write_json(self.board_file, cfg.to_json())
 
 
-__all__ = ["BoardConfig", "AgentState", "StateDir", "ENV_STATE", "RUNTIMES", "now_utc", "iso"]
+__all__ = ["BoardConfig", "AgentState", "StateDir", "ENV_STATE", "RUNTIMES"]

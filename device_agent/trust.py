@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ._internal.encoding import canonical_json, format_time, is_hex, parse_json, parse_time, utc_now
+from .durable import utc_now
+from .wire.encoding import canonical_json, format_time, is_hex, parse_json, parse_signatures, parse_time
 from .errors import (ExpiredError, MalformedBundle, RevokedKey, RollbackError, RootRotationError,
                      SignatureError, ThresholdNotMet)
 
@@ -32,7 +33,6 @@ RELEASE_KEYS_TYPE = "edgepack-release-keys"
 MANIFEST_TYPE = "edgepack-manifest"
 COUNTER_RESET_TYPE = "edgepack-counter-reset"
 MAX_KEYS = 64
-MAX_SIGNATURES = 64
 
 
 def signing_message(doc_type: str, payload: bytes) -> bytes:
@@ -61,17 +61,6 @@ def _parse_keys(obj: Any, what: str) -> dict[str, bytes]:
             raise MalformedBundle(f"{what}: key id {kid!r} does not match its public key")
         keys[kid] = raw
     return keys
-
-
-def parse_signatures(obj: Any, what: str) -> list[tuple[str, bytes]]:
-    if not isinstance(obj, list) or len(obj) > MAX_SIGNATURES:
-        raise MalformedBundle(f"{what}: 'signatures' must be a list of at most {MAX_SIGNATURES}")
-    out = []
-    for s in obj:
-        if not (isinstance(s, dict) and is_hex(s.get("keyid"), 64) and is_hex(s.get("sig"), 128)):
-            raise MalformedBundle(f"{what}: a signature entry is not {{keyid: 64 hex, sig: 128 hex}}")
-        out.append((s["keyid"], bytes.fromhex(s["sig"])))
-    return out
 
 
 def _int(obj: Mapping[str, Any], k: str, what: str, lo: int = 0) -> int:

@@ -23,7 +23,7 @@ def fail(exc: BaseException) -> None:
     """Print one line naming the problem and exit with the error's code."""
     from rich.text import Text
 
-    from device_agent._internal.encoding import safe_text
+    from device_agent.wire.encoding import safe_text
     code = getattr(exc, "exit_code", 1)
     # the message may quote a bundle or a board (key ids, versions, paths): data, never markup or ANSI
     err.print(Text.assemble(("error:", "bold red"), " ", safe_text(exc, limit=2000)), highlight=False, soft_wrap=True)

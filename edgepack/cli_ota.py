@@ -1,6 +1,6 @@
 """CLI for OTA bundles: ``edgepack keys ...``, ``bundle``, ``delta``, ``verify`` (issue 3).
 
-Thin shell over edgepack.keys / edgepack.bundle / edgepack.delta and the board's reader
+Thin shell over edgepack.ota.keys / edgepack.ota.bundle / edgepack.ota.delta and the board's reader
 (device_agent.bundle). Board-side errors (device_agent.errors.OtaError) are reported like
 EdgepackError: one line on stderr, non-zero exit. Private key material is never printed.
 """
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from device_agent._internal.encoding import safe_text
+from device_agent.wire.encoding import safe_text
 from device_agent.errors import OtaError
 
 out = Console()
@@ -78,7 +78,7 @@ def keys_init_root(directory: Path = typer.Argument(..., help="Directory for roo
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Create the root keys (0600 files: move them offline) and root.json v1 to flash onto boards."""
     def run() -> None:
-        from .keys import init_root
+        from .ota.keys import init_root
         path, ks = init_root(directory, count=count, threshold=threshold, expires_days=expires_days)
         data = {"root": str(path), "threshold": threshold,
                 "keys": [{"keyid": k.keyid, "file": str(Path(directory) / f"root-{i + 1}.key")} for i, k in enumerate(ks)]}
@@ -93,7 +93,7 @@ def keys_new_release_key(path: Path = typer.Argument(..., help="Private key file
                          as_json: bool = typer.Option(False, "--json")) -> None:
     """Create a release-signing key. Add it to the key list with `keys sign-release-keys`."""
     def run() -> None:
-        from .keys import generate_key, pub_path
+        from .ota.keys import generate_key, pub_path
         k = generate_key(path)
         _emit(as_json, {"keyid": k.keyid, "private": str(path), "public": str(pub_path(path))},
               lines=[f"release key {k.keyid}", f"private: {path} (0600)", f"public:  {pub_path(path)}"])
@@ -101,7 +101,7 @@ def keys_new_release_key(path: Path = typer.Argument(..., help="Private key file
 
 
 def _load_signers(paths: list[Path]) -> list:
-    from .keys import load_signing_key
+    from .ota.keys import load_signing_key
     return [load_signing_key(p) for p in paths]
 
 
@@ -117,7 +117,7 @@ def keys_sign_release_keys(root: Path = typer.Option(..., help="Current root.jso
                            as_json: bool = typer.Option(False, "--json")) -> None:
     """Sign the list of release keys with root keys (also the way to rotate release keys)."""
     def run() -> None:
-        from .keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
+        from .ota.keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
         doc = make_release_keys(read_doc(root), _load_signers(root_key), [load_public_key(k) for k in key],
                                 version=version, revoked=revoke, threshold=threshold, expires_days=expires_days)
         write_doc(output, doc)
@@ -138,7 +138,7 @@ def keys_revoke(keyid: List[str] = typer.Argument(..., help="Release key id(s) (
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Publish a new key list (version + 1) that revokes release keys. Ship it in the next bundle."""
     def run() -> None:
-        from .keys import describe_doc, read_doc, revoke as do_revoke, write_doc
+        from .ota.keys import describe_doc, read_doc, revoke as do_revoke, write_doc
         doc = do_revoke(read_doc(release_keys), read_doc(root), _load_signers(root_key), keyid,
                         expires_days=expires_days)
         write_doc(output, doc)
@@ -159,7 +159,7 @@ def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (ver
                      as_json: bool = typer.Option(False, "--json")) -> None:
     """Make root v(n+1) signed by the old and new root keys. Ship it in bundles (`bundle --root`)."""
     def run() -> None:
-        from .keys import describe_doc, read_doc, rotate_root, write_doc
+        from .ota.keys import describe_doc, read_doc, rotate_root, write_doc
         news = _load_signers(new_key)
         doc = rotate_root(read_doc(root), _load_signers(old_key), news, news, threshold, expires_days=expires_days)
         write_doc(output, doc)
@@ -181,7 +181,7 @@ def keys_reset_counter(root: Path = typer.Option(..., help="Current root.json"),
                        as_json: bool = typer.Option(False, "--json")) -> None:
     """Root-signed reset of the boards' anti-rollback counter (`edgepack-agent reset-counter DOC`)."""
     def run() -> None:
-        from .keys import make_counter_reset, read_doc, write_doc
+        from .ota.keys import make_counter_reset, read_doc, write_doc
         doc = make_counter_reset(read_doc(root), _load_signers(root_key), counter=counter, version=version,
                                  targets=target, expires_days=expires_days)
         write_doc(output, doc)
@@ -195,7 +195,7 @@ def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list
               as_json: bool = typer.Option(False, "--json")) -> None:
     """Show a trust document or a key's id (never the private key)."""
     def run() -> None:
-        from .keys import describe_doc, key_id, load_public_key, read_doc
+        from .ota.keys import describe_doc, key_id, load_public_key, read_doc
         from device_agent.errors import MalformedBundle
         try:
             doc = read_doc(path)
@@ -212,7 +212,7 @@ def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list
 
 # --------------------------------------------------------------------------- bundle / delta / verify
 def _roots(paths: list[Path]) -> list[dict]:
-    from .keys import read_doc
+    from .ota.keys import read_doc
     return [read_doc(p) for p in paths]
 
 
@@ -247,8 +247,8 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Build a signed full bundle; it is read back with the board's verifier before it is kept."""
     def run() -> None:
-        from .bundle import build_bundle
-        from .keys import read_doc
+        from .ota.bundle import build_bundle
+        from .ota.keys import read_doc
         rep = build_bundle(output, models=model, name=name, release=release, version=version, targets=target,
                            signer=_load_signers(key), release_keys_doc=read_doc(release_keys), roots=_roots(root),
                            settings=settings, golden=golden, expires_days=expires_days, level=level)
@@ -270,9 +270,9 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
               as_json: bool = typer.Option(False, "--json")) -> None:
     """Make a delta bundle OLD -> NEW (tensor-aware for ONNX); writes NEW itself if no delta is smaller."""
     def run() -> None:
-        from .bundle import trust_for_check
-        from .delta import make_delta_bundle
-        from .keys import read_doc
+        from .ota.bundle import trust_for_check
+        from .ota.delta import make_delta_bundle
+        from .ota.keys import read_doc
         trust = trust_for_check(_roots(root), None)
         if release_keys is not None:
             trust = trust.update_release_keys(read_doc(release_keys))

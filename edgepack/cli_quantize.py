@@ -62,7 +62,7 @@ def _preprocessing(model: Path, spec: Optional[str], hook: Optional[str]):
 
 
 def render_report(r, console: Console) -> None:
-    from .quantize import QuantizeReport
+    from .quantize.pipeline import QuantizeReport
 
     assert isinstance(r, QuantizeReport)
     t = Table(title=f"edgepack quantize -> {r.target}", show_header=False)
@@ -141,8 +141,8 @@ def register(app: typer.Typer) -> None:
         """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
 
         def go() -> None:
-            from .calibrate import METHODS
-            from .quantize import QuantizeOptions, quantize as run
+            from .quantize.calibrate import METHODS
+            from .quantize.pipeline import QuantizeOptions, quantize as run
             from .targets import load_target
 
             tgt = load_target(target)
@@ -163,8 +163,8 @@ def register(app: typer.Typer) -> None:
             with RichProgress(enabled=not as_json) as pg:
                 r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
             if confirm_on:
-                from .confirm import confirm_on_board
-                from .quantize import split_eval
+                from .fleet.confirm import confirm_on_board
+                from .quantize.pipeline import split_eval
                 hold = ev if se is not None else split_eval(ev, opts.seed)[1]
                 if not as_json:
                     out.print(f"confirming on board {confirm_on} ({len(hold)} held-out samples) ...")
@@ -224,8 +224,8 @@ def register_analyze(app: typer.Typer) -> None:
         """Structured quantization debugging report: calibration, per-layer sensitivity, outliers, placement."""
 
         def go() -> None:
-            from .analyze import analyze as run, to_html
-            from .calibrate import METHODS
+            from .quantize.analyze import analyze as run, to_html
+            from .quantize.calibrate import METHODS
             from .targets import load_target
 
             if method not in METHODS:
@@ -301,8 +301,8 @@ def register_qat(app: typer.Typer) -> None:
         def go() -> None:
             import tempfile
 
-            from .qat import qat_sequence_classifier
-            from .quantize import QuantizeOptions, quantize as run_ptq
+            from .quantize.qat import qat_sequence_classifier
+            from .quantize.pipeline import QuantizeOptions, quantize as run_ptq
             from .targets import load_target
 
             tgt = load_target(target)

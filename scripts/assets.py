@@ -442,7 +442,7 @@ def _text_splits(base: Path) -> None:
 
 
 def _export_text(torch, model, out: Path, acc: float, ep: int) -> None:
-    from edgepack.qat import export_sequence_classifier
+    from edgepack.quantize.qat import export_sequence_classifier
 
     out.parent.mkdir(parents=True, exist_ok=True)
     export_sequence_classifier(torch, model, SEQ_LEN, out, {

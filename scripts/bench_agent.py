@@ -124,7 +124,7 @@ def main() -> None:
                        ).stdout) / 1024
     st_peak = agent_json([PY, str(pyz.path), "--state", str(board), "status"])["process"]["peak_rss_mb"]
     imp = json.loads(sh([PY, "-c", "import json, device_agent.cli, device_agent.install, device_agent.bundle, "
-                             "device_agent.benchmark\nfrom device_agent.install import rss_mb\n"
+                             "device_agent.benchmark\nfrom device_agent.budgets import rss_mb\n"
                              "print(json.dumps({'rss_mb': rss_mb()}))"]).stdout)
     res["overhead"] = {"zipapp_bytes": pyz.bytes, "zipapp_files": pyz.files,
                        "python_bare_peak_rss_mb": round(py_peak, 1),
@@ -133,7 +133,7 @@ def main() -> None:
     print("overhead", res["overhead"], flush=True)
 
     # 2. ~100 MB install ---------------------------------------------------------------------------
-    from device_agent._internal.encoding import utc_now
+    from device_agent.durable import utc_now
     from ota_helpers import build
     (work / "big").mkdir()
     m, largest = big_model(work / "big" / "model.onnx", mib)

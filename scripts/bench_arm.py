@@ -32,7 +32,7 @@ def main() -> int:
     a = ap.parse_args()
     from edgepack.assets import asset
     from edgepack.data import load_dataset
-    from edgepack.evaluate import session
+    from edgepack.quantize.evaluate import session
     from edgepack.fleet.emulated import emulator_kind, evaluate_on_board
     fp32 = asset("models/efficientnet-lite0.onnx")
     from edgepack.cli_quantize import _preprocessing

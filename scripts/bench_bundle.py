@@ -40,12 +40,12 @@ def worker(argv: list[str]) -> None:
     tool, action, a, b, c = argv
     t0 = time.perf_counter()
     if tool == "edgepack" and action == "make":
-        from edgepack.delta import make_file_delta
+        from edgepack.ota.delta import make_file_delta
         fd = make_file_delta(a, b, c)
         Path(c + ".enc").write_text(json.dumps({"encoding": fd.encoding, "stats": fd.stats,
                                                 "base": os.path.getsize(a), "target": os.path.getsize(b)}))
     elif tool == "edgepack" and action == "apply":  # the board's code path, streaming into a file
-        from device_agent._internal.streams import FrameReader
+        from device_agent.wire.streams import FrameReader
         from device_agent.delta_apply import iter_patch_from, iter_tensor_delta
         meta = json.loads(Path(b + ".enc").read_text())
         n = os.path.getsize(b)
@@ -69,8 +69,8 @@ def worker(argv: list[str]) -> None:
         else:
             Path(c).write_bytes(hdiffpatch.apply(Path(a).read_bytes(), Path(b).read_bytes()))
     elif tool == "bundle-build":
-        from edgepack.bundle import build_bundle
-        from edgepack.keys import load_signing_key, read_doc
+        from edgepack.ota.bundle import build_bundle
+        from edgepack.ota.keys import load_signing_key, read_doc
         pki = Path(b)
         build_bundle(c, models=[a], name="big", release=1, version="1.0", targets=["bench"],
                      signer=load_signing_key(pki / "rel.key"), release_keys_doc=read_doc(pki / "rk.json"),
@@ -266,7 +266,7 @@ def big_model(path: Path, mb: int) -> Path:
 
 
 def bench_big(work: Path, mb: int, repeats: int) -> dict:
-    from edgepack import keys as K
+    from edgepack.ota import keys as K
     pki = work / "pki"
     if not (pki / "rk.json").exists():
         shutil.rmtree(pki, ignore_errors=True)

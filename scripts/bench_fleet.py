@@ -47,7 +47,7 @@ def main() -> int:
 
     from agent_helpers import bundle, golden_for, init_board, make_onnx, make_pki
     from device_agent.install import Agent
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
     from edgepack.fleet import Policy, Store, load_fleet, push
     from fleet_helpers import fleet_toml, keygen, make_boards, write_known_hosts
 

@@ -121,7 +121,7 @@ def is_qdq(path: Path) -> bool:
 
 
 def evaluate(res: dict, fp32_ref: dict, evals: dict) -> None:
-    from edgepack.evaluate import compare, predict, session
+    from edgepack.quantize.evaluate import compare, predict, session
 
     path = res["path"]
     res["bytes"] = path.stat().st_size
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from edgepack.assets import asset
     from edgepack.data import ImagePreprocess, load_dataset
-    from edgepack.evaluate import predict, session
-    from edgepack.latency import interleaved
+    from edgepack.quantize.evaluate import predict, session
+    from edgepack.quantize.latency import interleaved
 
     pp = ImagePreprocess.parse(PREPROCESS)
     model = asset("models/efficientnet-lite0.onnx")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgepack.assets import asset  # noqa: E402
 from edgepack.data import ImagePreprocess, load_dataset  # noqa: E402
-from edgepack.evaluate import compare, predict, session  # noqa: E402
+from edgepack.quantize.evaluate import compare, predict, session  # noqa: E402
 
 
 def log(m: str) -> None:
@@ -66,8 +66,8 @@ def edgepack_cli(args: list[str]) -> tuple[float, float, dict]:
 
 
 def latency(models: dict[str, Path], sample, threads: int, rounds: int, per_round: int = 20):
-    """Median and p90 batch-1 latency per model, in interleaved rounds (edgepack.latency)."""
-    from edgepack.latency import interleaved
+    """Median and p90 batch-1 latency per model, in interleaved rounds (edgepack.quantize.latency)."""
+    from edgepack.quantize.latency import interleaved
 
     stats = interleaved(models, sample, threads=threads, rounds=rounds, per_round=per_round, warmup=10)
     return {k: {"median_ms": v.median_ms, "p90_ms": v.p90_ms, "runs": v.runs} for k, v in stats.items()}
@@ -115,7 +115,7 @@ def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work
 def bench_minilm(work: Path, rounds: int, qat_epochs: float) -> dict:
     """Issue 6: MiniLM sentiment for an INT8-only phone NPU. Plain ORT static PTQ (defaults),
     edgepack PTQ, and edgepack QAT, all judged on the same 1,000 held-out test sentences."""
-    from edgepack.analyze import placement_of
+    from edgepack.quantize.analyze import placement_of
     from edgepack.targets import load_target
 
     import onnx

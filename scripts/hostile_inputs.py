@@ -112,8 +112,8 @@ class World:
     def __init__(self, d: Path):
         from agent_helpers import bundle, golden_for, init_board, make_onnx, make_pki
         from device_agent import bundle as B
-        from device_agent._internal.encoding import utc_now
-        from edgepack.delta import make_delta_bundle
+        from device_agent.durable import utc_now
+        from edgepack.ota.delta import make_delta_bundle
         self.d = d
         self.pki = make_pki(d / "pki")
         for n in ("m1", "m2", "other"):
@@ -146,7 +146,7 @@ class World:
 def _verify(w: World, p: Path, base: bool = False) -> Callable[[], None]:
     def go() -> None:
         from device_agent import bundle as B
-        from device_agent._internal.encoding import utc_now
+        from device_agent.durable import utc_now
         vm = B.open_bundle(p, w.pki.board_trust(), now=utc_now(), target="rpi4-2gb", min_release=1)
         dest = p.with_suffix(".out")
         B.extract(vm, dest, base_dir=w.slot1 if base else None)
@@ -229,8 +229,8 @@ def manifest_cases(w: World) -> list[Case]:
 
 
 def trust_cases(w: World) -> list[Case]:
-    from device_agent._internal.encoding import canonical_json
-    from edgepack import keys as K
+    from device_agent.wire.encoding import canonical_json
+    from edgepack.ota import keys as K
     from ota_helpers import assemble, split_bundle
     hdr, m, fr = split_bundle(w.b1)
     rk = hdr.trust["release_keys"]
@@ -276,7 +276,7 @@ def trust_cases(w: World) -> list[Case]:
     one = copy.deepcopy(rk)
     one["signatures"] = one["signatures"][:1]
     doc("release-key list below threshold", {"roots": [], "release_keys": one})
-    from device_agent._internal.encoding import utc_now
+    from device_agent.durable import utc_now
     import datetime as dt
     expired = K.make_release_keys(w.pki.root_doc, w.pki.root_keys[:2], [w.pki.release[0].public_raw], version=3,
                                   expires_days=-1, now=utc_now(), check=False)
@@ -321,7 +321,7 @@ def delta_cases(w: World) -> list[Case]:
 
     def wrong_base() -> tuple[str, str]:
         from device_agent import bundle as B
-        from device_agent._internal.encoding import utc_now
+        from device_agent.durable import utc_now
         vm = B.open_bundle(w.delta, w.pki.board_trust(), now=utc_now())
         return expect(lambda: B.extract(vm, wrong.with_suffix(".out"), base_dir=wrong), _ota())
     out.append(Case("delta", "wrong base", wrong_base))
@@ -406,7 +406,7 @@ def trial_cases(w: World) -> list[Case]:
     out.append(Case("trial", "golden bomb on a 64 MiB board", bomb, forked=False))
     from agent_helpers import build
     import datetime as dt
-    from device_agent._internal.encoding import utc_now
+    from device_agent.durable import utc_now
     fut, huge = w.path(), w.path()
     build(w.pki, fut, w.m2, release=2, golden=w.g2, now=utc_now() + dt.timedelta(days=30))
     bundle(w.pki, huge, w.m2, release=2**63 - 1, golden=w.g2)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent._internal.encoding import utc_now
+from device_agent.durable import utc_now
 from ota_helpers import Pki, build, make_onnx, make_pki  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def multi_file_bundle(pki: Pki, out: Path, model: Path, *, release: int, golden:
     import datetime as dt
     import tempfile
 
-    from edgepack import bundle as B
+    from edgepack.ota import bundle as B
     now = utc_now()
     items = [(model.name, "model", model)]
     with tempfile.TemporaryDirectory() as td:

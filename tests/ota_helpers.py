@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from device_agent.trust import TrustRoot
-from edgepack import keys as K
+from edgepack.ota import keys as K
 
 # The test PKI is signed "yesterday at midnight UTC", not at a fixed date: a fixed date turns into a
 # time bomb once the real clock passes the release-key list's one-year lifetime.
@@ -82,7 +82,7 @@ def make_pki(d: Path) -> Pki:
 
 def build(pki: Pki, out: Path, model: Path, *, release: int = 1, targets=("rpi4-2gb",), signer=None,
           rk_doc=None, roots=None, now=NOW, expires_days: float = 90, settings=None, golden=None, **kw):
-    from edgepack.bundle import build_bundle
+    from edgepack.ota.bundle import build_bundle
     return build_bundle(out, models=[model], name="mlp", release=release, version=f"1.{release}.0",
                         targets=list(targets), signer=signer or pki.release[0],
                         release_keys_doc=rk_doc or pki.rk_doc, roots=roots or [pki.root_doc],
@@ -113,7 +113,7 @@ def assemble(out: Path, *, trust: dict, manifest: dict | bytes, signers, frames:
              doc_type: str | None = None, fmt_version: int = 1) -> Path:
     """Write a container with arbitrary (possibly hostile, but properly signed) content."""
     import struct
-    from device_agent._internal.encoding import canonical_json
+    from device_agent.wire.encoding import canonical_json
     from device_agent.bundle import MAGIC
     from device_agent.trust import MANIFEST_TYPE
     mbytes = manifest if isinstance(manifest, bytes) else canonical_json(manifest)

@@ -177,7 +177,7 @@ def make_releases(d: Path, *, bad_release: int | None = None) -> Releases:
     """r1 and r2 (fine-tuned weights; r2 also as a delta from r1); optionally a release whose golden
     reference outputs are wrong, so its trial fails on every board (a bad release)."""
     from device_agent.trust import TrustRoot
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
     d.mkdir(parents=True, exist_ok=True)
     pki = make_pki(d / "pki")
     root, _ = write_trust(pki)

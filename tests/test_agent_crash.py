@@ -96,8 +96,8 @@ def test_sigkill_at_every_boundary(world, tmp_path):
 
 def test_sigkill_during_delta_install(tmp_path):
     """Same invariants for a delta bundle applied against the active slot (fewer files: fast)."""
-    from device_agent._internal.encoding import utc_now  # noqa: F401
-    from edgepack.delta import make_delta_bundle
+    from device_agent.durable import utc_now  # noqa: F401
+    from edgepack.ota.delta import make_delta_bundle
     pki = make_pki(tmp_path / "pki")
     b = {}
     for r in (1, 2, 3):

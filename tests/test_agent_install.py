@@ -135,7 +135,7 @@ def test_missing_accelerator_is_reported_not_replaced(tmp_path, pki, rel):
 
 
 def test_delta_install_against_active_slot(tmp_path, pki, rel):
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
     a = init_board(tmp_path / "board", pki, trial_in_process=True)
     d = make_delta_bundle(rel["r1"], rel["r2"], tmp_path / "d12.bundle", trust=pki.board_trust(), signer=pki.release[0])
     assert not d.fallback
@@ -246,7 +246,7 @@ def test_hung_trial_times_out_and_rolls_back(tmp_path, pki, rel, monkeypatch):
     """A runtime that hangs in the trial child is killed at the timeout; the board rolls back."""
     a = init_board(tmp_path / "board", pki)
     a.install(rel["r1"])
-    monkeypatch.setattr("device_agent.install.TRIAL_TIMEOUT_S", 0.01)
+    monkeypatch.setattr("device_agent.trial.TRIAL_TIMEOUT_S", 0.01)
     with pytest.raises(HealthCheckFailed, match="timed out"):
         a.install(rel["r2"])
     assert active_ok(tmp_path / "board") == (1, "a")

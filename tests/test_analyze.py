@@ -4,9 +4,9 @@ import numpy as np
 import onnx
 
 from conftest import run_cli
-from edgepack.analyze import analyze, placement_of, to_html
+from edgepack.quantize.analyze import analyze, placement_of, to_html
 from edgepack.data import load_dataset
-from edgepack.qdq import QDQBuilder
+from edgepack.quantize.qdq import QDQBuilder
 from edgepack.targets import load_target
 
 
@@ -27,9 +27,9 @@ def test_analyze_reports_every_view(tiny_model, tiny_data):
 
 def test_placement_counts_cpu_islands(tmp_path, tiny_model, tiny_data):
     """Excluding a layer from INT8 on an INT8-only NPU leaves a CPU island with a transfer cost."""
-    from edgepack.calibrate import collect
+    from edgepack.quantize.calibrate import collect
     from edgepack.modelinfo import load_model
-    from edgepack.qdq import preprocess_model
+    from edgepack.quantize.qdq import preprocess_model
 
     info = load_model(tiny_model)
     pre = preprocess_model(info, tmp_path)

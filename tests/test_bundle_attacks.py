@@ -17,8 +17,8 @@ from device_agent.errors import (AgentTooOld, BaseMismatch, ExpiredError, HashMi
                                  MalformedBundle, MalformedPatch, NotABundle, OtaError, RevokedKey, RollbackError,
                                  RootRotationError, SignatureError, TargetMismatch, ThresholdNotMet, TruncatedBundle,
                                  UnsupportedFormat)
-from edgepack import keys as K
-from edgepack.delta import make_delta_bundle
+from edgepack.ota import keys as K
+from edgepack.ota.delta import make_delta_bundle
 
 from ota_helpers import NOW, assemble, build, files_in, make_golden, make_onnx, make_pki, resign, split_bundle
 
@@ -106,7 +106,7 @@ def test_wrong_key_claims_listed_key_id(env, tmp_path):
     """Signature made by a stranger but labelled with a listed release key's id."""
     stranger = K.generate_key(tmp_path / "stranger.key")
     hdr, m, fr = split_bundle(env["b1"])
-    from device_agent._internal.encoding import canonical_json
+    from device_agent.wire.encoding import canonical_json
     from device_agent.trust import MANIFEST_TYPE
     sig = stranger.sign(MANIFEST_TYPE, canonical_json(m))
     sig["keyid"] = env["pki"].release[0].keyid
@@ -264,7 +264,7 @@ def test_payload_decompresses_past_signed_length(env, tmp_path):
 
 
 def _understate(m, i, n):
-    from device_agent._internal.manifest import content_digest
+    from device_agent.wire.manifest import content_digest
     m["files"][i]["length"] = n
     m["content_sha256"] = content_digest([(f["path"], f["length"], f["sha256"]) for f in m["files"]])
 
@@ -303,7 +303,7 @@ def test_signed_manifest_with_unsafe_path(env, tmp_path, bad):
 
 def test_signed_manifest_with_duplicate_keys(env, tmp_path):
     hdr, m, fr = split_bundle(env["b1"])
-    from device_agent._internal.encoding import canonical_json
+    from device_agent.wire.encoding import canonical_json
     raw = canonical_json(m)
     raw = raw[:-1] + b',"release":99}'
     p = assemble(tmp_path / "x.bundle", trust=hdr.trust, manifest=raw, signers=[env["pki"].release[0]], frames=fr)
@@ -354,7 +354,7 @@ def test_signed_hostile_patch_is_contained(env, tmp_path):
     """A validly signed delta whose patch reads outside the base: MalformedPatch, nothing written."""
     hdr, m, fr = split_bundle(env["delta"])
     import struct
-    from device_agent._internal.encoding import canonical_json, sha256_hex
+    from device_agent.wire.encoding import canonical_json, sha256_hex
     i = next(k for k, f in enumerate(m["files"]) if f["encoding"] == "tensor-delta")
     patch = fr[i]
     from backports import zstd

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from device_agent import bundle as B
-from device_agent._internal.streams import FrameReader
+from device_agent.wire.streams import FrameReader
 from device_agent.delta_apply import iter_tensor_delta
 from device_agent.errors import OtaError
-from edgepack.delta import make_delta_bundle
+from edgepack.ota.delta import make_delta_bundle
 
 from ota_helpers import NOW, build, make_onnx, make_pki, split_bundle
 
@@ -120,7 +120,7 @@ def test_zstd_size_past_end_of_frame_is_refused_not_looped():
     """Regression (found by scripts/fuzz_bundle.py): an op declaring more compressed bytes than the
     payload holds used to spin forever; it must be a MalformedBundle/MalformedPatch."""
     from backports import zstd
-    from device_agent._internal.streams import zstd_stream
+    from device_agent.wire.streams import zstd_stream
     from device_agent.errors import MalformedBundle
     data = zstd.compress(b"x" * 1000)[:-3]
     fr = FrameReader(io.BytesIO(data), len(data), "frame")

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgepack.calibrate import BINS, Calibration, TensorStats, collect
+from edgepack.quantize.calibrate import BINS, Calibration, TensorStats, collect
 from edgepack.data import ImagePreprocess, load_dataset, load_hook
 from edgepack.errors import DataError
-from edgepack.evaluate import compare, mcnemar_exact
+from edgepack.quantize.evaluate import compare, mcnemar_exact
 
 
 def test_preprocess_spec_roundtrip_and_values(tmp_path):

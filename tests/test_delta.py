@@ -12,10 +12,10 @@ import pytest
 from onnx import numpy_helper
 
 from device_agent import bundle as B
-from device_agent._internal.streams import FrameReader
+from device_agent.wire.streams import FrameReader
 from device_agent.delta_apply import (from_planes, iter_patch_from, iter_tensor_delta, sub_encode, to_planes,
                                       xor_encode)
-from edgepack.delta import make_delta_bundle, make_file_delta, onnx_tensor_spans
+from edgepack.ota.delta import make_delta_bundle, make_file_delta, onnx_tensor_spans
 
 from ota_helpers import NOW, build, make_onnx, make_pki
 

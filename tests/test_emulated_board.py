@@ -60,7 +60,7 @@ def fashion_int8(tmp_path_factory, assets):
 
 
 def test_board_top1_is_exact_arithmetic_not_avx2(arm_board, fashion_int8, assets, tmp_path):
-    from edgepack.evaluate import session
+    from edgepack.quantize.evaluate import session
     from edgepack.fleet.emulated import evaluate_on_board
     test = np.load(assets("fashion-mnist/test-x.npz"))
     x = test["inputs"][HELD_OUT]
@@ -106,7 +106,7 @@ def test_fleet_file_kind_and_default_fleet(arm_board, tmp_path, monkeypatch):
 def test_default_fleet_with_emulated_board(arm_board, tmp_path):
     """The main job's fleet: bootstrap, push full and delta, check, rollback, on local + rpi4-emu."""
     from agent_helpers import bundle, golden_for, make_onnx, make_pki
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
     from edgepack.fleet import Store
     pki = make_pki(tmp_path / "pki")
     (tmp_path / "root.json").write_text(json.dumps(pki.root_doc))

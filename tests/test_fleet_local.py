@@ -87,7 +87,7 @@ def test_judge_flags():
 def test_local_default_board_whole_pipeline(tmp_path):
     """The README's main job on the embedded default: bootstrap, push (full), push (delta), check, report."""
     from agent_helpers import bundle, golden_for, make_onnx, make_pki
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
     pki = make_pki(tmp_path / "pki")
     (tmp_path / "root.json").write_text(json.dumps(pki.root_doc))
     m1, m2 = make_onnx(tmp_path / "m1.onnx", seed=1), make_onnx(tmp_path / "m2.onnx", seed=1, drift=0.01)

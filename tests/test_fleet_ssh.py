@@ -45,7 +45,7 @@ class World:
 def world(tmp_path_factory):
     from agent_helpers import bundle, golden_for, init_board, make_onnx, make_pki
     from device_agent.install import Agent
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
 
     w = World()
     root = w.root = tmp_path_factory.mktemp("fleet")

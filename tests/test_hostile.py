@@ -20,14 +20,15 @@ import numpy as np
 import pytest
 
 from agent_helpers import ROOT, TARGET, active_ok, bundle, golden_for, init_board, make_onnx, make_pki, run_agent
-from device_agent._internal.encoding import canonical_json, utc_now
+from device_agent.wire.encoding import canonical_json
+from device_agent.durable import utc_now
 from device_agent.agent_errors import (DiskFull, HealthCheckFailed, StateCorrupt, UsageError)
 from device_agent.bundle import MAGIC, open_bundle
 from device_agent.errors import (MalformedBundle, NotABundle, NotYetValid, ReleaseStepTooLarge, RevokedKey,
                                  RollbackError, TargetMismatch, ThresholdNotMet)
 from device_agent.install import Agent
 from device_agent.trust import MANIFEST_TYPE
-from edgepack import keys as K
+from edgepack.ota import keys as K
 from ota_helpers import assemble, files_in, resign, split_bundle
 
 
@@ -326,7 +327,7 @@ def test_trial_over_ram_budget_fails(w, tmp_path):
 
 # ---------------------------------------------------------------- zstd windows the format promises
 def test_full_payload_window_above_8_mib_refused(w, tmp_path):
-    from device_agent._internal.streams import zstd
+    from device_agent.wire.streams import zstd
     hdr, m, fr = split_bundle(w.r1)
     c = zstd.ZstdCompressor(options={zstd.CompressionParameter.window_log: 27})
     data = w.m1.read_bytes()

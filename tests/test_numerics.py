@@ -1,4 +1,4 @@
-"""Board-faithful numerics (edgepack.numerics): the target's declared INT8 arithmetic decides how
+"""Board-faithful numerics (edgepack.quantize.numerics): the target's declared INT8 arithmetic decides how
 a model is judged on this host; 7-bit weights cannot saturate u8 x s8 pair sums; bad data is
 refused before any work starts."""
 from __future__ import annotations
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from edgepack.errors import DataError, TargetError
-from edgepack.numerics import ARITHMETIC, NumericsUnavailable, board_session, host_int8, host_session
+from edgepack.quantize.numerics import NumericsUnavailable, board_session, host_int8, host_session
 from edgepack.targets import list_targets, load_target, parse_target
+from edgepack.targets.arithmetic import ARITHMETIC
 
 
 def _int8(assets, tmp_path, reduce_range: bool):
@@ -86,7 +87,7 @@ def test_saturating_target_with_8bit_weights(assets, tmp_path):
 @pytest.mark.parametrize("bad", ["nan", "inf", "int"])
 def test_bad_data_refused_before_work(assets, tmp_path, bad):
     from edgepack.data import load_dataset
-    from edgepack.quantize import quantize
+    from edgepack.quantize.pipeline import quantize
 
     x = np.load(assets("fashion-mnist/calib-x.npz"))["inputs"][:32].copy()
     if bad == "int":

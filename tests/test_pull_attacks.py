@@ -78,7 +78,7 @@ def world(tmp_path, rel):
 def _signer(keys: Path, role: str):
     from securesystemslib.signer import CryptoSigner
 
-    from edgepack.keys import load_signing_key
+    from edgepack.ota.keys import load_signing_key
     return CryptoSigner(load_signing_key(keys / f"tuf-{role}.key")._key)
 
 

@@ -3,7 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="QAT needs the torch extra (bash scripts/setup.sh installs it)")
 
-from edgepack.qat import observe_activations, unwrap_linears, wrap_linears  # noqa: E402
+from edgepack.quantize.qat import observe_activations, unwrap_linears, wrap_linears  # noqa: E402
 
 
 def test_fake_quant_wrappers_train_and_come_off_cleanly():

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack import rounding
-from edgepack.rounding import check_quantized_weights, optimize_weight_rounding
+from edgepack.quantize import rounding
+from edgepack.quantize.rounding import check_quantized_weights, optimize_weight_rounding
 
 
 def _smooth_images(rng: np.random.Generator, n: int, c: int, hw: int) -> np.ndarray:

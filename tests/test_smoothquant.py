@@ -4,7 +4,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.data import Dataset
-from edgepack.smoothquant import smooth
+from edgepack.quantize.smoothquant import smooth
 
 
 def _ln_mm_model(shared_output: bool) -> onnx.ModelProto:

@@ -8,7 +8,7 @@ import pytest
 from device_agent.errors import (ExpiredError, KeyFileError, LoosePermissions, MalformedBundle, RevokedKey,
                                  RollbackError, RootRotationError, SignatureError, ThresholdNotMet)
 from device_agent.trust import MANIFEST_TYPE, TrustRoot
-from edgepack import keys as K
+from edgepack.ota import keys as K
 
 from ota_helpers import NOW, make_pki
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .agent_client import agent_error
 from .errors import AuthFailed, FleetError, HostKeyRejected, InventoryError, TransferFailed, UnreachableBoard
 from .inventory import Board, Fleet
 from .store import Store
@@ -87,7 +88,7 @@ def bootstrap(fleet: Fleet, boards: list[Board] | None = None, *, trust_root: st
                 vj = v.json()
                 if v.rc != 0 or not vj.get("ok"):
                     raise FleetError(f"board {b.name}: the agent does not run there (exit {v.rc}): "
-                                     f"{(vj.get('error') or {}).get('message') or v.stderr.strip()[-300:]}; "
+                                     f"{agent_error(vj).message or v.stderr.strip()[-300:]}; "
                                      f"check `python` in the fleet file (the board needs Python 3.10+, numpy, "
                                      f"cryptography, backports.zstd and a runtime)")
                 r.agent_version, r.python, r.runtimes = vj.get("agent_version"), vj.get("python"), vj.get("runtimes", {})
@@ -96,7 +97,7 @@ def bootstrap(fleet: Fleet, boards: list[Board] | None = None, *, trust_root: st
                 i = t.agent(*_init_args(b, root_remote, rk_remote, force))
                 ij = i.json()
                 if i.rc != 0:
-                    raise FleetError(f"board {b.name}: agent init failed: {(ij.get('error') or {}).get('message')}")
+                    raise FleetError(f"board {b.name}: agent init failed: {agent_error(ij).message}")
                 r.initialised = True
                 r.ok = True
             except (FleetError, UnreachableBoard, AuthFailed, HostKeyRejected, TransferFailed) as e:

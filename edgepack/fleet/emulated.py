@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .agent_client import agent_error
 from .errors import AgentCommandFailed, InventoryError
 
 ENV_SWITCH = "EDGEPACK_EMULATED_BOARD"  # 0: no emulated board in the embedded default fleet
@@ -224,9 +225,10 @@ def evaluate_on_board(board_or_name: Any, model_path: str | Path, inputs: Any, *
             finally:
                 t.close()
     if res.rc != 0 or not j.get("ok") or not isinstance(j.get("top1"), list):
-        e = j.get("error") or {}
+        e = agent_error(j)
         raise AgentCommandFailed(f"board {board.name}: eval of {model_path.name} failed (exit {res.rc}): "
-                                 f"{e.get('type', 'no result')}: {str(e.get('message') or res.stderr.strip()[-300:])[:300]}", j)
+                                 f"{e.type}: {(e.message or res.stderr.strip()[-300:])[:300]}", j,
+                                 agent_error_type=e.type)
     top1 = np.asarray(j["top1"], dtype=np.int64)
     if top1.shape != (n,):
         raise AgentCommandFailed(f"board {board.name}: eval returned {top1.size} predictions for {n} samples", j)

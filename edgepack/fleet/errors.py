@@ -45,13 +45,15 @@ class TransferFailed(FleetError):
 
 
 class AgentCommandFailed(FleetError):
-    """``edgepack-agent`` on the board exited non-zero; ``result`` holds its JSON."""
+    """``edgepack-agent`` on the board exited non-zero; ``result`` holds its JSON and
+    ``agent_error_type`` the agent's error type (e.g. ``HealthCheckFailed``)."""
 
     exit_code = 24
 
-    def __init__(self, message: str, result: Any = None):
+    def __init__(self, message: str, result: Any = None, agent_error_type: str | None = None):
         super().__init__(message)
         self.result = result
+        self.agent_error_type = agent_error_type
 
 
 class RolloutHalted(FleetError):

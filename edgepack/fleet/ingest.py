@@ -58,7 +58,7 @@ def rows_of(key: str, data: bytes) -> tuple[str, float, list[tuple[str, dict[str
         raise ValueError("key is not reports/<YYYYmmddTHHMMSSZ>-<board>-<id>.json")
     if len(data) > MAX_REPORT:
         raise ValueError(f"larger than {MAX_REPORT} bytes")
-    from device_agent._internal.encoding import parse_json
+    from device_agent.wire.encoding import parse_json
     from device_agent.errors import MalformedBundle
     try:
         doc = parse_json(data, key)

@@ -20,21 +20,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .agent_client import AgentClient
 from .errors import AuthFailed, HostKeyRejected, RegressionFound, TransferFailed, UnreachableBoard
 from .inventory import Board, Fleet
-from .store import Store, figures
+from .store import Store
+from .thresholds import DEFAULT_MAX_DRIFT, Thresholds
+from .thresholds import judge as judge_figures
 from .transport import open_transport
 
 
 @dataclass
 class CheckPolicy:
-    max_drift: float = 0.02
+    max_drift: float = DEFAULT_MAX_DRIFT
     latency_margin: float = 0.20
     latency_floor_ms: float = 0.5
     bench_runs: int = 50
     warmup: int = 5
     concurrency: int = 4
     timeout: float = 600.0
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(max_drift=self.max_drift, latency_margin=self.latency_margin,
+                          latency_floor_ms=self.latency_floor_ms)
 
 
 @dataclass
@@ -84,26 +92,13 @@ class CheckReport:
 
 
 def judge(board: Board, c: BoardCheck, p: CheckPolicy) -> list[Flag]:
-    out = []
+    """fleet/thresholds.py's judgement, the same as push's, on a board's current figures."""
     if board.kind != "board":  # an emulated board: its latency is the emulator's, never flagged
         c.p90_ms = c.baseline_p90_ms = None
-    if c.drift is not None and c.drift > p.max_drift:
-        out.append(Flag(board.name, c.release, "drift", c.drift, p.max_drift,
-                        f"{board.name}: top-1 drift {c.drift:.3f} against the host's reference > {p.max_drift}"))
-    if c.p90_ms is not None and board.latency_budget_ms is not None and c.p90_ms > board.latency_budget_ms:
-        out.append(Flag(board.name, c.release, "latency_budget", c.p90_ms, board.latency_budget_ms,
-                        f"{board.name}: p90 {c.p90_ms:.2f} ms > budget {board.latency_budget_ms} ms"))
-    if (c.p90_ms is not None and c.baseline_p90_ms is not None
-            and c.p90_ms > c.baseline_p90_ms * (1 + p.latency_margin)
-            and c.p90_ms - c.baseline_p90_ms > p.latency_floor_ms):
-        lim = c.baseline_p90_ms * (1 + p.latency_margin)
-        out.append(Flag(board.name, c.release, "latency_regression", c.p90_ms, lim,
-                        f"{board.name}: p90 {c.p90_ms:.2f} ms > previous release {c.baseline_p90_ms:.2f} ms "
-                        f"+ {p.latency_margin:.0%}"))
-    if c.peak_rss_mb is not None and board.ram_budget_mb is not None and c.peak_rss_mb > board.ram_budget_mb:
-        out.append(Flag(board.name, c.release, "ram", c.peak_rss_mb, board.ram_budget_mb,
-                        f"{board.name}: peak RSS {c.peak_rss_mb:.1f} MiB > budget {board.ram_budget_mb} MiB"))
-    return out
+    return [Flag(board.name, c.release, f.kind, f.value, f.threshold, f"{board.name}: {f.message}")
+            for f in judge_figures(p.thresholds, drift=c.drift, p90_ms=c.p90_ms, baseline_p90_ms=c.baseline_p90_ms,
+                                   latency_budget_ms=board.latency_budget_ms, peak_rss_mb=c.peak_rss_mb,
+                                   ram_budget_mb=board.ram_budget_mb)]
 
 
 def check_board(board: Board, fleet: Fleet, store: Store | None, p: CheckPolicy) -> BoardCheck:
@@ -112,38 +107,35 @@ def check_board(board: Board, fleet: Fleet, store: Store | None, p: CheckPolicy)
     t = open_transport(board, fleet)
     try:
         t.connect()
-        st = t.agent("status", "--history", "0", timeout=p.timeout)
-        sj = st.json()
+        record = (lambda kind, data, ok: store.add(board.name, kind, data, ok=ok)) if store else None
+        agent = AgentClient(t, timeout=p.timeout)
+        st = agent.status()
         if st.rc != 0:
-            raise UnreachableBoard(f"{board.name}: agent status failed: {(sj.get('error') or {}).get('message')}")
+            raise UnreachableBoard(f"{board.name}: agent status failed: {st.error.message}")
         if store:
-            store.add(board.name, "status", sj)
-        c.release = (sj.get("active") or {}).get("release")
+            store.add(board.name, "status", st.data)
+        c.release = st.figures()["release"]
         if c.release is None:
             c.error = f"{board.name}: no release installed; push one first"
             return c
-        ev = t.agent("eval", timeout=p.timeout)
-        ej = ev.json()
-        if store:
-            store.add(board.name, "eval", ej, ok=ev.rc == 0)
+        ev = AgentClient(t, timeout=p.timeout, record=record).eval()
         if ev.rc == 0:
-            f = figures("eval", ej)
+            f = ev.figures()
             c.top1, c.drift = f["top1"], f["drift"]
-            c.accuracy = (ej.get("comparison") or {}).get("accuracy")
+            c.accuracy = (ev.data.get("comparison") or {}).get("accuracy")
         else:
-            c.error = f"{board.name}: eval failed: {(ej.get('error') or {}).get('message')}"
-        bn = t.agent("bench", "--runs", str(p.bench_runs), "--warmup", str(p.warmup), timeout=p.timeout)
-        bj = bn.json()
+            c.error = f"{board.name}: eval failed: {ev.error.message}"
+        bn = agent.bench(p.bench_runs, p.warmup)
         if bn.rc == 0:
-            f = figures("bench", bj)
+            f = bn.figures()
             c.p90_ms, c.peak_rss_mb = f["p90_ms"], f["peak_rss_mb"]
             if store:
                 c.baseline_p90_ms = store.baseline_p90(board.name, c.release)
-                store.add(board.name, "bench", bj)
+                store.add(board.name, "bench", bn.data)
         else:
             if store:
-                store.add(board.name, "bench", bj, ok=False)
-            c.error = f"{board.name}: bench failed: {(bj.get('error') or {}).get('message')}"
+                store.add(board.name, "bench", bn.data, ok=False)
+            c.error = f"{board.name}: bench failed: {bn.error.message}"
         c.flags = judge(board, c, p)
     except (UnreachableBoard, AuthFailed, HostKeyRejected, TransferFailed) as e:
         c.error = str(e)

@@ -17,7 +17,7 @@ middle sees the old timestamp, hence the old, complete repository.
 
 Keys. The four TUF roles have their own Ed25519 keys and thresholds (``root`` n-of-m offline,
 ``targets``, ``snapshot`` and ``timestamp`` one each by default), PKCS#8 files made and checked
-by ``edgepack.keys`` (0600, O_EXCL, loose permissions refused). The TUF root may reuse the
+by ``edgepack.ota.keys`` (0600, O_EXCL, loose permissions refused). The TUF root may reuse the
 project's offline root keys (``--root-key keys/root-1.key ...``): TUF signs canonical JSON of the
 ``signed`` object, edgepack signs ``edgepack-sig-v1:<type>\\0<payload>``, so neither signature can
 be replayed as the other. TUF decides *which* bundle a board may fetch (freshness, consistency,
@@ -89,7 +89,7 @@ class RepoKeys:
         return self.dir / f"tuf-{role}.key"
 
     def signer(self, role: str):
-        from ..keys import load_signing_key
+        from ..ota.keys import load_signing_key
         _, CryptoSigner, _ = _tuf()
         p = self.path(role)
         if not p.is_file():
@@ -97,7 +97,7 @@ class RepoKeys:
         return CryptoSigner(load_signing_key(p)._key)
 
     def root_signers(self) -> list:
-        from ..keys import load_signing_key
+        from ..ota.keys import load_signing_key
         _, CryptoSigner, _ = _tuf()
         if not self.root_paths:
             raise RepositoryError(f"no root keys in {self.dir} (tuf-root-*.key) and none given with --root-key")
@@ -105,7 +105,7 @@ class RepoKeys:
 
     @classmethod
     def create(cls, directory: str | Path, *, root_count: int = 1, root_keys: list[Path] | None = None) -> "RepoKeys":
-        from ..keys import generate_key
+        from ..ota.keys import generate_key
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         for role in ("targets", "snapshot", "timestamp"):
@@ -276,7 +276,7 @@ class TufRepository:
     def rotate_key(self, role: str, new_key_path: Path | None = None) -> int:
         """Replace a role's key (after a compromise) in a new root version signed by the root keys.
         Boards that trusted a fast-forwarded timestamp/snapshot drop it when the key changes."""
-        from ..keys import generate_key, load_signing_key
+        from ..ota.keys import generate_key, load_signing_key
         _, CryptoSigner, _ = _tuf()
         if role not in ("targets", "snapshot", "timestamp"):
             raise RepositoryError(f"rotate: role must be targets, snapshot or timestamp, not {role!r}")

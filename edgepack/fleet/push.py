@@ -15,7 +15,6 @@ judge the release unless ``count_unreachable`` is set.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .agent_client import AgentClient, agent_error
 from .errors import AuthFailed, HostKeyRejected, InventoryError, RolloutHalted, TransferFailed, UnreachableBoard
 from .inventory import Board, Fleet
 from .store import Store, figures
+from .thresholds import DEFAULT_MAX_DRIFT, Thresholds, judge
 from .transport import Transport, file_sha256, open_transport, send_file
 
 # results
@@ -75,9 +76,9 @@ def read_bundle_info(path: str | Path) -> BundleFile:
     p = Path(path)
     if not p.is_file():
         raise InventoryError(f"bundle {p} not found; build it with `edgepack bundle`")
-    from device_agent._internal.encoding import parse_json, safe_text
-    from device_agent._internal.files import open_regular
-    from device_agent._internal.manifest import parse_manifest
+    from device_agent.wire.encoding import parse_json, safe_text
+    from device_agent.durable import open_regular
+    from device_agent.wire.manifest import parse_manifest
     try:
         with open_regular(p) as f:
             m = parse_manifest(parse_json(read_header(f).manifest_bytes, "manifest"))  # schema only: boards verify
@@ -140,7 +141,7 @@ class Policy:
     canary: int | str = 1  # boards, or "10%"
     wave_size: int | str = "25%"
     max_failures: int | str = 0  # release failures tolerated in the whole rollout (count or % of boards)
-    max_drift: float = 0.02  # top-1 drift (1 - agreement with the host's reference outputs)
+    max_drift: float = DEFAULT_MAX_DRIFT  # top-1 drift (1 - agreement with the host's reference outputs)
     latency_margin: float = 0.20  # p90 may grow this much over the previous release ...
     latency_floor_ms: float = 0.5  # ... and by at least this many ms before it counts (timer noise)
     concurrency: int = 8
@@ -149,6 +150,11 @@ class Policy:
     command_timeout: float = 900.0
     rollback_wave_on_halt: bool = True
     count_unreachable: bool = False
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(max_drift=self.max_drift, latency_margin=self.latency_margin,
+                          latency_floor_ms=self.latency_floor_ms)
 
 
 def _count(spec: int | str, n: int, what: str) -> int:
@@ -240,18 +246,10 @@ Event = Callable[[dict[str, Any]], None]
 
 
 def judge_install(r: BoardResult, p: Policy, latency_budget_ms: float | None) -> list[str]:
-    """The regression judgement on a committed install's trial figures (drift, p90 against the
-    board's budget and against the previous release). Shared by push and the pull rollout watch."""
-    flags = []
-    if r.drift is not None and r.drift > p.max_drift:
-        flags.append(f"top-1 drift {r.drift:.3f} > {p.max_drift}")
-    if r.p90_ms is not None and latency_budget_ms is not None and r.p90_ms > latency_budget_ms:
-        flags.append(f"p90 {r.p90_ms:.2f} ms > budget {latency_budget_ms} ms")
-    if (r.p90_ms is not None and r.baseline_p90_ms is not None
-            and r.p90_ms > r.baseline_p90_ms * (1 + p.latency_margin)
-            and r.p90_ms - r.baseline_p90_ms > p.latency_floor_ms):
-        flags.append(f"p90 {r.p90_ms:.2f} ms > previous release {r.baseline_p90_ms:.2f} ms + {p.latency_margin:.0%}")
-    return flags
+    """The regression judgement (fleet/thresholds.py) on a committed install's trial figures.
+    Shared by push and the pull rollout watch."""
+    return [f.message for f in judge(p.thresholds, drift=r.drift, p90_ms=r.p90_ms, baseline_p90_ms=r.baseline_p90_ms,
+                                     latency_budget_ms=latency_budget_ms)]
 
 
 # --------------------------------------------------------------------------- one board
@@ -279,8 +277,8 @@ class _BoardPush:
                 time.sleep(0.5 * (i + 1))
 
     def _agent(self, *args: str) -> tuple[int, dict[str, Any]]:
-        res = self.t.agent(*args, timeout=self.p.command_timeout)
-        return res.rc, _obj(res.json())
+        reply = AgentClient(self.t, timeout=self.p.command_timeout).call(*args)
+        return reply.rc, reply.data
 
     def run(self) -> BoardResult:
         t0 = time.perf_counter()
@@ -308,9 +306,9 @@ class _BoardPush:
     def _status(self) -> dict[str, Any] | None:
         rc, st = self._agent("status", "--history", "0")
         if rc != 0 or not isinstance(st.get("active"), (dict, type(None))):
-            e = _obj(st.get("error"))
+            e = agent_error(st)
             self.r.result = NOT_READY
-            self.r.error = (f"board {self.b.name}: agent status failed ({e.get('type')}: {e.get('message')}); "
+            self.r.error = (f"board {self.b.name}: agent status failed ({e.type}: {e.message}); "
                             f"run `edgepack fleet bootstrap` for it")
             return None
         self._save("status", st)
@@ -357,11 +355,11 @@ class _BoardPush:
             r.result = ROLLED_BACK
             fig = figures("install", _obj(j.get("report")))
             r.p90_ms, r.drift = fig["p90_ms"], fig["drift"]
-            r.error = _str(_obj(j.get("error")).get("message"))
+            r.error = agent_error(j).message
         else:
             r.result = FAILED
-            e = _obj(j.get("error"))
-            r.error = f"install refused ({_str(e.get('type'), 60)}, exit {rc}): {_str(e.get('message'))}"
+            e = agent_error(j)
+            r.error = f"install refused ({e.type}, exit {rc}): {e.message}"
 
     def _send_and_install(self, f: BundleFile) -> tuple[int | None, dict[str, Any], BundleFile]:
         r = self.r
@@ -377,7 +375,7 @@ class _BoardPush:
             r.attempts += ts.attempts
             r.resumed_at += ts.resumed_at
             rc, j = self._install(ts.remote, f)
-            etype = _obj(j.get("error")).get("type")
+            etype = agent_error(j).type
             if rc != 0 and etype in RESEND_ERRORS and not fresh:
                 fresh = True  # what arrived is not what was signed: send it again from byte 0
                 continue

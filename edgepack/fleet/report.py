@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .agent_client import agent_error
+from .thresholds import DEFAULT_MAX_DRIFT
 from .store import Store
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -176,13 +178,13 @@ def collect(store: Store) -> ReportData:
         ev = store.latest(b, "eval", need="drift")
         status.append({"board": b, "release": store.active_release(b), "last_seen": last[0].ts if last else None,
                        "last_install": (ins.data.get("status") or ("ok" if ins.ok else
-                                        (ins.data.get("error") or {}).get("type"))) if ins else None,
+                                        agent_error(ins.data).type)) if ins else None,
                        "p90_ms": bench.p90_ms if bench else (ins.p90_ms if ins else None),
                        "drift": ev.drift if ev else (ins.drift if ins else None)})
     return ReportData({k: v[1] for k, v in lat.items()}, boards, releases, drift, store.flags(), store.rollouts(), status)
 
 
-def render_html(store: Store, out: str | Path, *, title: str = "edgepack fleet report", max_drift: float = 0.02) -> Path:
+def render_html(store: Store, out: str | Path, *, title: str = "edgepack fleet report", max_drift: float = DEFAULT_MAX_DRIFT) -> Path:
     d = collect(store)
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"

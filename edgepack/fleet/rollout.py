@@ -21,6 +21,7 @@ from typing import Any
 
 from device_agent.pull import cohort_bucket
 
+from .agent_client import agent_error
 from .errors import InventoryError
 from .publish import CUSTOM, RepoOptions, TufRepository
 from .push import BoardResult, Policy, _count, judge_install
@@ -142,11 +143,11 @@ def watch(repository: str | Path | Backend, keys_dir: str | Path, store: Store, 
     regressed = False
     for board, (ok, d) in latest.items():
         if not ok:
-            e = d.get("error") or {}
-            if e.get("type") in ("Busy", "DiskFull"):
+            e = agent_error(d)
+            if e.type in ("Busy", "DiskFull"):
                 continue  # the board's condition, not the release's
-            failures.append({"board": board, "bucket": cohort_bucket(board, m), "reason": f"{e.get('type')}: "
-                             f"{str(e.get('message'))[:160]}"})
+            failures.append({"board": board, "bucket": cohort_bucket(board, m), "reason": f"{e.type}: "
+                             f"{e.message[:160]}"})
             continue
         committed += 1
         from .store import figures

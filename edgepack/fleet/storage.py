@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 from urllib.parse import parse_qs, urlparse
 
-from device_agent.slots import atomic_write, fsync_dir
+from device_agent.durable import atomic_write, commit_file, temp_path
 
 from .errors import FleetError, InventoryError
 
@@ -68,13 +68,10 @@ class FolderBackend:
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
+        tmp = temp_path(p)
         shutil.copyfile(path, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-        fsync_dir(p.parent)
+        commit_file(tmp, p)
 
     def get(self, key: str) -> bytes | None:
         try:

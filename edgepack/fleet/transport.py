@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from device_agent.durable import sha256_of_file
+
 from .errors import AuthFailed, HostKeyRejected, InventoryError, TransferFailed, UnreachableBoard
 from .inventory import Board, Fleet, resolve_ssh, valid_env_key
 
@@ -445,11 +447,7 @@ class TransferStats:
 
 
 def file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
+    return sha256_of_file(p)
 
 
 def send_file(t: Transport, local: Path, remote_dir: str, *, sha256: str | None = None, retries: int = 3,

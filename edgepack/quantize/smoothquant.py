@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .calibrate import _exposing_session
-from .data import Dataset
+from ..data import Dataset
 
 
 @dataclass

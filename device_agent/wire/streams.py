@@ -15,13 +15,14 @@ except ImportError:
     from backports import zstd
 
 from ..errors import LengthExceeded, MalformedBundle, TruncatedBundle
+from .limits import LIMITS
 
-CHUNK = 1 << 20  # 1 MiB: the unit of every streamed read/write
+CHUNK = LIMITS.chunk  # 1 MiB: the unit of every streamed read/write
 # Largest decoder window a bundle may ask for. Full payloads and tensor-delta frames are written
 # with window_log <= 23 (8 MiB); a prefix-compressed frame (patch-from, tensor-delta glue) needs a
 # window spanning prefix + output, which window_for() bounds from the signed lengths.
-MAX_WINDOW_LOG = 31
-FRAME_WINDOW_LOG = 23
+MAX_WINDOW_LOG = LIMITS.max_window_log
+FRAME_WINDOW_LOG = LIMITS.frame_window_log
 
 
 def window_for(n: int) -> int:

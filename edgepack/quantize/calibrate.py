@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .data import Dataset
-from .errors import DataError
+from ..data import Dataset
+from ..errors import DataError
 
 METHODS = ("minmax", "percentile", "entropy")
 # Attention masks add -inf or float32's lowest (-3.4e38) to masked scores. Such sentinels carry

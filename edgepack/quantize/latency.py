@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import as_feed
+from ..data import as_feed
 from .evaluate import session
 
 

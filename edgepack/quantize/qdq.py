@@ -13,9 +13,9 @@ from pathlib import Path
 import onnx
 
 from .calibrate import Calibration
-from .errors import ModelError
-from .modelinfo import ModelInfo
-from .targets import Target
+from ..errors import ModelError
+from ..modelinfo import ModelInfo
+from ..targets import Target
 
 
 def preprocess_model(info: ModelInfo, work: Path) -> onnx.ModelProto:

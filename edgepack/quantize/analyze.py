@@ -27,12 +27,12 @@ import numpy as np
 import onnx
 
 from .calibrate import _exposing_session, activation_tensors, collect
-from .data import Dataset
+from ..data import Dataset
 from .evaluate import compare, predict, session
-from .modelinfo import WEIGHT_OPS, check_samples, load_model
-from .plots import bar_chart, line_chart, page, table
+from ..modelinfo import WEIGHT_OPS, check_samples, load_model
+from ..plots import bar_chart, line_chart, page, table
 from .qdq import QDQBuilder, preprocess_model
-from .targets import Target
+from ..targets import Target
 
 ROLE_PATTERNS = [("attention", re.compile(r"attention|attn|softmax|query|key|value", re.I)),
                  ("LayerNorm", re.compile(r"layernorm|layer_norm|LayerNormalization", re.I)),

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .data import Dataset
+from ..data import Dataset
 
 
 def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .calibrate import _exposing_session
-from .modelinfo import WEIGHT_OPS
+from ..modelinfo import WEIGHT_OPS
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,9 @@ from typing import Any, Iterable, Sequence
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from device_agent._internal.encoding import canonical_json, format_time, parse_json, utc_now
+from device_agent.wire.encoding import canonical_json, format_time, parse_json
+from device_agent import durable
+from device_agent.durable import utc_now
 from device_agent.errors import KeyFileError, LoosePermissions, MalformedBundle
 from device_agent.trust import (RELEASE_KEYS_TYPE, ROOT_TYPE, ReleaseKeys, Root, TrustRoot, key_id,
                                 public_key_entry, signing_message)
@@ -51,15 +52,9 @@ def _raw_public(pub: Ed25519PublicKey) -> bytes:
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        durable.write_new(path, data, mode=0o600)
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key (choose another path)") from None
-    try:
-        os.fchmod(fd, 0o600)  # umask could not widen it, but be explicit
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_public(path: Path, public_raw: bytes) -> None:
@@ -141,13 +136,7 @@ def _expiry(days: float, now: _dt.datetime | None) -> str:
 
 def write_doc(path: str | Path, doc: dict[str, Any]) -> None:
     """Write a trust document atomically (temp + fsync + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.atomic_write_json(path, doc)
 
 
 def read_doc(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Canonical JSON, timestamps and hashes: the byte-exact conventions signatures rely on.
 
+(The clock itself lives in device_agent/durable.py; this module only formats and parses times.)
+
 Signatures cover the exact manifest bytes stored in the bundle, so the reader never has to
 re-serialize. The writer still emits canonical JSON (sorted keys, no whitespace, ASCII) so two
 builds of the same release produce identical manifests and diffs of manifests stay readable.
@@ -13,6 +15,7 @@ import re
 from typing import Any
 
 from ..errors import MalformedBundle
+from .limits import LIMITS
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -51,10 +54,6 @@ def parse_json(data: bytes, what: str) -> Any:
         raise MalformedBundle(f"{what} is not valid JSON ({e}); rebuild the bundle with `edgepack bundle`") from None
 
 
-def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
 def format_time(t: _dt.datetime) -> str:
     return t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -90,15 +89,12 @@ def safe_text(s: Any, limit: int = 300) -> str:
                         else f"\\u{ord(m.group()):04x}", t)
 
 
-def hash_file(path, chunk: int = 1 << 20) -> tuple[int, str]:
-    """(length, SHA-256 hex) of a file, read in bounded chunks: the one file hash of the agent.
-
-    Only regular files are read (a FIFO or device in a slot raises ``OSError``, never hangs)."""
-    from .files import open_regular
-    h = hashlib.sha256()
-    n = 0
-    with open_regular(path) as f:
-        while b := f.read(chunk):
-            h.update(b)
-            n += len(b)
-    return n, h.hexdigest()
+def parse_signatures(obj: Any, what: str) -> list[tuple[str, bytes]]:
+    if not isinstance(obj, list) or len(obj) > LIMITS.max_signature_entries:
+        raise MalformedBundle(f"{what}: 'signatures' must be a list of at most {LIMITS.max_signature_entries}")
+    out = []
+    for s in obj:
+        if not (isinstance(s, dict) and is_hex(s.get("keyid"), 64) and is_hex(s.get("sig"), 128)):
+            raise MalformedBundle(f"{what}: a signature entry is not {{keyid: 64 hex, sig: 128 hex}}")
+        out.append((s["keyid"], bytes.fromhex(s["sig"])))
+    return out

@@ -1,7 +1,7 @@
 """Confirm a quantized model's accuracy on a board (``edgepack quantize --confirm-on BOARD``).
 
 The quantizer predicts the board's figure on this host from the target's declared arithmetic
-(edgepack.numerics). The board itself, real or emulated under qemu (edgepack.fleet.emulated),
+(edgepack.quantize.numerics). The board itself, real or emulated under qemu (edgepack.fleet.emulated),
 is the ground truth: the final model is run there on the same held-out samples and the two
 figures are shown side by side. A difference of more than ``max_mismatch`` samples means the
 host-side model of the board's numerics is wrong for this model, and is an error.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Dataset
-from .errors import BoardMismatch
-from .evaluate import predict, session
+from ..data import Dataset
+from ..errors import BoardMismatch
+from ..quantize.evaluate import predict, session
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BoardConfirmation:
 def confirm_on_board(board: str, fp32_model: str | Path, int8_model: str | Path, holdout: Dataset,
                      predicted_agreement: float, *, max_mismatch: int = 2, fleet=None) -> BoardConfirmation:
     """Run ``int8_model`` on ``board`` over ``holdout``; raise BoardMismatch past ``max_mismatch``."""
-    from .fleet.emulated import evaluate_on_board
+    from .emulated import evaluate_on_board
 
     ref = predict(session(Path(fp32_model)), holdout).argmax(1)
     names = [i.name for i in session(Path(int8_model)).get_inputs()]

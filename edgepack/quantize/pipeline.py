@@ -30,17 +30,17 @@ import numpy as np
 import onnx
 
 from .calibrate import METHODS, collect
-from .data import Dataset
-from .errors import BudgetNotMet, DataError
+from ..data import Dataset
+from ..errors import BudgetNotMet, DataError
 from .evaluate import compare, predict, session
 from .latency import compare_latency
-from .modelinfo import ModelInfo, check_samples, load_model
+from ..modelinfo import ModelInfo, check_samples, load_model
 from .numerics import board_session, host_int8, host_session
 from .analyze import placement_of
 from .qdq import QDQBuilder, preprocess_model
 from .smoothquant import smooth
 from .sensitivity import rank_layers
-from .targets import Target
+from ..targets import Target
 
 
 
@@ -143,10 +143,10 @@ class QuantizeReport:
     peak_rss_mb: float
     warnings: list[str] = field(default_factory=list)
     numerics: str = "exact"                 # the target's INT8 arithmetic every figure is computed in
-    host_int8: str = ""                     # this host's INT8 instructions (edgepack.numerics.host_int8)
+    host_int8: str = ""                     # this host's INT8 instructions (edgepack.quantize.numerics.host_int8)
     host_kernel_agreement: float | None = None  # the held-out agreement on this host's own fused kernels
     latency_source: str = "host"            # "host-proxy" when the target is not this kind of CPU
-    board_confirmation: dict | None = None  # edgepack.confirm: the board's own figure (--confirm-on)
+    board_confirmation: dict | None = None  # edgepack.fleet.confirm: the board's own figure (--confirm-on)
 
     @property
     def size_ratio(self) -> float:
@@ -227,7 +227,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         del fp32
 
         def judge(path: Path):
-            """The board's arithmetic on this host (edgepack.numerics), never this laptop's kernels."""
+            """The board's arithmetic on this host (edgepack.quantize.numerics), never this laptop's kernels."""
             return board_session(path, target.int8_arithmetic, weight_bits=target.weight_bits)
 
         def prepare(model: onnx.ModelProto, label: str) -> QDQBuilder:

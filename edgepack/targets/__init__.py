@@ -17,16 +17,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import TargetError
+from ..errors import TargetError
+from .arithmetic import arithmetic
 
 KNOWN_DTYPES = {"int4", "int8", "uint8", "fp16", "bf16", "fp32"}
 KNOWN_KINDS = {"cpu", "npu", "gpu", "dsp"}
 
 
 def targets_dir() -> Path:
-    """``$EDGEPACK_TARGETS`` or the ``targets/`` folder shipped beside the package."""
+    """``$EDGEPACK_TARGETS`` or the board profiles shipped as package data (edgepack/targets/profiles),
+    so a wheel install finds them as an editable one does."""
     env = os.environ.get("EDGEPACK_TARGETS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "targets"
+    return Path(env) if env else Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,6 @@ class Target:
     @property
     def weight_bits(self) -> int:
         """Widest weights that compute exactly on this board (7 where u8 x s8 pair sums saturate)."""
-        from .numerics import arithmetic
-
         return arithmetic(self.int8_arithmetic).max_weight_bits
 
     @property
@@ -153,8 +153,6 @@ def parse_target(data: dict, where: str = "target") -> Target:
         latency_ms=_req(b, "latency_ms", float, f"{where} [budgets]"),
         model_ram_mb=_req(b, "model_ram_mb", int, f"{where} [budgets]"),
         quant=pol, int8_arithmetic=data.get("int8_arithmetic", "exact"))
-    from .numerics import arithmetic
-
     arithmetic(t.int8_arithmetic)  # unknown names are a TargetError
     for fld in ("ram_mb", "storage_mb", "ota_budget_mb", "latency_ms", "model_ram_mb", "threads"):
         if getattr(t, fld) <= 0:

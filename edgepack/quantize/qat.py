@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DataError, EdgepackError
+from ..errors import DataError, EdgepackError
 
 
 class QATUnavailable(EdgepackError):

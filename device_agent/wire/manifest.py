@@ -12,17 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MalformedBundle, UnsupportedFormat
+from .codecs import BASE_COPY, DELTA_ENCODINGS, ENCODINGS
 from .encoding import canonical_json, is_hex, parse_time, sha256_hex
+from .limits import LIMITS
 
 FORMAT_NAME = "edgepack-bundle"
 FORMAT_VERSION = 1
-ENCODINGS = ("zstd", "base-copy", "zstd-patch-from", "tensor-delta")
-DELTA_ENCODINGS = ("base-copy", "zstd-patch-from", "tensor-delta")
 ROLES = ("model", "settings", "golden", "extra")
-MAX_FILES = 256
-MAX_FILE_LENGTH = 1 << 40
+MAX_FILES = LIMITS.max_files
+MAX_FILE_LENGTH = LIMITS.max_file_length
 # Used with fullmatch only: `$` also matches before a trailing newline, so "model.onnx\n" passed re.match
-_PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
 _VERSION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+~-]{0,63}")
 
@@ -141,7 +141,7 @@ def parse_manifest(m: Any) -> Manifest:
         fw = f"manifest file #{i}"
         if not isinstance(f, dict):
             raise MalformedBundle(f"{fw} is not an object; rebuild the bundle")
-        path = _str(f, "path", fw, _PATH_RE)
+        path = _str(f, "path", fw, PATH_RE)
         if path in seen or path.lower() in {p.lower() for p in seen}:
             raise MalformedBundle(f"manifest lists {path!r} twice; rebuild the bundle")
         seen.add(path)
@@ -159,7 +159,7 @@ def parse_manifest(m: Any) -> Manifest:
                        transport_sha256=_hex(f, "transport_sha256", fw),
                        base_length=_int(f, "base_length", fw, hi=MAX_FILE_LENGTH) if enc in DELTA_ENCODINGS else None,
                        base_sha256=_hex(f, "base_sha256", fw) if enc in DELTA_ENCODINGS else None)
-        if enc == "base-copy" and (fe.transport_length != 0 or fe.base_sha256 != fe.sha256 or fe.base_length != fe.length):
+        if enc == BASE_COPY and (fe.transport_length != 0 or fe.base_sha256 != fe.sha256 or fe.base_length != fe.length):
             raise MalformedBundle(f"{fw}: base-copy must have no payload and equal base/target hashes")
         files.append(fe)
     content = _hex(m, "content_sha256", w)

@@ -39,15 +39,18 @@ except ImportError:
     from backports import zstd
 
 from device_agent import bundle as reader
-from device_agent._internal.encoding import canonical_json, utc_now
-from device_agent._internal.manifest import FileEntry
-from device_agent._internal.streams import CHUNK, FRAME_WINDOW_LOG
+from device_agent import durable
+from device_agent.durable import sha256_of_file, utc_now
+from device_agent.wire import codecs
+from device_agent.wire.encoding import canonical_json
+from device_agent.wire.manifest import FileEntry
+from device_agent.wire.streams import CHUNK, FRAME_WINDOW_LOG
 from device_agent.delta_apply import (MAX_GLUE, MAX_PATCH_FROM_BASE, PATCH_MAGIC, chunk_bytes, sub_encode,
                                       xor_encode)
 from device_agent.trust import TrustRoot
 
 from .bundle import Frame, check_written, make_manifest, write_container
-from .errors import UsageError
+from ..errors import UsageError
 from .keys import SigningKey
 
 MIN_TENSOR = 256  # smaller initializers stay in the glue: per-op overhead would outweigh the gain
@@ -186,6 +189,7 @@ def _tensor_candidates(new: memoryview, old: memoryview, elem: int, level: int) 
     return sel, _compress_chunks(chunks(sel), level)
 
 
+@codecs.register_encoder(codecs.TENSOR_DELTA)
 def tensor_delta(old_path: Path, new_path: Path, out: BinaryIO, *, level: int = DEFAULT_LEVEL) -> dict[str, Any]:
     """Write a tensor-delta patch for two ONNX files into ``out``; returns stats. Raises _NotOnnx."""
     # Host side: plain reads (the host has memory; the board's apply is the part that streams).
@@ -252,6 +256,7 @@ def _tensor_delta(old: memoryview, new: memoryview, out: BinaryIO, level: int) -
     return stats
 
 
+@codecs.register_encoder(codecs.PATCH_FROM)
 def patch_from(old_path: Path, new_path: Path, out: BinaryIO, *, level: int = DEFAULT_LEVEL) -> None:
     """Byte-level delta: zstd with the base as raw prefix and long-distance matching (zstd --patch-from)."""
     base = Path(old_path).read_bytes()
@@ -283,7 +288,7 @@ def make_file_delta(old_path: str | Path, new_path: str | Path, out_path: str | 
         try:
             with open(tmp_t, "wb") as f:
                 stats = tensor_delta(old_path, new_path, f, level=level)
-            best = FileDelta("tensor-delta", tmp_t.stat().st_size, 0.0, stats)
+            best = FileDelta(codecs.TENSOR_DELTA, tmp_t.stat().st_size, 0.0, stats)
         except _NotOnnx:
             tmp_t.unlink(missing_ok=True)
         base_size = old_path.stat().st_size
@@ -291,10 +296,10 @@ def make_file_delta(old_path: str | Path, new_path: str | Path, out_path: str | 
             with open(tmp_p, "wb") as f:
                 patch_from(old_path, new_path, f, level=level)
             if best is None or tmp_p.stat().st_size < best.size:
-                best = FileDelta("zstd-patch-from", tmp_p.stat().st_size, 0.0, {})
+                best = FileDelta(codecs.PATCH_FROM, tmp_p.stat().st_size, 0.0, {})
         if best is None:
             raise UsageError(f"{old_path} is too large for a byte-level delta and not ONNX; send the full bundle")
-        os.replace(tmp_t if best.encoding == "tensor-delta" else tmp_p, out_path)
+        os.replace(tmp_t if best.encoding == codecs.TENSOR_DELTA else tmp_p, out_path)
         best.seconds = time.perf_counter() - t0
         return best
     finally:
@@ -313,14 +318,6 @@ class DeltaReport:
     release: int
     files: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-    return h.hexdigest()
 
 
 def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str | Path, *, trust: TrustRoot,
@@ -362,16 +359,16 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
                 continue
             base = dict(base_length=ofe.length, base_sha256=ofe.sha256)
             if ofe.sha256 == fe.sha256:
-                e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding="base-copy",
+                e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=codecs.BASE_COPY,
                               transport_length=0, transport_sha256=hashlib.sha256(b"").hexdigest(), **base)
                 frames.append(Frame(e, d_new / fe.path))
-                rows.append({"path": fe.path, "encoding": "base-copy", "bytes": 0})
+                rows.append({"path": fe.path, "encoding": codecs.BASE_COPY, "bytes": 0})
                 continue
             patch = tdp / f"{fe.path}.patch"
             fd = make_file_delta(d_old / fe.path, d_new / fe.path, patch, level=level)
             if fd.size < fe.transport_length:
                 e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=fd.encoding,
-                              transport_length=fd.size, transport_sha256=_sha(patch), **base)
+                              transport_length=fd.size, transport_sha256=sha256_of_file(patch), **base)
                 frames.append(Frame(e, patch))
                 rows.append({"path": fe.path, "encoding": fd.encoding, "bytes": fd.size, **fd.stats})
             else:
@@ -383,11 +380,9 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
                                  created=now, expires=m.expires, min_agent_version=m.min_agent_version,
                                  entries=[fr.entry for fr in frames],
                                  base={"release": ov.release, "content_sha256": ov.manifest.content_sha256})
-        with open(nv.path, "rb") as f:
-            hdr = reader.read_header(f)
         full_size = nv.summary()["bundle_bytes"]
         tmp_out = tdp / "delta.bundle"
-        size = write_container(tmp_out, trust_section=hdr.trust, manifest=manifest, signers=signers, frames=frames)
+        size = write_container(tmp_out, trust_section=nv.embedded_trust, manifest=manifest, signers=signers, frames=frames)
         fallback = size >= full_size
         if fallback:
             shutil.copyfile(nv.path, tmp_out)
@@ -395,8 +390,8 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
         else:
             check_written(tmp_out, trust, now=now, base_dir=d_old)
         out.parent.mkdir(parents=True, exist_ok=True)
-        part = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        part = durable.temp_path(out)
         shutil.copyfile(tmp_out, part)
-        os.replace(part, out)
+        durable.commit_file(part, out)
     return DeltaReport(path=out, fallback=fallback, bundle_bytes=size, full_bundle_bytes=full_size,
                        base_release=ov.release, release=nv.release, files=rows, seconds=time.perf_counter() - t0)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -25,16 +23,21 @@ except ImportError:
     from backports import zstd
 
 from device_agent import bundle as reader
-from device_agent._internal.encoding import canonical_json, format_time, utc_now
-from device_agent._internal.manifest import FORMAT_NAME, FORMAT_VERSION, FileEntry, content_digest
-from device_agent._internal.streams import CHUNK
+from device_agent import durable
+from device_agent.durable import utc_now
+from device_agent.wire import codecs
+from device_agent.wire.encoding import canonical_json, format_time
+from device_agent.wire.header import write_header
+from device_agent.wire.limits import LIMITS
+from device_agent.wire.manifest import FORMAT_NAME, FORMAT_VERSION, FileEntry, content_digest
+from device_agent.wire.streams import CHUNK
 from device_agent.errors import MalformedBundle, OtaError
 from device_agent.trust import MANIFEST_TYPE, TrustRoot
 
-from .errors import DataError, ModelError, UsageError
+from ..errors import DataError, ModelError, UsageError
 from .keys import SigningKey
 
-FULL_WINDOW_LOG = 23  # 8 MiB decoder window: what a board must be able to afford
+FULL_WINDOW_LOG = LIMITS.full_window_log  # 8 MiB decoder window: what a board must be able to afford
 DEFAULT_LEVEL = 9
 SETTINGS_KEYS = {"runtime": str, "threads": int, "execution_provider": str, "execution_providers": list,
                  "graph_optimization_level": str, "input_names": list, "output_names": list}
@@ -59,6 +62,7 @@ class BuildReport:
 
 
 # --------------------------------------------------------------------------- compression
+@codecs.register_encoder(codecs.ZSTD)
 def compress_file(src: Path, dst: BinaryIO, *, level: int = DEFAULT_LEVEL) -> tuple[int, str, int, str]:
     """zstd-compress ``src`` into ``dst`` streaming. Returns (length, sha256, transport_length, transport_sha256)."""
     c = zstd.ZstdCompressor(options={zstd.CompressionParameter.compression_level: level,
@@ -93,12 +97,10 @@ def write_container(out: Path, *, trust_section: Mapping[str, Any], manifest: Ma
     tbytes = canonical_json(dict(trust_section))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = durable.temp_path(out)
     try:
         with open(tmp, "wb") as f:
-            f.write(reader.MAGIC + struct.pack(">HH", FORMAT_VERSION, 0))
-            for sec in (tbytes, mbytes, sigs):
-                f.write(struct.pack(">I", len(sec)) + sec)
+            write_header(f, trust_bytes=tbytes, manifest_bytes=mbytes, signature_bytes=sigs)
             for fr in frames:
                 if fr.entry.transport_length == 0:
                     continue
@@ -111,10 +113,8 @@ def write_container(out: Path, *, trust_section: Mapping[str, Any], manifest: Ma
                             raise MalformedBundle(f"payload source {fr.source} is shorter than expected")
                         f.write(b)
                         left -= len(b)
-            f.flush()
-            os.fsync(f.fileno())
             size = f.tell()
-        os.replace(tmp, out)
+        durable.commit_file(tmp, out)
         return size
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -26,29 +26,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .errors import TargetError
+from ..errors import TargetError
+from ..targets.arithmetic import arithmetic
 from .evaluate import session as _session
-
-
-@dataclass(frozen=True)
-class Arithmetic:
-    name: str
-    description: str
-    saturates: bool            # u8 x s8 pair sums saturate at 16 bits
-    max_weight_bits: int       # widest weights that compute exactly on such a board
-
-
-ARITHMETIC: dict[str, Arithmetic] = {a.name: a for a in (
-    Arithmetic("exact", "int8 x int8 -> int32, exact (ARM NEON/dotprod, x86 VNNI, NPUs)", False, 8),
-    Arithmetic("saturating-u8s8", "u8 x s8 pair sums saturate at 16 bits (x86 AVX2/SSE4.1 without VNNI)", True, 7),
-)}
-
-
-def arithmetic(name: str) -> Arithmetic:
-    try:
-        return ARITHMETIC[name]
-    except KeyError:
-        raise TargetError(f"unknown int8_arithmetic {name!r} (known: {', '.join(ARITHMETIC)})") from None
 
 
 @dataclass(frozen=True)

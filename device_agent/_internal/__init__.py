@@ -1,1 +1,0 @@
-"""Private building blocks of the bundle reader. Not a public API: names here may change."""
