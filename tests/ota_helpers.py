@@ -101,7 +101,7 @@ def read_json(p: Path) -> Any:
 # --------------------------------------------------------------------------- crafting hostile bundles
 def split_bundle(path: Path) -> tuple[Any, dict[str, Any], list[bytes]]:
     """(header, manifest dict, frames) of an existing bundle, without verifying it."""
-    from device_agent.bundle import read_header
+    from device_agent.wire.header import read_header
     with open(path, "rb") as f:
         hdr = read_header(f)
         m = json.loads(hdr.manifest_bytes)

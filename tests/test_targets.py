@@ -54,3 +54,38 @@ def test_invalid_toml_file(tmp_path):
     p.write_text("name = [unclosed")
     with pytest.raises(TargetError, match="invalid TOML"):
         load_target(p)
+
+
+def test_a_wheel_install_finds_the_board_profiles(tmp_path):
+    """Board profiles are package data: a non-editable install (a wheel, run from another folder)
+    lists them and loads the main job's target, with no repository checkout on the path."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("edgepack-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.startswith("edgepack/targets/profiles/") and n.endswith(".toml")}
+        z.extractall(tmp_path / "site")
+    assert "edgepack/targets/profiles/rpi4-2gb.toml" in shipped
+    env = {k: v for k, v in os.environ.items() if k != "EDGEPACK_TARGETS"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    code = ("import json, edgepack.targets as t; from edgepack.cli import main\n"
+            "print(json.dumps({'file': t.__file__, 'targets': t.list_targets(), "
+            "'rpi': t.load_target('rpi4-2gb').ram_mb}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["file"].startswith(str(tmp_path / "site"))  # the wheel's copy, not the checkout
+    assert {"rpi4-2gb", "phone-npu-int8", "hybrid-npu-int8-cpu-fp16", "x86-avx2"} <= set(out["targets"])
+    assert len(out["targets"]) == len(shipped) and out["rpi"] == 2048
+    r = subprocess.run([sys.executable, "-m", "edgepack.cli", "targets", "--json"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "rpi4-2gb" in r.stdout, r.stderr[-2000:]

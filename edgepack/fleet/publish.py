@@ -321,11 +321,11 @@ class TufRepository:
 
 
 def _board_targets(path: Path) -> list[str]:
-    import json
-
-    from device_agent.bundle import read_header
-    with open(path, "rb") as f:
-        return list(json.loads(read_header(f).manifest_bytes)["targets"])
+    """The bundle's target names, from its manifest parsed with the board's schema (unverified)."""
+    from device_agent.durable import open_regular
+    from device_agent.wire import parse_json, parse_manifest, read_header
+    with open_regular(path) as f:
+        return list(parse_manifest(parse_json(read_header(f).manifest_bytes, "manifest")).targets)
 
 
 def publish(bundle: str | Path, repository: str | Path | Backend, keys_dir: str | Path, *,

@@ -71,14 +71,12 @@ class BundleFile:
 
 def read_bundle_info(path: str | Path) -> BundleFile:
     """The manifest facts of a bundle (header only, unverified: the boards verify)."""
-    from device_agent.bundle import read_header
+    from device_agent.durable import open_regular
     from device_agent.errors import OtaError
+    from device_agent.wire import parse_json, parse_manifest, read_header, safe_text
     p = Path(path)
     if not p.is_file():
         raise InventoryError(f"bundle {p} not found; build it with `edgepack bundle`")
-    from device_agent.wire.encoding import parse_json, safe_text
-    from device_agent.durable import open_regular
-    from device_agent.wire.manifest import parse_manifest
     try:
         with open_regular(p) as f:
             m = parse_manifest(parse_json(read_header(f).manifest_bytes, "manifest"))  # schema only: boards verify
