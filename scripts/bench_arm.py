@@ -35,7 +35,7 @@ def main() -> int:
     from edgepack.evaluate import session
     from edgepack.fleet.emulated import emulator_kind, evaluate_on_board
     fp32 = asset("models/efficientnet-lite0.onnx")
-    from edgepack.cli_quantize import _preprocessing
+    from edgepack.workflows import resolve_preprocessing as _preprocessing
     pp = _preprocessing(fp32, None, None)  # the model's declared image preprocessing
     ev = load_dataset(asset("images/natural-eval"), pp)
     name = session(fp32).get_inputs()[0].name

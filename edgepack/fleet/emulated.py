@@ -157,7 +157,7 @@ def _ensure_agent(t: Any, board: Any) -> None:
     needs no initialised state."""
     if board.agent or t.size(board.agent_path) is not None:
         return
-    from ..cli_agent import build_zipapp
+    from .agent_zipapp import build_zipapp
     with tempfile.TemporaryDirectory(prefix="edgepack-agent-") as td:
         pyz = build_zipapp(Path(td) / "edgepack-agent.pyz").path
         t.makedirs(str(Path(board.agent_path).parent))
