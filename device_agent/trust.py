@@ -121,6 +121,11 @@ class Root:
 
     def require_threshold(self, msg: bytes, sigs: list, what: str) -> set[str]:
         good = count_valid(msg, sigs, self.keys)
+        if not good and sigs and not any(kid in self.keys for kid, _ in sigs):
+            # not too few signatures: signatures from another root's keys entirely
+            raise ThresholdNotMet(
+                f"{what} is signed by none of root v{self.version}'s keys: it was made under a different root. "
+                "Check that the root given (--root / --trust-root) is the root.json the bundle was built with")
         if len(good) < self.threshold:
             raise ThresholdNotMet(
                 f"{what} has {len(good)} valid signature(s) from root v{self.version} keys, needs "
@@ -216,6 +221,10 @@ class TrustRoot:
             kd = Path(release_keys_path).read_bytes() if release_keys_path else None
         except OSError as e:
             raise MalformedBundle(f"cannot read trust file: {e}") from None
+        for path, data in ((root_path, rd), (release_keys_path, kd)):
+            if data is not None and not data.lstrip().startswith(b"{"):
+                raise MalformedBundle(f"{path} is not a trust document (the root.json or release-keys.json that "
+                                      "`edgepack keys` writes); check the path")
         return cls.from_bytes(rd, kd)
 
     # -- updates -------------------------------------------------------------------------

@@ -241,7 +241,20 @@ def _read_labels_file(f: Path, names: list[str] | None) -> np.ndarray:
     return np.asarray([table[n] for n in names], np.int64)
 
 
+def _has_images(p: Path) -> bool:
+    """Images in ``p`` or in its class subfolders (one level down, as the loader reads them)."""
+    for f in p.iterdir():
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            return True
+        if f.is_dir() and any(g.is_file() and g.suffix.lower() in IMAGE_SUFFIXES for g in f.iterdir()):
+            return True
+    return False
+
+
 def _load_image_dir(p: Path, preprocess: PreprocessFn | None, labels_file) -> Dataset:
+    if not _has_images(p):
+        raise DataError(f"data {p}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) nor class "
+                        "subfolders of them; point at the folder with the images, or give a .npy/.npz file")
     if preprocess is None:
         raise DataError(f"data {p} holds images but no preprocessing is declared: pass --preprocess "
                         "'size=224,mean=127,std=128,...' or --preprocess-hook FILE.py:FUNC")

@@ -111,7 +111,7 @@ def main() -> None:
                              "cores": os.cpu_count(), "note": "shared 2-core VM; other jobs may run concurrently"}}
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     from agent_helpers import fold_for_tflite, golden_for, make_pki, onnx_to_tflite, write_trust
-    from edgepack.cli_agent import build_zipapp
+    from edgepack.fleet.agent_zipapp import build_zipapp
 
     # 1. overhead ------------------------------------------------------------------------------
     pyz = build_zipapp(work / "edgepack-agent.pyz")

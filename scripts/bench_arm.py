@@ -33,9 +33,10 @@ def main() -> int:
     from edgepack.assets import asset
     from edgepack.data import load_dataset
     from edgepack.quantize.evaluate import session
-    from edgepack.fleet.emulated import emulator_kind, evaluate_on_board
+    from edgepack.fleet.confirm import evaluate_on_board
+    from edgepack.fleet.emulated import emulator_kind
     fp32 = asset("models/efficientnet-lite0.onnx")
-    from edgepack.cli_quantize import _preprocessing
+    from edgepack.quantize.workflows import resolve_preprocessing as _preprocessing
     pp = _preprocessing(fp32, None, None)  # the model's declared image preprocessing
     ev = load_dataset(asset("images/natural-eval"), pp)
     name = session(fp32).get_inputs()[0].name

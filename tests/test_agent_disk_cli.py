@@ -71,7 +71,7 @@ def test_full_disk(tmp_path, tmpfs, pki, monkeypatch):
 
 def test_zipapp_build_and_run(tmp_path, pki):
     """`edgepack agent build` makes a pyz that holds only device_agent/ and runs a full install."""
-    from edgepack.cli_agent import build_zipapp
+    from edgepack.fleet.agent_zipapp import build_zipapp
     pyz = build_zipapp(tmp_path / "edgepack-agent.pyz")
     with zipfile.ZipFile(pyz.path) as z:
         names = z.namelist()

@@ -115,7 +115,7 @@ def test_cli_end_to_end(tmp_path):
     make_onnx(tmp_path / "a" / "m.onnx", hidden=256)
     make_onnx(tmp_path / "b" / "m.onnx", hidden=256, drift=1e-4)
     (tmp_path / "s.json").write_text('{"runtime": "onnxruntime", "threads": 2}')
-    common = ["--name", "mlp", "--target", "rpi4", "--key", pk / "rel.key", "--release-keys", pk / "rk.json",
+    common = ["--name", "mlp", "--target", "rpi4-2gb", "--key", pk / "rel.key", "--release-keys", pk / "rk.json",
               "--root", pk / "root.json", "--settings", tmp_path / "s.json"]
     run(["bundle", tmp_path / "a" / "m.onnx", "--release", 1, "--version", "1.0", *common, "-o", tmp_path / "1.bundle"])
     r = run(["bundle", tmp_path / "b" / "m.onnx", "--release", 2, "--version", "1.1", *common,
@@ -125,7 +125,7 @@ def test_cli_end_to_end(tmp_path):
              "--key", pk / "rel.key", "--root", pk / "root.json", "--json"])
     d = json.loads(r.stdout)
     assert d["fallback_to_full"] is False and d["ratio"] < 1
-    run(["verify", tmp_path / "1.bundle", "--root", pk / "root.json", "--target", "rpi4", "--extract", tmp_path / "slot"])
+    run(["verify", tmp_path / "1.bundle", "--root", pk / "root.json", "--target", "rpi4-2gb", "--extract", tmp_path / "slot"])
     r = run(["verify", tmp_path / "d.bundle", "--root", pk / "root.json", "--base-dir", tmp_path / "slot",
              "--min-release", 2, "--json"])
     v = json.loads(r.stdout)

@@ -61,7 +61,7 @@ def fashion_int8(tmp_path_factory, assets):
 
 def test_board_top1_is_exact_arithmetic_not_avx2(arm_board, fashion_int8, assets, tmp_path):
     from edgepack.quantize.evaluate import session
-    from edgepack.fleet.emulated import evaluate_on_board
+    from edgepack.fleet.confirm import evaluate_on_board
     test = np.load(assets("fashion-mnist/test-x.npz"))
     x = test["inputs"][HELD_OUT]
     exact = session(fashion_int8, optimize=False).run(None, {"input": x})[0].argmax(1)  # Q/DQ not fused

@@ -24,14 +24,11 @@ pytestmark = pytest.mark.skipif(not have_sshd(), reason="Debian openssh-server (
 
 ROOT = Path(__file__).resolve().parents[1]
 N_BOARDS = 8
-CLI_SHIM = ("import edgepack.cli as c, edgepack.cli_fleet as f\n"
-            "names = {getattr(x, 'name', None) or x.callback.__name__ for x in c.app.registered_commands}\n"
-            "('push' in names or 'push_cmd' in names) or f.register(c.app)\n"
-            "c.app(prog_name='edgepack')\n")
+CLI_SHIM = "import edgepack.cli as c\nc.main()\n"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`edgepack ARGS` (works whether or not cli.py already registers the fleet commands)."""
+    """`edgepack ARGS` through the real entry point (edgepack.cli:main)."""
     return subprocess.run([sys.executable, "-c", CLI_SHIM, *args], capture_output=True, text=True, timeout=600,
                           cwd=cwd or ROOT, env={**os.environ, "COLUMNS": "200", **(env or {})})
 

@@ -31,7 +31,8 @@ ROOMS = {  # room -> rooms it may import (besides SHARED and the board's public 
     "edgepack.quantize": set(),
     "edgepack.ota": set(),
     "edgepack.fleet": {"edgepack.ota", "edgepack.quantize"},  # pushes bundles; evaluates on emulated boards
-    "edgepack.cli": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet"},
+    "edgepack.project": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet"},  # edgepack.toml, `init`
+    "edgepack.cli": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet", "edgepack.project"},
 }
 
 

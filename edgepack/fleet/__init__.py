@@ -15,11 +15,12 @@ from .inventory import Board, Fleet, load_fleet
 from .monitor import BoardCheck, CheckPolicy, CheckReport, Flag, check
 from .push import BoardResult, Policy, PushReport, Release, load_release, plan_waves, push
 from .report import render_html
+from .status import BoardStatus, status
 from .store import Store
 from .transport import LocalTransport, SSHTransport, Transport, open_transport, send_file
 
 __all__ = ["Board", "Fleet", "load_fleet", "Transport", "LocalTransport", "SSHTransport", "open_transport", "send_file",
            "Policy", "Release", "load_release", "plan_waves", "push", "PushReport", "BoardResult", "Store", "check",
-           "CheckPolicy", "CheckReport", "BoardCheck", "Flag", "render_html", "bootstrap", "BootstrapResult",
+           "CheckPolicy", "CheckReport", "BoardCheck", "Flag", "render_html", "bootstrap", "BootstrapResult", "status", "BoardStatus",
            "FleetError", "InventoryError", "UnreachableBoard", "AuthFailed", "HostKeyRejected", "TransferFailed",
            "AgentCommandFailed", "RolloutHalted", "RegressionFound"]

@@ -28,6 +28,7 @@ class BootstrapResult:
     initialised: bool = False
     seconds: float = 0.0
     error: str | None = None
+    exit_code: int = 0  # the failure's own code (23: unknown host key, 21: unreachable, ...)
 
 
 def _put(t: Transport, local: Path, remote: str) -> int:
@@ -58,7 +59,7 @@ def _init_args(b: Board, root_remote: str, rk_remote: str | None, force: bool) -
 def bootstrap(fleet: Fleet, boards: list[Board] | None = None, *, trust_root: str | Path,
               release_keys: str | Path | None = None, force: bool = False, concurrency: int = 8,
               store: Store | None = None) -> list[BootstrapResult]:
-    from ..cli_agent import build_zipapp
+    from .agent_zipapp import build_zipapp
     trust_root = Path(trust_root)
     if not trust_root.is_file():
         raise InventoryError(f"trust root {trust_root} not found; it is the root.json made by `edgepack keys init`")
@@ -101,7 +102,7 @@ def bootstrap(fleet: Fleet, boards: list[Board] | None = None, *, trust_root: st
                 r.initialised = True
                 r.ok = True
             except (FleetError, UnreachableBoard, AuthFailed, HostKeyRejected, TransferFailed) as e:
-                r.error = str(e)
+                r.error, r.exit_code = str(e), e.exit_code
             finally:
                 t.close()
                 r.seconds = round(time.perf_counter() - t0, 3)
@@ -111,4 +112,11 @@ def bootstrap(fleet: Fleet, boards: list[Board] | None = None, *, trust_root: st
             return list(ex.map(one, boards))
 
 
-__all__ = ["bootstrap", "BootstrapResult"]
+def exit_code(results: list[BootstrapResult]) -> int:
+    """0 when every board is ready; the failures' own code when they agree (23 for an unknown host
+    key, as documented), else FleetError's 20."""
+    codes = {r.exit_code or FleetError.exit_code for r in results if not r.ok}
+    return 0 if not codes else (codes.pop() if len(codes) == 1 else FleetError.exit_code)
+
+
+__all__ = ["bootstrap", "BootstrapResult", "exit_code"]

@@ -122,7 +122,7 @@ class Fleet:
                   # kernels (which saturate u8 x s8 pair sums on AVX2 without VNNI); device_agent.runtime
                   env={"EDGEPACK_AGENT_INT8": "exact"})
         from .emulated import default_emulated_boards  # the emulated Pi 4, when scripts/arm-board.sh built it
-        return cls(boards=[b, *default_emulated_boards(h)], path=None, store=h / "fleet.db", ssh_config=None)
+        return cls(boards=[b, *(Board(**d) for d in default_emulated_boards(h))], path=None, store=h / "fleet.db", ssh_config=None)
 
 
 _BOARD_KEYS = {f.name for f in fields(Board)}
@@ -179,7 +179,7 @@ def load_fleet(path: str | Path) -> Fleet:
         seen.add(d["name"])
         if d.get("kind", "board") != "board":
             from .emulated import board_from_fleet_row  # an emulated board: local files, qemu python
-            d = board_from_fleet_row(d, where, base)
+            d = board_from_fleet_row(d, where, base, DEFAULT_HOME)
         d.setdefault("transport", "ssh")
         if d["transport"] not in ("ssh", "local"):
             raise InventoryError(f"{where}: transport must be 'ssh' or 'local', not {d['transport']!r}")

@@ -83,8 +83,15 @@ def load_signing_key(path: str | Path) -> SigningKey:
     path = Path(path)
     try:
         st = path.stat()
+        with open(path, "rb") as f:
+            head = f.read(4096)
     except OSError as e:
         raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
+    if head.lstrip().startswith(b"{") or b"PUBLIC KEY" in head:
+        priv = path.with_suffix("") if path.suffix == ".pub" else None
+        raise KeyFileError(f"{path} is a public key; signing needs the private key"
+                           + (f" ({priv}, without .pub)" if priv else " (the file `keys new-release-key` wrote "
+                              "beside the .pub)"))
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise LoosePermissions(f"private key {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
                                f"accessible by group or others: run `chmod 600 {path}`")
@@ -144,6 +151,9 @@ def read_doc(path: str | Path) -> dict[str, Any]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise KeyFileError(f"cannot read {path}: {e.strerror}") from None
+    if not data.lstrip().startswith(b"{"):
+        raise KeyFileError(f"{path} is not a trust document (the root.json or release-keys.json that "
+                           "`edgepack keys` writes); check the path")
     doc = parse_json(data, str(path))
     if not isinstance(doc, dict):
         raise MalformedBundle(f"{path} is not a signed edgepack document")

@@ -152,6 +152,11 @@ class QuantizeReport:
     def size_ratio(self) -> float:
         return self.fp32_size_bytes / max(self.int8_size_bytes, 1)
 
+    @property
+    def exit_code(self) -> int:
+        """What the CLI exits with: 0, or BudgetNotMet's 4 when the accuracy budget was missed."""
+        return 0 if self.budget_met else BudgetNotMet.exit_code
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["size_ratio"] = round(self.size_ratio, 3)

@@ -1,68 +1,19 @@
-"""CLI: `edgepack quantize` and `edgepack targets`."""
+"""`edgepack quantize`, `targets`, `analyze`, `qat`: thin shells over edgepack.quantize / analyze / workflows."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .data import ImagePreprocess, load_dataset, load_hook
-from .errors import DataError
-from .modelinfo import load_model
-
-out = Console()
-
-
-class RichProgress:
-    """Adapter from the library's Progress protocol to rich bars (on stderr)."""
-
-    def __init__(self, enabled: bool = True):
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled,
-                          transient=True)
-        self.task = None
-
-    def __enter__(self):
-        self.p.__enter__()
-        return self
-
-    def __exit__(self, *a):
-        self.p.__exit__(*a)
-
-    def start(self, description: str, total: int) -> None:
-        self.task = self.p.add_task(description, total=total)
-
-    def advance(self, n: int = 1) -> None:
-        if self.task is not None:
-            self.p.advance(self.task, n)
-
-    def done(self) -> None:
-        if self.task is not None:
-            self.p.remove_task(self.task)
-            self.task = None
-
-
-def _preprocessing(model: Path, spec: Optional[str], hook: Optional[str]):
-    if hook:
-        return load_hook(hook)
-    if spec:
-        return ImagePreprocess.parse(spec)
-    try:
-        declared = load_model(model, allow_quantized=True).metadata.get("edgepack.preprocess", "")
-    except Exception:
-        return None  # the model error is reported by the pipeline itself
-    if declared.startswith("size="):  # an image spec; other models declare tokenizers etc. in prose
-        return ImagePreprocess.parse(declared)
-    return None
+from ._common import JSON_OPT, RichProgress, dump, finish, out, output_path, run_guarded
 
 
 def render_report(r, console: Console) -> None:
-    from .quantize.pipeline import QuantizeReport
+    from ..quantize.pipeline import QuantizeReport
 
     assert isinstance(r, QuantizeReport)
     t = Table(title=f"edgepack quantize -> {r.target}", show_header=False)
@@ -110,15 +61,20 @@ def render_report(r, console: Console) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from .cli import run_guarded
+    register_quantize(app)
+    register_analyze(app)
+    register_qat(app)
 
+
+def register_quantize(app: typer.Typer) -> None:
     @app.command()
     def quantize(
         model: Path = typer.Argument(..., help="FP32 ONNX model"),
         target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
         calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
         eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
-        output: Path = typer.Option(..., "-o", "--output", help="INT8 ONNX model to write"),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="INT8 ONNX model to write (default: "
+                                              "MODEL-int8.onnx in the project's out folder)"),
         search: Optional[Path] = typer.Option(None, "--search", help="data for ranking/selection; "
                                               "default: half of --eval, the other half held out"),
         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: target's)"),
@@ -132,18 +88,24 @@ def register(app: typer.Typer) -> None:
         threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
         require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
         max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
-        as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+        as_json: bool = JSON_OPT,
         report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUTPUT with .json)"),
         confirm_on: Optional[str] = typer.Option(None, "--confirm-on", help="board (e.g. rpi4-emu) that runs the final "
                                                  "model on the held-out samples; its figure is shown beside the host's"),
         max_mismatch: int = typer.Option(2, "--max-mismatch", help="samples the board's figure may differ by"),
     ) -> None:
         """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
+        output_given = output
 
         def go() -> None:
-            from .quantize.calibrate import METHODS
-            from .quantize.pipeline import QuantizeOptions, quantize as run
-            from .targets import load_target
+            nonlocal output
+            from ..quantize.calibrate import METHODS
+            from ..data import load_dataset
+            from ..errors import DataError
+            from ..modelinfo import load_model
+            from ..quantize.pipeline import QuantizeOptions, quantize as run
+            from ..targets import load_target
+            from ..quantize.workflows import resolve_preprocessing, write_report
 
             tgt = load_target(target)
             bad = [m for m in method if m not in METHODS]
@@ -152,10 +114,11 @@ def register(app: typer.Typer) -> None:
             if rounding not in ("gptq", "nearest"):
                 raise DataError("--rounding must be gptq or nearest")
             load_model(model)  # fail fast on a bad model, before data is opened
-            pp = _preprocessing(model, preprocess, preprocess_hook)
+            pp = resolve_preprocessing(model, preprocess, preprocess_hook)
             cal = load_dataset(calib, pp)
             ev = load_dataset(eval_, pp, labels_file=labels)
             se = load_dataset(search, pp) if search else None
+            output = output_path(output_given, f"{model.stem}-int8.onnx")
             opts = QuantizeOptions(max_drop=max_drop, calib_size=calib_size,
                                    methods=tuple(method) or METHODS, weight_rounding=rounding,
                                    latency_threads=tuple(threads), require_speedup=require_speedup,
@@ -163,37 +126,36 @@ def register(app: typer.Typer) -> None:
             with RichProgress(enabled=not as_json) as pg:
                 r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
             if confirm_on:
-                from .fleet.confirm import confirm_on_board
-                from .quantize.pipeline import split_eval
+                from ..fleet.confirm import confirm_on_board
+                from ..quantize.pipeline import split_eval
                 hold = ev if se is not None else split_eval(ev, opts.seed)[1]
                 if not as_json:
                     out.print(f"confirming on board {confirm_on} ({len(hold)} held-out samples) ...")
                 r.board_confirmation = confirm_on_board(confirm_on, model, output, hold, r.agreement,
                                                         max_mismatch=max_mismatch).to_dict()
             rp = report or output.with_suffix(".json")
-            rp.write_text(r.to_json())
+            write_report(rp, r.to_json())
             if as_json:
                 print(r.to_json())
             else:
                 render_report(r, out)
-                out.print(f"wrote {output} and {rp}")
-            if not r.budget_met:
-                raise typer.Exit(4)
+                out.print(f"wrote {output} and {rp}", markup=False, highlight=False)
+            finish(r)
 
         run_guarded(go)
 
     @app.command()
-    def targets(as_json: bool = typer.Option(False, "--json")) -> None:
+    def targets(as_json: bool = JSON_OPT) -> None:
         """List the board profiles."""
 
         def go() -> None:
-            from .targets import list_targets, load_target
+            from ..targets import list_targets, load_target
 
             ts = [load_target(n) for n in list_targets()]
             if as_json:
-                print(json.dumps([{"name": t.name, "description": t.description, "ram_mb": t.ram_mb,
+                dump([{"name": t.name, "description": t.description, "ram_mb": t.ram_mb,
                                    "ota_budget_mb": t.ota_budget_mb, "float_allowed": t.float_allowed,
-                                   "max_top1_drop": t.max_top1_drop} for t in ts], indent=2))
+                                   "max_top1_drop": t.max_top1_drop} for t in ts])
                 return
             tb = Table("target", "description", "RAM", "OTA budget", "float", "max drop")
             for t in ts:
@@ -205,36 +167,41 @@ def register(app: typer.Typer) -> None:
 
 
 def register_analyze(app: typer.Typer) -> None:
-    from .cli import run_guarded
-
     @app.command()
     def analyze(
         model: Path = typer.Argument(..., help="FP32 ONNX model"),
-        target: str = typer.Option(..., "--target", "-t"),
-        calib: Path = typer.Option(..., "--calib"),
-        eval_: Path = typer.Option(..., "--eval"),
-        html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML page with plots"),
+        target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
+        calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
+        eval_: Path = typer.Option(..., "--eval", help="evaluation data (labels optional)"),
+        html: Optional[Path] = typer.Option(None, "--html", "-o", help="write a self-contained HTML page with plots"),
         max_eval: int = typer.Option(256, "--max-eval", help="evaluation samples per measurement"),
-        calib_size: Optional[int] = typer.Option(None, "--calib-size"),
-        method: str = typer.Option("percentile", "--method"),
-        preprocess: Optional[str] = typer.Option(None, "--preprocess"),
-        preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook"),
-        as_json: bool = typer.Option(False, "--json"),
+        calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
+        method: str = typer.Option("percentile", "--method", help="calibration method: minmax, percentile, entropy"),
+        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
+                                                 "size=224,resize=256,mean=127,std=128"),
+        preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook",
+                                                      help="FILE.py:FUNC mapping an image path to an array"),
+        as_json: bool = JSON_OPT,
     ) -> None:
         """Structured quantization debugging report: calibration, per-layer sensitivity, outliers, placement."""
 
         def go() -> None:
-            from .quantize.analyze import analyze as run, to_html
-            from .quantize.calibrate import METHODS
-            from .targets import load_target
+            from ..quantize.analyze import analyze as run, to_html
+            from ..quantize.calibrate import METHODS
+            from ..data import load_dataset
+            from ..errors import DataError
+            from ..modelinfo import load_model
+            from ..targets import load_target
+            from ..quantize.workflows import resolve_preprocessing
 
             if method not in METHODS:
                 raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
             tgt = load_target(target)
             load_model(model)
-            pp = _preprocessing(model, preprocess, preprocess_hook)
+            pp = resolve_preprocessing(model, preprocess, preprocess_hook)
             cal = load_dataset(calib, pp, limit=calib_size)
             ev = load_dataset(eval_, pp)
+            page = output_path(html, "analyze.html") if html else None  # its folder exists before the work
             with RichProgress(enabled=not as_json) as pg:
                 state = {"d": None}
 
@@ -247,12 +214,12 @@ def register_analyze(app: typer.Typer) -> None:
 
                 r = run(model, tgt, cal, ev, method=method, max_eval=max_eval, progress=prog)
                 pg.done()
-            if html:
-                tmp = html.with_name(f".{html.name}.tmp")
+            if page:
+                tmp = page.with_name(f".{page.name}.tmp")
                 tmp.write_text(to_html(r))
-                tmp.replace(html)
+                tmp.replace(page)
             if as_json:
-                print(json.dumps(r.to_dict(), indent=2, default=float))
+                dump(r.to_dict())
                 return
             t = Table(title=f"edgepack analyze -> {r.target}", show_header=False)
             t.add_column(style="bold")
@@ -271,64 +238,52 @@ def register_analyze(app: typer.Typer) -> None:
             out.print(t)
             for f in r.findings:
                 out.print(escape(f"- {f}"))
-            if html:
-                out.print(f"wrote {html}")
+            if page:
+                out.print(f"wrote {page}", markup=False, highlight=False)
 
         run_guarded(go)
 
 
 def register_qat(app: typer.Typer) -> None:
-    from .cli import run_guarded
-
     @app.command()
     def qat(
         checkpoint: Path = typer.Argument(..., help="FP32 state_dict (.pt) of a Hugging Face sequence classifier"),
         hf_dir: Path = typer.Option(..., "--hf-dir", help="model folder (config.json, tokenizer) the checkpoint fits"),
         train: Path = typer.Option(..., "--train", help="tokenized training data .npz (input_ids, attention_mask, labels)"),
-        target: str = typer.Option(..., "--target", "-t"),
-        calib: Path = typer.Option(..., "--calib"),
-        eval_: Path = typer.Option(..., "--eval"),
+        target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
+        calib: Path = typer.Option(..., "--calib", help="tokenized calibration data .npz for the INT8 export"),
+        eval_: Path = typer.Option(..., "--eval", help="tokenized held-out data .npz (final figures)"),
         output: Path = typer.Option(..., "-o", "--output", help="INT8 QDQ ONNX model to write"),
-        search: Optional[Path] = typer.Option(None, "--search"),
-        epochs: float = typer.Option(1.0, "--epochs"),
-        lr: float = typer.Option(2e-5, "--lr"),
-        calib_size: Optional[int] = typer.Option(128, "--calib-size"),
-        max_drop: Optional[float] = typer.Option(None, "--max-drop"),
-        as_json: bool = typer.Option(False, "--json"),
+        search: Optional[Path] = typer.Option(None, "--search", help="data for selection (default: half of --eval)"),
+        epochs: float = typer.Option(1.0, "--epochs", help="fine-tuning epochs (fractions allowed)"),
+        lr: float = typer.Option(2e-5, "--lr", help="learning rate of the fine-tuning"),
+        calib_size: Optional[int] = typer.Option(128, "--calib-size", help="calibration samples for the export"),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: "
+                                                 "the target's)"),
+        as_json: bool = JSON_OPT,
     ) -> None:
         """Quantization-aware fine-tuning, then INT8 export and held-out evaluation in ONNX Runtime."""
 
         def go() -> None:
-            import tempfile
-
-            from .quantize.qat import qat_sequence_classifier
-            from .quantize.pipeline import QuantizeOptions, quantize as run_ptq
-            from .targets import load_target
+            from ..data import load_dataset
+            from ..targets import load_target
+            from ..quantize.workflows import QatOptions, qat_then_ptq
 
             tgt = load_target(target)
             cal, ev = load_dataset(calib), load_dataset(eval_)
             se = load_dataset(search) if search else None
-            with tempfile.TemporaryDirectory() as td, RichProgress(enabled=not as_json) as pg:
+            with RichProgress(enabled=not as_json) as pg:
                 pg.start("QAT fine-tune", 1)
-
-                def prog(i: int, n: int) -> None:
-                    if pg.task is not None:
-                        pg.p.update(pg.task, total=n, completed=i)
-
-                qr = qat_sequence_classifier(hf_dir, checkpoint, train, Path(td) / "qat.onnx", epochs=epochs, lr=lr,
-                                             progress=prog)
-                pg.done()
-                r = run_ptq(Path(td) / "qat.onnx", tgt, cal, ev, output, search=se, progress=pg,
-                            options=QuantizeOptions(max_drop=max_drop, calib_size=calib_size, latency_threads=(1,)))
-            d = r.to_dict()
-            d["qat"] = qr.__dict__
-            output.with_suffix(".json").write_text(json.dumps(d, indent=2, default=float))
+                res = qat_then_ptq(checkpoint, hf_dir, train, tgt, cal, ev, output, search=se, progress=pg,
+                                   on_qat_step=lambda i, n: pg.update(i, n),
+                                   options=QatOptions(epochs=epochs, lr=lr, calib_size=calib_size, max_drop=max_drop))
             if as_json:
-                print(json.dumps(d, indent=2, default=float))
+                dump(res.to_dict())
             else:
-                out.print(f"QAT: {qr.steps} steps in {qr.seconds:.0f} s, loss {qr.train_loss_first:.3f} -> {qr.train_loss_last:.3f}")
-                render_report(r, out)
-            if not r.budget_met:
-                raise typer.Exit(4)
+                qr = res.qat
+                out.print(f"QAT: {qr.steps} steps in {qr.seconds:.0f} s, loss {qr.train_loss_first:.3f} -> "
+                          f"{qr.train_loss_last:.3f}")
+                render_report(res.ptq, out)
+            finish(res)
 
         run_guarded(go)

@@ -6,13 +6,13 @@ table on stderr or JSON on stdout (--json).
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
+
+from ._common import JSON_OPT, dump as _dump, err, finish, run_guarded
 
 repo_app = typer.Typer(no_args_is_help=True, help="TUF repository for pull fleets: create, re-sign, rotate keys.")
 rollout_app = typer.Typer(no_args_is_help=True, help="Staged rollout of a published release by signed metadata.")
@@ -20,16 +20,11 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Staged rollout of a publis
 REPO_OPT = typer.Option(..., "--repo", help="repository: a folder (served by any web server) or s3://BUCKET/PREFIX"
                         "[?endpoint=URL]")
 KEYS_OPT = typer.Option(..., "--keys", help="folder of the repository's TUF keys (tuf-*.key, 0600)")
-JSON_OPT = typer.Option(False, "--json", help="print the result as JSON on stdout")
 
 
-def _dump(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def register(app: typer.Typer) -> None:
-    from .cli import err, run_guarded
-    from .cli_fleet import fleet_app
+def register(app: typer.Typer, fleet_app: typer.Typer) -> None:
+    """The pull side: ``repo`` and ``rollout`` groups, ``publish``, and ``fleet ingest|check-reports``
+    (added to the fleet group it is given, so this module imports no other command module)."""
 
     @repo_app.command("init")
     def repo_init(repo: str = REPO_OPT, keys: Path = KEYS_OPT,
@@ -40,7 +35,7 @@ def register(app: typer.Typer) -> None:
                   timestamp_days: float = typer.Option(7.0, help="timestamp lifetime (re-sign with `repo refresh`)"),
                   as_json: bool = JSON_OPT) -> None:
         """Create the repository: TUF keys (if KEYS has none) and root/targets/snapshot/timestamp v1."""
-        from .fleet.publish import RepoOptions, TufRepository
+        from ..fleet.publish import RepoOptions, TufRepository
 
         def go() -> None:
             r = TufRepository.init(repo, keys, root_keys=list(root_key) or None, root_count=root_count,
@@ -58,9 +53,9 @@ def register(app: typer.Typer) -> None:
 
     @repo_app.command("refresh")
     def repo_refresh(repo: str = REPO_OPT, keys: Path = KEYS_OPT,
-                     timestamp_days: float = typer.Option(7.0), as_json: bool = JSON_OPT) -> None:
+                     timestamp_days: float = typer.Option(7.0, help="timestamp lifetime in days"), as_json: bool = JSON_OPT) -> None:
         """Re-sign the timestamp with a fresh expiry (run from cron well within its lifetime)."""
-        from .fleet.publish import RepoOptions, TufRepository
+        from ..fleet.publish import RepoOptions, TufRepository
 
         def go() -> None:
             v = TufRepository.open(repo, keys, options=RepoOptions(timestamp_days=timestamp_days)).refresh_timestamp()
@@ -71,7 +66,7 @@ def register(app: typer.Typer) -> None:
     def repo_rotate(role: str = typer.Argument(..., help="targets, snapshot or timestamp"), repo: str = REPO_OPT,
                     keys: Path = KEYS_OPT, as_json: bool = JSON_OPT) -> None:
         """Replace a role's key (compromise): new root version signed by the root keys."""
-        from .fleet.publish import TufRepository
+        from ..fleet.publish import TufRepository
 
         def go() -> None:
             v = TufRepository.open(repo, keys).rotate_key(role)
@@ -86,7 +81,7 @@ def register(app: typer.Typer) -> None:
                                                             "then `edgepack rollout set`)"),
                     as_json: bool = JSON_OPT) -> None:
         """Add a release to a TUF repository (bundles first, timestamp last: atomic for boards)."""
-        from .fleet.publish import publish
+        from ..fleet.publish import publish
 
         def go() -> None:
             r = publish(release, repo, keys, deltas=list(delta), percent=percent)
@@ -115,7 +110,7 @@ def register(app: typer.Typer) -> None:
         """Rewrite the release's rollout fields in signed metadata (nothing else changes)."""
         from dataclasses import asdict
 
-        from .fleet.rollout import set_rollout
+        from ..fleet.rollout import set_rollout
 
         def go() -> None:
             s = set_rollout(repo, keys, release, model=model, percent=percent, halt=halt, resume=resume, recall=recall)
@@ -129,7 +124,7 @@ def register(app: typer.Typer) -> None:
         """Every published release and its rollout."""
         from dataclasses import asdict
 
-        from .fleet.rollout import rollout_states
+        from ..fleet.rollout import rollout_states
 
         def go() -> None:
             st = rollout_states(repo, keys)
@@ -148,14 +143,16 @@ def register(app: typer.Typer) -> None:
     @rollout_app.command("watch")
     def rollout_watch(release: int = typer.Argument(...), repo: str = REPO_OPT, keys: Path = KEYS_OPT,
                       store: Path = typer.Option(..., help="SQLite store the reports are ingested into"),
-                      model: Optional[str] = typer.Option(None),
+                      model: Optional[str] = typer.Option(None, help="model (needed when several share the release)"),
                       max_failures: str = typer.Option("0", help="failures tolerated (count or %) before halting"),
-                      max_drift: float = typer.Option(0.02), latency_margin: float = typer.Option(0.20),
-                      latency_budget_ms: Optional[float] = typer.Option(None),
+                      max_drift: float = typer.Option(0.02, help="flag top-1 drift above this"),
+                          latency_margin: float = typer.Option(0.20, help="flag p90 above the previous release by "
+                                                               "this fraction"),
+                      latency_budget_ms: Optional[float] = typer.Option(None, help="flag p90 above this budget"),
                       as_json: bool = JSON_OPT) -> None:
         """Ingest reports and halt the rollout when the cohort regresses (push's judgement). Exit 25 if halted."""
-        from .fleet import Policy, Store
-        from .fleet.rollout import watch
+        from ..fleet import Policy, Store
+        from ..fleet.rollout import watch
 
         def go() -> None:
             with Store(store) as st:
@@ -171,17 +168,16 @@ def register(app: typer.Typer) -> None:
                           highlight=False)
                 if rep.reason:
                     err.print(rep.reason, highlight=False)
-            if rep.exit_code:
-                raise typer.Exit(rep.exit_code)
+            finish(rep)
         run_guarded(go)
 
     @fleet_app.command("ingest")
     def ingest_cmd(repo: str = REPO_OPT, store: Path = typer.Option(..., help="SQLite store"),
                    full: bool = typer.Option(False, help="rescan every report object"), as_json: bool = JSON_OPT) -> None:
         """Read the boards' report objects from the repository's store into the SQLite store (idempotent)."""
-        from .fleet import Store
-        from .fleet.ingest import ingest
-        from .fleet.storage import open_backend
+        from ..fleet import Store
+        from ..fleet.ingest import ingest
+        from ..fleet.storage import open_backend
 
         def go() -> None:
             with Store(store) as st:
@@ -197,14 +193,16 @@ def register(app: typer.Typer) -> None:
 
     @fleet_app.command("check-reports")
     def check_reports_cmd(store: Path = typer.Option(..., help="SQLite store (after `fleet ingest`)"),
-                          max_drift: float = typer.Option(0.02), latency_margin: float = typer.Option(0.20),
-                          latency_floor_ms: float = typer.Option(0.5),
-                          latency_budget_ms: Optional[float] = typer.Option(None),
-                          ram_budget_mb: Optional[float] = typer.Option(None),
+                          max_drift: float = typer.Option(0.02, help="flag top-1 drift above this"),
+                          latency_margin: float = typer.Option(0.20, help="flag p90 above the previous release by "
+                                                               "this fraction"),
+                          latency_floor_ms: float = typer.Option(0.5, help="... and by at least this many ms"),
+                          latency_budget_ms: Optional[float] = typer.Option(None, help="flag p90 above this budget"),
+                          ram_budget_mb: Optional[float] = typer.Option(None, help="flag peak RSS above this budget"),
                           as_json: bool = JSON_OPT) -> None:
         """`fleet check` for pull fleets: judge every board's latest reported install. Exit 26 if flagged."""
-        from .fleet import CheckPolicy, Store
-        from .fleet.ingest import check_reports
+        from ..fleet import CheckPolicy, Store
+        from ..fleet.ingest import check_reports
 
         def go() -> None:
             with Store(store) as st:
@@ -218,8 +216,7 @@ def register(app: typer.Typer) -> None:
                           highlight=False)
                 for f in rep.flags[:20]:
                     err.print(f"[red]regression:[/] {f.message}", highlight=False)
-            if rep.exit_code:
-                raise typer.Exit(rep.exit_code)
+            finish(rep)
         run_guarded(go)
 
     app.add_typer(repo_app, name="repo")

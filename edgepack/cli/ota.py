@@ -6,38 +6,21 @@ EdgepackError: one line on stderr, non-zero exit. Private key material is never 
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from device_agent.wire.encoding import safe_text
-from device_agent.errors import OtaError
+from ._common import JSON_OPT, cell, dump, out, output_path, run_guarded
 
-out = Console()
 keys_app = typer.Typer(no_args_is_help=True, help="Root keys, release keys, key lists: create, rotate, revoke.")
-
-
-def _guard(fn: Callable[[], None]) -> None:
-    from .cli import fail, run_guarded
-
-    def wrapped() -> None:
-        try:
-            fn()
-        except OtaError as e:
-            fail(e)
-
-    run_guarded(wrapped)
 
 
 def _emit(as_json: bool, data: Any, table: Table | None = None, lines: list[str] | None = None) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        dump(data)
         return
     if table is not None:
         out.print(table)
@@ -47,7 +30,7 @@ def _emit(as_json: bool, data: Any, table: Table | None = None, lines: list[str]
 
 def _t(v: Any) -> Text:
     """A cell from a bundle (model, version, targets, paths): plain text, control characters escaped."""
-    return Text(safe_text(v))
+    return cell(v)
 
 
 def _kv_table(title: str, rows: dict[str, Any]) -> Table:
@@ -75,33 +58,33 @@ def keys_init_root(directory: Path = typer.Argument(..., help="Directory for roo
                    count: int = typer.Option(3, help="Number of root keys"),
                    threshold: int = typer.Option(2, help="Root signatures needed to sign a key list or a new root"),
                    expires_days: float = typer.Option(3650, help="Root document lifetime"),
-                   as_json: bool = typer.Option(False, "--json")) -> None:
+                   as_json: bool = JSON_OPT) -> None:
     """Create the root keys (0600 files: move them offline) and root.json v1 to flash onto boards."""
     def run() -> None:
-        from .ota.keys import init_root
+        from ..ota.keys import init_root
         path, ks = init_root(directory, count=count, threshold=threshold, expires_days=expires_days)
         data = {"root": str(path), "threshold": threshold,
                 "keys": [{"keyid": k.keyid, "file": str(Path(directory) / f"root-{i + 1}.key")} for i, k in enumerate(ks)]}
         _emit(as_json, data, _kv_table("root v1", {"root document": path, "threshold": f"{threshold} of {count}",
                                                   "key ids": [k.keyid[:16] for k in ks]}),
               ["[dim]Keep root-*.key offline; boards get root.json.[/]"])
-    _guard(run)
+    run_guarded(run)
 
 
 @keys_app.command("new-release-key")
 def keys_new_release_key(path: Path = typer.Argument(..., help="Private key file to create (0600); PATH.pub is written too"),
-                         as_json: bool = typer.Option(False, "--json")) -> None:
+                         as_json: bool = JSON_OPT) -> None:
     """Create a release-signing key. Add it to the key list with `keys sign-release-keys`."""
     def run() -> None:
-        from .ota.keys import generate_key, pub_path
+        from ..ota.keys import generate_key, pub_path
         k = generate_key(path)
         _emit(as_json, {"keyid": k.keyid, "private": str(path), "public": str(pub_path(path))},
               lines=[f"release key {k.keyid}", f"private: {path} (0600)", f"public:  {pub_path(path)}"])
-    _guard(run)
+    run_guarded(run)
 
 
 def _load_signers(paths: list[Path]) -> list:
-    from .ota.keys import load_signing_key
+    from ..ota.keys import load_signing_key
     return [load_signing_key(p) for p in paths]
 
 
@@ -112,12 +95,12 @@ def keys_sign_release_keys(root: Path = typer.Option(..., help="Current root.jso
                            version: int = typer.Option(..., help="List version: higher than the one boards hold"),
                            revoke: List[str] = typer.Option([], help="Key id to list as revoked (repeat)"),
                            threshold: int = typer.Option(1, help="Release signatures a bundle needs"),
-                           expires_days: float = typer.Option(365),
-                           output: Path = typer.Option(..., "-o", "--output"),
-                           as_json: bool = typer.Option(False, "--json")) -> None:
+                           expires_days: float = typer.Option(365, help="lifetime of the key list in days (boards refuse it after)"),
+                           output: Path = typer.Option(..., "-o", "--output", help="file to write"),
+                           as_json: bool = JSON_OPT) -> None:
     """Sign the list of release keys with root keys (also the way to rotate release keys)."""
     def run() -> None:
-        from .ota.keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
+        from ..ota.keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
         doc = make_release_keys(read_doc(root), _load_signers(root_key), [load_public_key(k) for k in key],
                                 version=version, revoked=revoke, threshold=threshold, expires_days=expires_days)
         write_doc(output, doc)
@@ -125,7 +108,7 @@ def keys_sign_release_keys(root: Path = typer.Option(..., help="Current root.jso
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"release-key list v{version} -> {output}", {"keys": [k[:16] for k in d["keys"]],
                         "revoked": [k[:16] for k in d["revoked"]] or "-", "signed by": [k[:16] for k in d["signatures"]]}))
-    _guard(run)
+    run_guarded(run)
 
 
 @keys_app.command("revoke")
@@ -133,12 +116,12 @@ def keys_revoke(keyid: List[str] = typer.Argument(..., help="Release key id(s) (
                 root: Path = typer.Option(..., help="Current root.json"),
                 release_keys: Path = typer.Option(..., help="Current release-key list"),
                 root_key: List[Path] = typer.Option(..., help="Root private key (repeat to reach the threshold)"),
-                expires_days: float = typer.Option(365),
-                output: Path = typer.Option(..., "-o", "--output"),
-                as_json: bool = typer.Option(False, "--json")) -> None:
+                expires_days: float = typer.Option(365, help="lifetime of the key list in days (boards refuse it after)"),
+                output: Path = typer.Option(..., "-o", "--output", help="file to write"),
+                as_json: bool = JSON_OPT) -> None:
     """Publish a new key list (version + 1) that revokes release keys. Ship it in the next bundle."""
     def run() -> None:
-        from .ota.keys import describe_doc, read_doc, revoke as do_revoke, write_doc
+        from ..ota.keys import describe_doc, read_doc, revoke as do_revoke, write_doc
         doc = do_revoke(read_doc(release_keys), read_doc(root), _load_signers(root_key), keyid,
                         expires_days=expires_days)
         write_doc(output, doc)
@@ -146,20 +129,20 @@ def keys_revoke(keyid: List[str] = typer.Argument(..., help="Release key id(s) (
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"release-key list v{d['version']} -> {output}",
                         {"keys": [k[:16] for k in d["keys"]] or "-", "revoked": [k[:16] for k in d["revoked"]]}))
-    _guard(run)
+    run_guarded(run)
 
 
 @keys_app.command("rotate-root")
 def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (version n)"),
                      old_key: List[Path] = typer.Option(..., help="Current root private key (threshold of them)"),
                      new_key: List[Path] = typer.Option(..., help="Private key of the new root (all new keys; they sign too)"),
-                     threshold: int = typer.Option(2),
-                     expires_days: float = typer.Option(3650),
-                     output: Path = typer.Option(..., "-o", "--output"),
-                     as_json: bool = typer.Option(False, "--json")) -> None:
+                     threshold: int = typer.Option(2, help="root signatures the new root needs"),
+                     expires_days: float = typer.Option(3650, help="lifetime of the root document in days"),
+                     output: Path = typer.Option(..., "-o", "--output", help="file to write"),
+                     as_json: bool = JSON_OPT) -> None:
     """Make root v(n+1) signed by the old and new root keys. Ship it in bundles (`bundle --root`)."""
     def run() -> None:
-        from .ota.keys import describe_doc, read_doc, rotate_root, write_doc
+        from ..ota.keys import describe_doc, read_doc, rotate_root, write_doc
         news = _load_signers(new_key)
         doc = rotate_root(read_doc(root), _load_signers(old_key), news, news, threshold, expires_days=expires_days)
         write_doc(output, doc)
@@ -167,7 +150,7 @@ def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (ver
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"root v{d['version']} -> {output}", {"threshold": d["threshold"],
                         "keys": [k[:16] for k in d["keys"]], "signed by": [k[:16] for k in d["signatures"]]}))
-    _guard(run)
+    run_guarded(run)
 
 
 @keys_app.command("reset-counter")
@@ -175,27 +158,27 @@ def keys_reset_counter(root: Path = typer.Option(..., help="Current root.json"),
                        root_key: List[Path] = typer.Option(..., help="Root private key (repeat to reach the threshold)"),
                        counter: int = typer.Option(..., help="Anti-rollback counter the boards get"),
                        version: int = typer.Option(..., help="Reset version: higher than any reset boards applied"),
-                       target: List[str] = typer.Option(..., help="Board target the reset is for (repeat)"),
-                       expires_days: float = typer.Option(7),
-                       output: Path = typer.Option(..., "-o", "--output"),
-                       as_json: bool = typer.Option(False, "--json")) -> None:
+                       target: List[str] = typer.Option(..., "--target", "-t", help="Board target the reset is for (repeat)"),
+                       expires_days: float = typer.Option(7, help="lifetime of the reset document in days"),
+                       output: Path = typer.Option(..., "-o", "--output", help="file to write"),
+                       as_json: bool = JSON_OPT) -> None:
     """Root-signed reset of the boards' anti-rollback counter (`edgepack-agent reset-counter DOC`)."""
     def run() -> None:
-        from .ota.keys import make_counter_reset, read_doc, write_doc
+        from ..ota.keys import make_counter_reset, read_doc, write_doc
         doc = make_counter_reset(read_doc(root), _load_signers(root_key), counter=counter, version=version,
                                  targets=target, expires_days=expires_days)
         write_doc(output, doc)
         _emit(as_json, {"output": str(output), "counter": counter, "version": version, "targets": list(target)},
               _kv_table(f"counter reset v{version} -> {output}", {"counter": counter, "targets": list(target)}))
-    _guard(run)
+    run_guarded(run)
 
 
 @keys_app.command("show")
 def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list, or a .pub/.key file"),
-              as_json: bool = typer.Option(False, "--json")) -> None:
+              as_json: bool = JSON_OPT) -> None:
     """Show a trust document or a key's id (never the private key)."""
     def run() -> None:
-        from .ota.keys import describe_doc, key_id, load_public_key, read_doc
+        from ..ota.keys import describe_doc, key_id, load_public_key, read_doc
         from device_agent.errors import MalformedBundle
         try:
             doc = read_doc(path)
@@ -207,19 +190,32 @@ def keys_show(path: Path = typer.Argument(..., help="root.json, release-key list
             raw = load_public_key(path)
             data = {"keyid": key_id(raw), "public": raw.hex()}
         _emit(as_json, data, _kv_table(str(path), data))
-    _guard(run)
+    run_guarded(run)
 
 
 # --------------------------------------------------------------------------- bundle / delta / verify
 def _roots(paths: list[Path]) -> list[dict]:
-    from .ota.keys import read_doc
+    from ..ota.keys import read_doc
     return [read_doc(p) for p in paths]
+
+
+def _check_targets(targets: List[str], any_target: bool) -> None:
+    """A bundle for a board class nobody ships is refused (a typo would reach no board), unless the
+    user says it is their own class (``--any-target``)."""
+    from ..errors import TargetError
+    from ..targets import list_targets
+
+    known = set(list_targets())
+    unknown = [t for t in targets if t not in known]
+    if unknown and not any_target:
+        raise TargetError(f"unknown target(s) {unknown}; shipped: {', '.join(sorted(known))} "
+                          "(`edgepack targets`); for a board class of your own pass --any-target")
 
 
 def _check_ota_budget(path: Path, size: int, targets: List[str]) -> None:
     """A bundle over a shipped target's OTA budget is removed and refused (--allow-oversize keeps it)."""
-    from .errors import BudgetNotMet
-    from .targets import list_targets, load_target
+    from ..errors import BudgetNotMet
+    from ..targets import list_targets, load_target
 
     known = set(list_targets())
     for t in (load_target(n) for n in targets if n in known):
@@ -230,49 +226,65 @@ def _check_ota_budget(path: Path, size: int, targets: List[str]) -> None:
 
 
 def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onnx or .tflite"),
-               name: str = typer.Option(..., help="Model name (same across releases)"),
-               release: int = typer.Option(..., help="Monotonic release number (boards refuse lower ones)"),
-               version: str = typer.Option(..., help="Human version label, e.g. 1.4.0"),
-               target: List[str] = typer.Option(..., help="Compatible target (repeat)"),
+               name: str = typer.Option(..., "--name", "-n", help="Model name (same across releases; letters, digits, "
+                                        "._+-)"),
+               release: int = typer.Option(..., "--release", "-r",
+                                           help="Monotonic release number (boards refuse lower ones)"),
+               label: Optional[str] = typer.Option(None, "--label", "--version", "-l",
+                                                   help="Human version label, e.g. 1.4.0 (default: the release "
+                                                   "number; --version is the old spelling)"),
+               target: List[str] = typer.Option(..., "--target", "-t", help="Compatible target (repeat)"),
                key: List[Path] = typer.Option(..., help="Release private key (repeat for multi-signature)"),
                release_keys: Path = typer.Option(..., help="Release-key list signed by the root keys"),
                root: List[Path] = typer.Option(..., help="root.json; repeat with rotated roots to ship the chain"),
                settings: Optional[Path] = typer.Option(None, help="Runtime settings JSON (runtime, threads, execution_provider)"),
-               golden: Optional[Path] = typer.Option(None, help=".npz with input* arrays and output* reference outputs"),
+               golden: Optional[Path] = typer.Option(None, help=".npz with input* arrays and output* reference outputs "
+                                                     "(default: MODEL.golden.npz next to the model, if there)"),
                expires_days: float = typer.Option(90, help="Manifest lifetime (boards refuse expired bundles)"),
                level: int = typer.Option(9, help="zstd level"),
                allow_oversize: bool = typer.Option(False, "--allow-oversize",
                                                    help="Keep a bundle larger than a target's OTA budget"),
-               output: Path = typer.Option(..., "-o", "--output"),
-               as_json: bool = typer.Option(False, "--json")) -> None:
+               any_target: bool = typer.Option(False, "--any-target",
+                                               help="Accept target names that are not shipped profiles"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                                     help="bundle to write (default: NAME-rRELEASE.bundle in the "
+                                                     "project's out folder)"),
+               as_json: bool = JSON_OPT) -> None:
     """Build a signed full bundle; it is read back with the board's verifier before it is kept."""
     def run() -> None:
-        from .ota.bundle import build_bundle
-        from .ota.keys import read_doc
-        rep = build_bundle(output, models=model, name=name, release=release, version=version, targets=target,
-                           signer=_load_signers(key), release_keys_doc=read_doc(release_keys), roots=_roots(root),
-                           settings=settings, golden=golden, expires_days=expires_days, level=level)
+        from ..ota.bundle import build_bundle
+        from ..ota.keys import read_doc
+        from ..project import check_name
+        check_name(name)
+        _check_targets(target, any_target)
+        gold = golden
+        if gold is None and model and model[0].with_suffix(".golden.npz").is_file():
+            gold = model[0].with_suffix(".golden.npz")  # what `edgepack quantize` writes beside its model
+        out_path = output_path(output, f"{name}-r{release}.bundle")
+        rep = build_bundle(out_path, models=model, name=name, release=release, version=label or str(release),
+                           targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
+                           roots=_roots(root), settings=settings, golden=gold, expires_days=expires_days, level=level)
         if not allow_oversize:
             _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),
-                "files": rep.files, "release": release}
+                "files": rep.files, "release": release, "golden": str(gold) if gold else None}
         _emit(as_json, data, _files_table(rep.files, f"{rep.path} ({rep.bundle_bytes:,} bytes)"))
-    _guard(run)
+    run_guarded(run)
 
 
 def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"),
               new: Path = typer.Argument(..., help="Full bundle to reach"),
-              output: Path = typer.Option(..., "-o", "--output"),
+              output: Path = typer.Option(..., "-o", "--output", help="file to write"),
               key: List[Path] = typer.Option(..., help="Release private key to sign the delta manifest"),
               root: List[Path] = typer.Option(..., help="root.json the boards hold (to verify OLD and NEW)"),
               release_keys: Optional[Path] = typer.Option(None, help="Release-key list, if the bundles do not carry one"),
               level: int = typer.Option(19, help="zstd level for patches"),
-              as_json: bool = typer.Option(False, "--json")) -> None:
+              as_json: bool = JSON_OPT) -> None:
     """Make a delta bundle OLD -> NEW (tensor-aware for ONNX); writes NEW itself if no delta is smaller."""
     def run() -> None:
-        from .ota.bundle import trust_for_check
-        from .ota.delta import make_delta_bundle
-        from .ota.keys import read_doc
+        from ..ota.bundle import trust_for_check
+        from ..ota.delta import make_delta_bundle
+        from ..ota.keys import read_doc
         trust = trust_for_check(_roots(root), None)
         if release_keys is not None:
             trust = trust.update_release_keys(read_doc(release_keys))
@@ -289,17 +301,17 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
         note = ("[yellow]delta was not smaller: wrote the full bundle[/]" if rep.fallback else
                 f"{rep.bundle_bytes:,} bytes = {data['ratio']:.1%} of the full bundle ({rep.full_bundle_bytes:,})")
         _emit(as_json, data, t, [note])
-    _guard(run)
+    run_guarded(run)
 
 
 def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle to verify"),
                root: Path = typer.Option(..., help="root.json (what the board has flashed)"),
                release_keys: Optional[Path] = typer.Option(None, help="Release-key list the board already holds"),
-               target: Optional[str] = typer.Option(None, help="Board target to check compatibility against"),
+               target: Optional[str] = typer.Option(None, "--target", "-t", help="Board target to check compatibility against"),
                min_release: int = typer.Option(0, help="Lowest release accepted (anti-rollback counter)"),
                base_dir: Optional[Path] = typer.Option(None, help="Directory holding the base release (delta bundles)"),
                extract_to: Optional[Path] = typer.Option(None, "--extract", help="Also write the verified files here"),
-               as_json: bool = typer.Option(False, "--json")) -> None:
+               as_json: bool = JSON_OPT) -> None:
     """Verify a bundle exactly as a board does (signatures, policy, every payload hash)."""
     def run() -> None:
         from device_agent.bundle import extract, open_bundle, verify_payloads
@@ -320,7 +332,7 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle to verify"),
                                                                            "expires", "content_sha256")}), lines)
         if not as_json:
             out.print(_files_table(s["files"], "files"))
-    _guard(run)
+    run_guarded(run)
 
 
 def register(app: typer.Typer) -> None:

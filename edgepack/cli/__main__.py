@@ -1,0 +1,4 @@
+"""``python -m edgepack.cli``: the same as the ``edgepack`` console script."""
+from . import main
+
+main()

@@ -1,0 +1,250 @@
+"""`edgepack push`, `edgepack fleet bootstrap|status|history|check`, `edgepack report`.
+
+A thin shell over ``edgepack.fleet``: parse, call one function, render (a table on stderr, or JSON
+on stdout with --json). Without --fleet the embedded default is used: one local board (the agent
+as a subprocess with its own state directory under .edgepack/).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from ._common import JSON_OPT, cell, dump, err, finish, fleet_of, fmt, output_path, run_guarded
+
+fleet_app = typer.Typer(no_args_is_help=True, help="Fleet: bootstrap boards, status, history, regression checks.")
+
+FLEET_OPT = typer.Option(None, "--fleet", "-f", help="fleet file (TOML); default: the local board under .edgepack/")
+GROUP_OPT = typer.Option(None, "--group", "-g", help="only boards in this group (or tag key=value)")
+STORE_OPT = typer.Option(None, "--store", help="SQLite store (default: from the fleet file)")
+
+
+def _fleet(path: Optional[Path]):
+    return fleet_of(path)
+
+
+def _store(fleet: Any, store: Optional[Path], *, must_exist: bool = False):
+    """The fleet's SQLite store; a command that only reads it refuses a missing one instead of
+    creating an empty store (and an empty board) in whatever folder it was run from."""
+    from ..fleet import Store
+    from ..fleet.errors import InventoryError
+    db = Path(store or fleet.store)
+    if must_exist and not db.is_file():
+        raise InventoryError(f"no fleet store at {db.resolve()}: nothing was pushed from here. Run this in the "
+                             "project folder (where edgepack.toml is), pass --fleet FILE or --store DB, or start "
+                             "with `edgepack init`")
+    return Store(db)
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    t = Table(title=cell(title))
+    for c in columns:
+        # notes carry the advice: folded onto more lines, never cut off
+        t.add_column(c, overflow="fold", ratio=3 if c == "note" else None)
+    return t
+
+
+RESULT_STYLE = {"committed": "green", "current": "green", "failed": "red", "rolled_back": "red"}
+
+
+def push_cmd(release: Path = typer.Argument(..., help="the release's full bundle (deltas next to it are found)"),
+             fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_OPT,
+             board: list[str] = typer.Option([], "--board", help="only this board (repeat)"),
+             delta: list[Path] = typer.Option([], "--delta", help="a delta bundle of this release (repeat)"),
+             canary: str = typer.Option("1", help="canary wave: boards or percent (e.g. 10%)"),
+             wave_size: str = typer.Option("25%", help="boards per later wave, or percent"),
+             max_failures: str = typer.Option("0", help="release failures tolerated before halting (count or %)"),
+             max_drift: float = typer.Option(0.02, help="halt above this top-1 drift vs the reference outputs"),
+             latency_margin: float = typer.Option(0.20, help="halt when p90 exceeds the previous release by this fraction"),
+             concurrency: int = typer.Option(8, help="boards in flight at once"),
+             retries: int = typer.Option(3, help="reconnects per board (transfers resume)"),
+             max_bytes_factor: float = typer.Option(2.0, help="bytes sent per board <= factor x file size"),
+             store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT) -> None:
+    """Roll a release out: canary, then waves; halt and roll back on failures, drift or latency."""
+    from ..fleet import Policy, load_release, push
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        rel = load_release(release, list(delta))
+        boards = fl.select(group, list(board) or None)
+        pol = Policy(canary=canary, wave_size=wave_size, max_failures=max_failures, max_drift=max_drift,
+                     latency_margin=latency_margin, concurrency=concurrency, retries=retries,
+                     max_bytes_factor=max_bytes_factor)
+
+        def ev(e: dict[str, Any]) -> None:
+            if e["event"] == "wave_start":
+                err.print(cell(f"{e['name']}: {len(e['boards'])} board(s): {', '.join(e['boards'][:8])}"
+                               + (" …" if len(e["boards"]) > 8 else "")))
+            elif e["event"] == "wave_end":
+                err.print(cell(f"  {e['name']} done in {e['seconds']:.1f} s: {e['committed']} committed, "
+                               f"{e['current']} current, {e['rolled_back']} rolled back, {e['failed']} failed, "
+                               f"{e['not_reached']} not reached; {e['bytes_sent']} bytes"))
+            elif e["event"] == "halted":
+                err.print("[bold red]halted:[/]", cell(e["reason"]))
+
+        with _store(fl, store) as st:
+            err.print(cell(f"release {rel.release} ({rel.full.path.name}, {rel.full.bytes} bytes; "
+                           f"{len(rel.deltas)} delta(s)) to {len(boards)} board(s)"))
+            rep = push(rel, fl, boards=boards, policy=pol, store=st, on_event=None if as_json else ev)
+        if as_json:
+            dump(rep.to_json())
+        else:
+            t = _table(f"release {rep.release}: {'HALTED' if rep.halted else 'done'} in {rep.seconds:.1f} s, "
+                       f"{rep.bytes_sent} bytes sent",
+                       ("board", "wave", "result", "sent", "bytes", "release", "p90 ms", "drift", "note"))
+            for b in rep.boards:
+                style = RESULT_STYLE.get(b.result, "yellow")
+                t.add_row(cell(b.board), str(b.wave), cell(b.result, style),
+                          b.kind or "–", str(b.bytes_sent), f"{fmt(b.release_before)}→{fmt(b.release_after)}",
+                          fmt(b.p90_ms), fmt(b.drift), cell(b.error or ""))
+            err.print(t)
+        finish(rep)
+
+    run_guarded(go)
+
+
+@fleet_app.command("bootstrap")
+def bootstrap_cmd(trust_root: Path = typer.Option(..., help="root.json to flash onto the boards"),
+                  release_keys: Optional[Path] = typer.Option(None, help="release-keys.json (optional)"),
+                  fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_OPT,
+                  force: bool = typer.Option(False, help="reset the boards' state (forgets installed releases)"),
+                  as_json: bool = JSON_OPT) -> None:
+    """Copy the agent onto boards, check it runs, initialise them."""
+    from ..fleet import bootstrap
+    from ..fleet.bootstrap import exit_code
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        with _store(fl, None) as st:
+            res = bootstrap(fl, fl.select(group), trust_root=trust_root, release_keys=release_keys, force=force,
+                            store=st)
+        if as_json:
+            dump([asdict(r) for r in res])
+        else:
+            t = _table("bootstrap", ("board", "ok", "agent", "python", "runtimes", "note"))
+            for r in res:
+                t.add_row(cell(r.board), "[green]yes[/]" if r.ok else "[red]no[/]", cell(r.agent_version),
+                          cell(r.python), cell(",".join(k for k, v in r.runtimes.items() if v)), cell(r.error or ""))
+            err.print(t)
+        code = exit_code(res)
+        if code:
+            raise typer.Exit(code)
+
+    run_guarded(go)
+
+
+@fleet_app.command("status")
+def status_cmd(fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_OPT,
+               live: bool = typer.Option(False, help="ask the boards now (and store the answers)"),
+               store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT,
+               reported: bool = typer.Option(False, "--reported", help="also every board the store has reports "
+                                             "from (pull fleets: after `fleet ingest`)")) -> None:
+    """Each board's active release and last figures (from the store; --live asks the boards)."""
+    from ..fleet import status
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        with _store(fl, store, must_exist=True) as st:
+            rows = status(fl, st, group=group, live=live, reported=reported)
+        if as_json:
+            dump([r.to_json() for r in rows])
+            return
+        t = _table(f"fleet ({len(rows)} boards)",
+                   ("board", "host", "release", "last install", "p90 ms", "drift", "last seen", "note"))
+        for r in rows:
+            t.add_row(cell(r.board), cell(r.host), fmt(r.release), cell(r.last_install), fmt(r.p90_ms),
+                      fmt(r.drift), fmt(r.last_seen), cell(r.error or ""))
+        err.print(t)
+
+    run_guarded(go)
+
+
+@fleet_app.command("history")
+def history_cmd(board: str = typer.Argument(..., help="board name"), fleet: Optional[Path] = FLEET_OPT,
+                limit: int = typer.Option(30, help="rows"), store: Optional[Path] = STORE_OPT,
+                as_json: bool = JSON_OPT) -> None:
+    """Everything the store holds for one board, newest first."""
+    def go() -> None:
+        fl = _fleet(fleet)
+        fl.board(board)
+        with _store(fl, store, must_exist=True) as st:
+            rows = st.history(board, limit=limit)
+        if as_json:
+            dump([{**{k: v for k, v in asdict(r).items() if k != "data"}, "data": r.data} for r in rows])
+            return
+        t = _table(f"{board}: last {len(rows)} reports",
+                   ("when", "kind", "ok", "release", "p90 ms", "drift", "peak RSS MiB", "bytes"))
+        for r in rows:
+            t.add_row(dt.datetime.fromtimestamp(r.ts).isoformat(timespec="seconds"), cell(r.kind),
+                      "yes" if r.ok else "[red]no[/]", fmt(r.release), fmt(r.p90_ms), fmt(r.drift),
+                      fmt(r.peak_rss_mb, 1), fmt(r.bytes))
+        err.print(t)
+
+    run_guarded(go)
+
+
+@fleet_app.command("check")
+def check_cmd(fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_OPT,
+              max_drift: float = typer.Option(0.02, help="flag top-1 drift above this"),
+              latency_margin: float = typer.Option(0.20, help="flag p90 above the previous release by this fraction"),
+              latency_floor_ms: float = typer.Option(0.5, help="... and by at least this many ms"),
+              runs: int = typer.Option(50, help="timed bench runs per board"),
+              concurrency: int = typer.Option(4, help="boards checked at once"),
+              store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT) -> None:
+    """Re-run eval and bench on boards; flag drift, latency and RAM regressions. Exit 26 if any (cron/CI)."""
+    from ..fleet import CheckPolicy, check
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        with _store(fl, store) as st:
+            rep = check(fl, fl.select(group), store=st,
+                        policy=CheckPolicy(max_drift=max_drift, latency_margin=latency_margin,
+                                           latency_floor_ms=latency_floor_ms, bench_runs=runs, concurrency=concurrency))
+        if as_json:
+            dump(rep.to_json())
+        else:
+            t = _table(f"fleet check: {len(rep.flags)} regression(s)",
+                       ("board", "release", "top-1", "drift", "p90 ms", "prev p90", "peak RSS", "note"))
+            for b in rep.boards:
+                note = "; ".join(f.kind for f in b.flags) or (b.error or "ok")
+                t.add_row(cell(b.board), fmt(b.release), fmt(b.top1), fmt(b.drift), fmt(b.p90_ms),
+                          fmt(b.baseline_p90_ms), fmt(b.peak_rss_mb, 1), cell(note, "red" if b.flags or b.error else ""))
+            err.print(t)
+            for f in rep.flags:
+                err.print("[red]regression:[/]", cell(f.message))
+        finish(rep)
+
+    run_guarded(go)
+
+
+def report_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", "--html",
+                                                     help="HTML page to write (default: fleet.html in the project's out folder)"),
+               fleet: Optional[Path] = FLEET_OPT, store: Optional[Path] = STORE_OPT,
+               max_drift: float = typer.Option(0.02, help="drift threshold drawn on the plot"),
+               as_json: bool = JSON_OPT) -> None:
+    """Fleet report: latency per board and release, drift over time, flagged regressions."""
+    from ..fleet import render_html
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        with _store(fl, store, must_exist=True) as st:
+            out = render_html(st, output_path(output, "fleet.html"), max_drift=max_drift)
+        if as_json:
+            dump({"html": str(out), "bytes": out.stat().st_size})
+        else:
+            err.print(cell(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB, self-contained)"))
+
+    run_guarded(go)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("push")(push_cmd)
+    app.command("report")(report_cmd)
+    app.add_typer(fleet_app, name="fleet")
+
+
+__all__ = ["register", "fleet_app"]
