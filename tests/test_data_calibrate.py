@@ -64,7 +64,7 @@ def test_arrays_and_their_errors(tmp_path):
     with pytest.raises(DataError, match="not a readable numpy file"):
         load_dataset(tmp_path / "junk.npy")
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(DataError, match="contains no samples"):
+    with pytest.raises(DataError, match="holds no images"):
         load_dataset(tmp_path / "emptydir", ImagePreprocess())
 
 

@@ -303,7 +303,7 @@ class _BoardPush:
 
     def _status(self) -> dict[str, Any] | None:
         rc, st = self._agent("status", "--history", "0")
-        if rc != 0 or not isinstance(st.get("active"), (dict, type(None))):
+        if rc != 0 or st.get("ok") is not True:  # agent_client turned a malformed reply into an error
             e = agent_error(st)
             self.r.result = NOT_READY
             self.r.error = (f"board {self.b.name}: agent status failed ({e.type}: {e.message}); "
