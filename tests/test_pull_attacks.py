@@ -14,7 +14,10 @@ from pull_helpers import Nginx, Trickle, have_nginx, init_boards, make_releases
 
 from device_agent import pull as P
 from device_agent.install import Agent
+from edgepack.fleet import Store
+from edgepack.fleet.ingest import ingest, repository_refusals
 from edgepack.fleet.publish import RepoOptions, TufRepository, publish
+from edgepack.fleet.storage import FolderBackend
 
 pytestmark = pytest.mark.skipif(not have_nginx(), reason="nginx not installed (scripts/setup.sh installs it via APT_PKGS)")
 
@@ -185,6 +188,75 @@ def test_fast_forward_then_recovery_by_key_rotation(world):
     set_rollout(str(world.repo), world.keys, 2, percent=100)
     r = world.pull()
     assert r.action == "installed" and r.release_after == 2
+
+
+def _forge_snapshot(w: World, version: int, targets_version: int) -> None:
+    """What an attacker holding the snapshot key can publish: a snapshot of any version naming a
+    targets version of its choice (it cannot sign targets)."""
+    from tuf.api.metadata import Metadata
+    from tuf.api.serialization.json import JSONSerializer
+    snaps = sorted(w.meta.glob("*.snapshot.json"), key=lambda p: int(p.name.split(".")[0]))
+    md = Metadata.from_bytes(snaps[-1].read_bytes())
+    md.signed.version = version
+    md.signed.meta["targets.json"].version = targets_version
+    md.signed.meta["targets.json"].length = None
+    md.sign(_signer(w.keys, "snapshot"))
+    (w.meta / f"{version}.snapshot.json").write_bytes(md.to_bytes(JSONSerializer(compact=True)))
+
+
+def test_snapshot_fast_forward_needs_snapshot_and_timestamp_rotation(world):
+    """Stolen snapshot + timestamp keys: the board is made to trust targets v1000000 (which does not
+    exist), so every honest snapshot after it is a rollback. Rotating the timestamp key alone is not
+    enough (the stored snapshot still verifies); rotating the snapshot key too recovers, and the
+    board installs the next release. Every step before that is a named error, nothing installed."""
+    honest = (world.meta / "timestamp.json").read_bytes()
+    _forge_snapshot(world, 1_000_000, 1_000_000)
+    _forge_timestamp(world, 1_000_000, 1_000_000)
+    with pytest.raises(P.RepositoryUnreachable):  # 1000000.targets.json: 404, but the snapshot is now trusted
+        world.pull()
+    world.assert_nothing_installed()
+    (world.meta / "timestamp.json").write_bytes(honest)  # the attacker's mirror is gone ...
+    (world.meta / "1000000.snapshot.json").unlink()
+    world.publish_r2()  # ... and the honest repository moves on
+    with pytest.raises(P.MetadataRollback):
+        world.pull()
+    with Store(world.repo.parent / "fleet.db") as st:  # the host sees it in the uploaded reports
+        ingest(st, FolderBackend(world.repo))
+        [ref] = repository_refusals(st)
+    assert ref["board"] == "victim" and ref["error"] == "MetadataRollback" and "repo rotate" in ref["advice"]
+    repo = TufRepository.open(str(world.repo), world.keys)
+    root_v = repo.root.signed.version
+    repo.rotate_keys(["timestamp"])
+    with pytest.raises(P.MetadataRollback, match="targets"):  # the forged snapshot still verifies: still stuck
+        world.pull()
+    world.assert_nothing_installed()
+    assert TufRepository.open(str(world.repo), world.keys).rotate_keys(["snapshot", "timestamp"]) == root_v + 2
+    r = world.pull()
+    assert r.action == "installed" and r.release_after == 2
+
+
+def test_compromised_timestamp_key_alone_freeze_ends_at_snapshot_expiry(tmp_path, rel):
+    """The timestamp key alone can keep re-signing a fresh timestamp that points at the snapshot the
+    board already has, hiding newer releases; the snapshot's own (short) expiry bounds that freeze:
+    once it passes, the board refuses the repository (MetadataExpired) instead of staying silent."""
+    short = RepoOptions(snapshot_days=6 / 86400)  # a 6 s snapshot
+    w = _world(tmp_path, rel)
+    try:
+        publish(rel.r2, str(w.repo), w.keys, percent=0, options=short)
+        t_pub = time.monotonic()
+        assert w.pull().action == "not-admitted"  # the board now holds the short-lived snapshot
+        sv = json.loads((w.meta / "timestamp.json").read_text())["signed"]["meta"]["snapshot.json"]["version"]
+        from edgepack.fleet.rollout import set_rollout
+        set_rollout(str(w.repo), w.keys, 2, percent=100)  # the honest host admits everyone ...
+        _forge_timestamp(w, 1_000, sv)  # ... but the attacker's timestamp still points at the old snapshot
+        assert w.pull().action == "not-admitted"  # frozen, while the snapshot lasts
+        time.sleep(max(0.0, 6.5 - (time.monotonic() - t_pub)))
+        _forge_timestamp(w, 1_001, sv)
+        with pytest.raises(P.MetadataExpired, match="snapshot"):
+            w.pull()
+        w.assert_nothing_installed()
+    finally:
+        w.ng.stop()
 
 
 def test_compromised_timestamp_key_alone_cannot_install(world):

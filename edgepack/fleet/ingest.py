@@ -198,4 +198,39 @@ def check_reports(store: Store, policy: CheckPolicy | None = None, *, latency_bu
     return rep
 
 
-__all__ = ["ingest", "ingest_objects", "check_reports", "rows_of", "IngestReport"]
+# What a board's refusal of the repository means for the operator, by the agent's named error
+# (device_agent.pull). A refusal protects the board; these say what to do so the fleet moves again.
+REFUSAL_ADVICE = {
+    "MetadataRollback": "the board trusts a newer timestamp/snapshot than the repository serves: a replayed old "
+                        "repository, or a fast-forward by a stolen key. If yours is the newest, rotate: "
+                        "`edgepack repo rotate timestamp` (stolen snapshot key: `repo rotate snapshot timestamp`)",
+    "MetadataUnsigned": "metadata not signed by the repository's keys reached the board: a tampered mirror or a "
+                        "man in the middle; compare the store with your keys",
+    "MetadataMismatch": "metadata differs from what the newer signed metadata pins (mix-and-match): a tampered or "
+                        "half-synced mirror",
+    "TargetHashMismatch": "a bundle's bytes differ from the signed targets: a tampered store or mirror",
+    "MetadataExpired": "the timestamp (or snapshot) has expired: run `edgepack repo refresh` from cron, or a "
+                       "mirror serves a frozen copy",
+    "EndlessData": "the server sent more bytes than the signed length: a hostile mirror",
+    "SlowRetrieval": "transfers below the minimum rate or past the deadline: a slow link or a hostile mirror",
+}
+
+
+def repository_refusals(store: Store) -> list[dict[str, Any]]:
+    """Boards whose latest report is a refusal of the repository (TUF's checks), with what it means.
+    A pull fleet has no session to see this in: it is only in the reports the boards upload."""
+    types = tuple(REFUSAL_ADVICE)
+    sql = f"""
+    WITH last AS (SELECT board, MAX(id) AS id FROM reports WHERE kind='status' GROUP BY board)
+    SELECT r.board, r.ts, json_extract(r.json, '$.error.type'), json_extract(r.json, '$.error.message')
+    FROM reports r JOIN last ON r.id = last.id
+    WHERE json_extract(r.json, '$.error.type') IN ({",".join("?" * len(types))}) ORDER BY r.board"""
+    with store.transaction() as db:
+        db.execute("CREATE INDEX IF NOT EXISTS reports_kind_board ON reports(kind, board, id)")
+        rows = db.execute(sql, types).fetchall()
+    return [{"board": b, "ts": ts, "error": t, "message": str(m)[:300], "advice": REFUSAL_ADVICE[t]}
+            for b, ts, t, m in rows]
+
+
+__all__ = ["ingest", "ingest_objects", "check_reports", "repository_refusals", "rows_of", "IngestReport",
+           "REFUSAL_ADVICE"]
