@@ -642,6 +642,28 @@ class Puller:
         return True
 
 
+# securesystemslib imports, at import time, the SDK of every optional cloud/HSM signer it finds
+# installed (boto3 alone costs ~0.45 s of CPU per poll on a 2-core host). A board only verifies
+# metadata, never signs it, so these are hidden while python-tuf is first imported, and made
+# importable again right after (a host process that imports this module keeps its boto3).
+_SIGNER_SDKS = ("boto3", "hvac", "pkcs11", "google.cloud.kms", "azure.identity")
+
+
+def _import_tuf() -> None:
+    import sys
+    if "tuf.ngclient" in sys.modules:
+        return
+    hidden = [m for m in _SIGNER_SDKS if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # import of m raises ImportError
+    try:
+        import tuf.ngclient  # noqa: F401
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
+
+
 def pull(state_dir: str | Path | None, options: PullOptions) -> PullResult:
     """One poll-and-install run for the board in ``state_dir`` (see the module docstring).
 
@@ -649,7 +671,7 @@ def pull(state_dir: str | Path | None, options: PullOptions) -> PullResult:
     ``install``) with ``.report`` = the PullResult; repository failures raise a ``PullError``."""
     from .install import Agent
     try:
-        import tuf  # noqa: F401
+        _import_tuf()
     except ImportError:
         raise UsageError("`pull` needs python-tuf on the board: pip install 'edgepack[agent-pull]' "
                          "(tuf, with urllib3 and securesystemslib)") from None

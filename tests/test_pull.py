@@ -140,16 +140,16 @@ def test_publish_pull_through_seaweedfs_s3(tmp_path, rel, weed):
 
 @needs_nginx
 def test_bad_release_halted_at_5_percent_cohort_nobody_outside_touched(tmp_path, rel, served):
-    """60 boards on release 1; a bad release 3 (its trial fails everywhere) at 5 %: only the cohort
+    """30 boards on release 1; a bad release 3 (its trial fails everywhere) at 5 %: only the cohort
     (bucket < 500) tries it and rolls back by itself; `rollout watch` halts it from the reports;
     then even --percent 100 installs it nowhere, and no board outside the cohort ever touched it."""
     repo, keys = tmp_path / "repo", tmp_path / "keys"
     TufRepository.init(str(repo), keys)
     publish(rel.r1, str(repo), keys, percent=100)
-    boards = init_boards(tmp_path / "boards", rel, 60)
-    ids = [f"unit-{i:03d}" for i in range(60)]
+    boards = init_boards(tmp_path / "boards", rel, 30)
+    ids = [f"unit-{i:03d}" for i in range(30)]
     cohort = {b for b, i in zip(boards, ids) if cohort_bucket(i, "mlp") < 500}
-    assert 1 <= len(cohort) <= 10  # the hash spreads 60 ids; a test precondition, not a tuned result
+    assert 1 <= len(cohort) <= 6  # the hash spreads 30 ids (2 land under 5 %); a precondition, not a tuned result
     root = repo / "metadata" / "root.json"
     for b, i in zip(boards, ids):
         assert pull(b, PullOptions(repo_url=served.url, board_id=i, model="mlp", tuf_root=root)).release_after == 1
