@@ -240,7 +240,7 @@ class Weed:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(3)  # weed often lingers on SIGTERM; nothing of it is needed after the test
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
@@ -291,4 +291,5 @@ def init_boards(base: Path, rel: Releases, n: int, *, prefix: str = "board") -> 
     return out
 
 
-__all__ = ["Nginx", "Trickle", "Weed", "have_nginx", "have_weed", "make_releases", "init_boards", "Releases", "TARGET"]
+__all__ = ["Nginx", "Trickle", "Weed", "have_nginx", "have_weed", "make_releases", "init_boards", "Releases", "TARGET",
+           "bundle", "golden_for", "make_onnx", "make_pki", "write_trust"]

@@ -367,3 +367,11 @@ def test_named_errors_over_the_cli(world, tmp_path):
     assert r.returncode == 12 and j["error"]["type"] == "MetadataRollback", (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     world.assert_nothing_installed()
+    # the operator's way out of a fast-forward: rotate both online roles in one root version
+    r = subprocess.run([sys.executable, "-m", "edgepack.cli", "repo", "rotate", "snapshot", "timestamp", "--repo",
+                        str(world.repo), "--keys", str(world.keys), "--json"], capture_output=True, text=True,
+                       cwd=ROOT_DIR, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"root_version": 2, "roles": ["snapshot", "timestamp"]}
+    assert sorted(p.name for p in world.keys.glob("tuf-*.key.retired-1")) == ["tuf-snapshot.key.retired-1",
+                                                                              "tuf-timestamp.key.retired-1"]
