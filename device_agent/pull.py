@@ -7,7 +7,8 @@ One run (a systemd timer starts it; docs/fleet.md has the unit files)::
                                   its anti-rollback counter, whose rollout admits its cohort
                                   (delta against the active release if published, else full)
     download                      resumable (HTTP Range into state/pull/downloads/*.part), bounded
-                                  by the signed length, total deadline; then TUF's length+hash check
+                                  by the signed length, a per-request deadline and minimum average
+                                  rate (slow retrieval); then TUF's length+hash check
     Agent.install(file)           the same verified install as `edgepack-agent install`: bundle
                                   signature chain, anti-rollback, budgets, A/B write, trial, commit
     report                        one JSON object PUT to <repo>/reports/ (or --report-url); kept in
@@ -145,7 +146,7 @@ class _Watch:
     - a minimum average rate: after ``grace_s``, fewer than ``min_rate_bps`` bytes per second
       since the request started is refused at once, without waiting for the deadline.
 
-    The socket is handed over by :class:`_WatchedConnection` when the request has been sent."""
+    The socket is handed over by the connection class of :func:`_watched` once the request is sent."""
 
     def __init__(self, url: str, *, deadline_s: float, min_rate_bps: float = 0.0, grace_s: float = 0.0):
         self.url, self.deadline_s, self.min_rate, self.grace_s = url, deadline_s, min_rate_bps, grace_s
