@@ -137,7 +137,7 @@ def cmd_pull(a: argparse.Namespace) -> dict[str, Any]:
     from .pull import PullOptions, pull
     res = pull(a.state, PullOptions(repo_url=a.repo, board_id=a.board_id, model=a.model,
                                     tuf_root=Path(a.tuf_root) if a.tuf_root else None, report_url=a.report_url,
-                                    deadline_s=a.timeout, upload=not a.no_report))
+                                    deadline_s=a.timeout, min_rate_bps=a.min_rate, upload=not a.no_report))
     _say(f"pull {res.board}: {res.action}" + (f" release {res.release_before} -> {res.release_after} ({res.kind}, "
                                               f"{res.bytes_downloaded} bytes)" if res.target else "")
          + f"; {res.requests} request(s), {res.metadata_bytes} metadata bytes")
@@ -195,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--board-id", help="this board's id (default: $EDGEPACK_BOARD_ID or one generated and kept)")
     s.add_argument("--model", help="model to follow (default: the active release's)")
     s.add_argument("--report-url", help="where to PUT the report (default: REPO/reports)")
-    s.add_argument("--timeout", type=float, default=30.0, help="deadline per download in seconds (slow retrieval)")
+    s.add_argument("--timeout", type=float, default=30.0, help="total deadline per request in seconds, plus the "
+                   "bundle's length at --min-rate for a download (slow retrieval)")
+    s.add_argument("--min-rate", type=float, default=1024.0, help="minimum average bytes/s of a transfer after a 5 s "
+                   "grace (0: the deadline alone)")
     s.add_argument("--no-report", action="store_true", help="keep the report in STATE/pull/outbox only")
     s.set_defaults(fn=cmd_pull)
 

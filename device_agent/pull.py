@@ -7,7 +7,8 @@ One run (a systemd timer starts it; docs/fleet.md has the unit files)::
                                   its anti-rollback counter, whose rollout admits its cohort
                                   (delta against the active release if published, else full)
     download                      resumable (HTTP Range into state/pull/downloads/*.part), bounded
-                                  by the signed length, total deadline; then TUF's length+hash check
+                                  by the signed length, a per-request deadline and minimum average
+                                  rate (slow retrieval); then TUF's length+hash check
     Agent.install(file)           the same verified install as `edgepack-agent install`: bundle
                                   signature chain, anti-rollback, budgets, A/B write, trial, commit
     report                        one JSON object PUT to <repo>/reports/ (or --report-url); kept in
@@ -25,10 +26,13 @@ it is imported here only, so boards that never pull do not need it.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
 import re
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,14 +41,16 @@ from typing import Any, Iterator
 
 from .agent_errors import AgentError, UsageError
 from .errors import OtaError
-from .durable import fsync_dir
+from .durable import commit_file, fsync_dir
 from .slots import atomic_write, atomic_write_json
 from .durable import iso
 
 CUSTOM = "edgepack"
 BOARD_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-DEFAULT_TIMEOUT_S = 30.0       # whole metadata refresh / per target download: deadline, not a gap timeout
+DEFAULT_TIMEOUT_S = 30.0       # per request: total deadline (plus length / min rate for a bundle), not a gap timeout
 DEFAULT_GAP_S = 10             # socket timeout between bytes
+DEFAULT_MIN_RATE = 1024.0      # B/s: minimum average rate of a transfer once past the grace period
+DEFAULT_GRACE_S = 5.0          # seconds a transfer may run before the minimum rate applies
 CHUNK = 256 * 1024
 TRANSIENT = {"Busy", "DiskFull"}  # install refusals worth retrying with the same bundle next poll
 
@@ -131,33 +137,103 @@ def admitted(rollout: Any, bucket: int) -> bool:
 
 
 # --------------------------------------------------------------------------- network
-class _Deadline:
-    """Closes a response's socket when the whole transfer has not finished in ``seconds``: the
-    blocked read then fails and is reported as slow retrieval. A per-read (gap) timeout alone lets
-    a server drip one byte per gap forever."""
+class _Watch:
+    """One request's whole-transfer budget, so a server cannot hold a board by trickling bytes
+    (TUF's slow retrieval attack). A per-read (gap) socket timeout alone lets a server drip one
+    byte per gap forever, in the body or in the headers. Two bounds:
 
-    def __init__(self, response: Any, seconds: float):
-        import threading
+    - a total deadline: a timer shuts the request's socket down when it passes, which unblocks a
+      read stuck anywhere (status line, headers or body); the transfer is then refused;
+    - a minimum average rate: after ``grace_s``, fewer than ``min_rate_bps`` bytes per second
+      since the request started is refused at once, without waiting for the deadline.
+
+    The socket is handed over by the connection class of :func:`_watched` once the request is sent."""
+
+    def __init__(self, url: str, *, deadline_s: float, min_rate_bps: float = 0.0, grace_s: float = 0.0):
+        self.url, self.deadline_s, self.min_rate, self.grace_s = url, deadline_s, min_rate_bps, grace_s
+        self.t0 = time.monotonic()
+        self.n = 0
         self.fired = False
-        self._r = response
-        self._t = threading.Timer(seconds, self._fire)
+        self._sock: Any = None
+        self._lock = threading.Lock()
+        self._t = threading.Timer(deadline_s, self._fire)
         self._t.daemon = True
         self._t.start()
 
+    def attach(self, sock: Any) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shut()
+
     def _fire(self) -> None:
-        self.fired = True
+        with self._lock:
+            self.fired = True
+            self._shut()
+
+    def _shut(self) -> None:
         try:
-            self._r.shutdown()
-        except Exception:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
             pass
+
+    def slow(self) -> Exception:
+        from tuf.api import exceptions as X
+        return X.SlowRetrievalError(f"{self.url}: not complete after the {self.deadline_s:g} s deadline")
+
+    def count(self, k: int) -> None:
+        """Account ``k`` more bytes; raise SlowRetrievalError past the deadline or under the rate."""
+        from tuf.api import exceptions as X
+        self.n += k
+        el = time.monotonic() - self.t0
+        if self.fired or el > self.deadline_s:
+            self.fired = True
+            raise self.slow()
+        if self.min_rate and el > self.grace_s and self.n < self.min_rate * el:
+            raise X.SlowRetrievalError(f"{self.url}: {self.n} bytes in {el:.1f} s, under the minimum average rate "
+                                       f"of {self.min_rate:g} B/s")
 
     def cancel(self) -> None:
         self._t.cancel()
 
 
+_WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("edgepack_pull_watch", default=None)
+
+
+def _watched(base: type) -> type:
+    class Conn(base):  # type: ignore[misc, valid-type]
+        """Hands its socket to the request's :class:`_Watch` once the request is sent, before the
+        status line is read."""
+
+        def getresponse(self, *a: Any, **kw: Any) -> Any:
+            w = _WATCH.get()
+            if w is not None:
+                w.attach(self.sock)
+            return super().getresponse(*a, **kw)
+
+    Conn.__name__ = Conn.__qualname__ = f"Watched{base.__name__}"
+    return Conn
+
+
+def _pool_manager() -> Any:
+    """A urllib3 PoolManager whose connections report their sockets to the current _Watch."""
+    import urllib3
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = _watched(HTTPConnection)
+
+    class PoolS(urllib3.HTTPSConnectionPool):
+        ConnectionCls = _watched(HTTPSConnection)
+
+    pm = urllib3.PoolManager(headers={"User-Agent": "edgepack-agent"})
+    pm.pool_classes_by_scheme = {"http": Pool, "https": PoolS}
+    return pm
+
+
 def _read1(r: Any) -> Iterator[bytes]:
-    """Whatever bytes have arrived (up to CHUNK) per read, so the deadline is checked while a
-    server drips; ``stream()`` would block until a whole chunk is in."""
+    """Whatever bytes have arrived (up to CHUNK) per read, so the budget is checked while a server
+    drips; ``stream()`` would block until a whole chunk is in."""
     while True:
         b = r.read1(CHUNK)
         if not b:
@@ -165,70 +241,100 @@ def _read1(r: Any) -> Iterator[bytes]:
         yield b
 
 
+class _Net:
+    """The pull's HTTP client: one connection pool, per-request budgets (:class:`_Watch`), and
+    request/byte counters (what a poll costs is measured, not estimated)."""
+
+    def __init__(self, *, deadline_s: float, gap_s: float, min_rate_bps: float, grace_s: float):
+        self.deadline_s, self.gap_s, self.min_rate, self.grace_s = deadline_s, gap_s, min_rate_bps, grace_s
+        self.http = _pool_manager()
+        self.requests = 0
+        self.bytes = 0
+        self.log: list[tuple[str, int]] = []
+
+    def open(self, method: str, url: str, *, length: int | None = None, **kw: Any) -> tuple[Any, _Watch]:
+        """Send the request; return the response (headers read, body not) and its watch. The
+        deadline is ``deadline_s`` plus, for a body of known ``length``, the time it takes at the
+        minimum rate: a large bundle on a slow but honest link is not cut off."""
+        import urllib3
+        from tuf.api import exceptions as X
+        deadline = self.deadline_s + (length / self.min_rate if length and self.min_rate else 0.0)
+        w = _Watch(url, deadline_s=deadline, min_rate_bps=self.min_rate, grace_s=self.grace_s)
+        self.requests += 1
+        tok = _WATCH.set(w)
+        try:
+            r = self.http.request(method, url, preload_content=False, retries=False,
+                                  timeout=urllib3.Timeout(connect=self.gap_s, read=self.gap_s), **kw)
+        except urllib3.exceptions.HTTPError as e:
+            w.cancel()
+            if w.fired:
+                raise w.slow() from None
+            if isinstance(e, urllib3.exceptions.TimeoutError):
+                raise X.SlowRetrievalError(f"{url}: no byte for {self.gap_s:g} s ({e})") from None
+            raise X.DownloadError(f"{url}: {e}") from None
+        finally:
+            _WATCH.reset(tok)
+        return r, w
+
+    def body(self, url: str, r: Any, w: _Watch) -> Iterator[bytes]:
+        """The response body, chunk by chunk, under the watch's budget. The connection goes back to
+        the pool only after a complete, in-budget body; otherwise it is closed."""
+        import urllib3
+        from tuf.api import exceptions as X
+        ok = False
+        try:
+            for chunk in _read1(r):
+                self.bytes += len(chunk)
+                w.count(len(chunk))
+                yield chunk
+            if w.fired:  # a shut-down socket may read as a quiet end: never pass that on as complete
+                raise w.slow()
+            ok = True
+        except urllib3.exceptions.HTTPError as e:
+            if w.fired:
+                raise w.slow() from None
+            if isinstance(e, urllib3.exceptions.TimeoutError):
+                raise X.SlowRetrievalError(f"{url}: no byte for {self.gap_s:g} s ({e})") from None
+            raise X.DownloadError(f"{url}: {e} (resumes next run)") from None
+        except OSError as e:
+            if w.fired:
+                raise w.slow() from None
+            raise X.DownloadError(f"{url}: {e} (resumes next run)") from None
+        finally:
+            w.cancel()
+            self.log.append((url.rsplit("/", 1)[-1], w.n))
+            if ok:
+                r.release_conn()
+            else:
+                r.close()
+
+
 def _fetcher_cls():
-    import urllib3
     from tuf.api import exceptions as X
-    from tuf.ngclient import Urllib3Fetcher
+    from tuf.ngclient import FetcherInterface
 
-    class BoundedFetcher(Urllib3Fetcher):
-        """python-tuf's urllib3 fetcher plus a whole-request deadline and request/byte counters."""
+    class BoundedFetcher(FetcherInterface):
+        """python-tuf's fetcher interface over :class:`_Net`: every metadata request is bounded by
+        the total deadline and the minimum rate (TUF itself bounds the length)."""
 
-        def __init__(self, deadline_s: float, gap_s: float):
-            super().__init__(socket_timeout=max(1, int(gap_s)), chunk_size=CHUNK, app_user_agent="edgepack-agent")
-            self.deadline_s = deadline_s
-            self.gap_s = gap_s
-            self.requests = 0
-            self.bytes = 0
-            self.log: list[tuple[str, int]] = []
-            self.http = urllib3.PoolManager(headers={"User-Agent": "edgepack-agent"})
+        def __init__(self, net: _Net):
+            self.net = net
 
         def _fetch(self, url: str) -> Iterator[bytes]:
-            self.requests += 1
-            try:
-                r = self.http.request("GET", url, preload_content=False, retries=False,
-                                      timeout=urllib3.Timeout(connect=self.gap_s, read=self.gap_s))
-            except urllib3.exceptions.TimeoutError as e:
-                raise X.SlowRetrievalError(f"{url}: {e}") from None
+            r, w = self.net.open("GET", url)
             if r.status >= 400:
-                r.drain_conn()
-                r.release_conn()
-                self.log.append((url.rsplit("/", 1)[-1], 0))
+                w.cancel()
+                r.close()
+                self.net.log.append((url.rsplit("/", 1)[-1], 0))
                 raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
-            return self._chunks_timed(url, r)
-
-        def _chunks_timed(self, url: str, r: Any) -> Iterator[bytes]:
-            n = 0
-            dl = _Deadline(r, self.deadline_s)
-            t0 = time.monotonic()
-            try:
-                for chunk in _read1(r):
-                    if time.monotonic() - t0 > self.deadline_s:
-                        dl.fired = True
-                        break
-                    n += len(chunk)
-                    self.bytes += len(chunk)
-                    yield chunk
-            except Exception as e:
-                if dl.fired:
-                    raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:g} s") from None
-                if isinstance(e, urllib3.exceptions.TimeoutError):
-                    raise X.SlowRetrievalError(f"{url}: {e}") from None
-                raise
-            finally:
-                dl.cancel()
-                if dl.fired:  # a shut-down response may end quietly: never pass it on as complete
-                    self.log.append((url.rsplit("/", 1)[-1], n))
-                    raise X.SlowRetrievalError(f"{url}: not complete after {self.deadline_s:g} s")
-                r.release_conn()
-                self.log.append((url.rsplit("/", 1)[-1], n))
+            return self.net.body(url, r, w)
 
     return BoundedFetcher
 
 
-def _download(url: str, dest: Path, length: int, *, deadline_s: float, gap_s: float, counter: Any) -> int:
+def _download(url: str, dest: Path, length: int, *, net: _Net) -> int:
     """GET ``url`` into ``dest`` (``dest.part`` resumed with a Range request), never reading more
-    than ``length`` bytes in total. Returns the bytes transferred by this call."""
-    import urllib3
+    than ``length`` bytes in total, within the request's budget. Returns the bytes transferred."""
     from tuf.api import exceptions as X
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -236,51 +342,29 @@ def _download(url: str, dest: Path, length: int, *, deadline_s: float, gap_s: fl
         part.unlink()
         have = 0
     if have == length:
-        os.replace(part, dest)
+        commit_file(part, dest)
         return 0
-    headers = {"User-Agent": "edgepack-agent", **({"Range": f"bytes={have}-"} if have else {})}
-    counter.requests += 1
-    try:
-        r = counter.http.request("GET", url, headers=headers, preload_content=False, retries=False,
-                                 timeout=urllib3.Timeout(connect=gap_s, read=gap_s))
-    except urllib3.exceptions.TimeoutError as e:
-        raise X.SlowRetrievalError(f"{url}: {e}") from None
-    except urllib3.exceptions.HTTPError as e:
-        raise X.DownloadError(f"{url}: {e}") from None
+    r, w = net.open("GET", url, length=length - have, headers={"Range": f"bytes={have}-"} if have else {})
+    if r.status >= 400:
+        w.cancel()
+        r.close()
+        raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
+    if have and r.status != 206:  # the server ignored the Range: start again from byte 0
+        have = 0
     got = 0
-    dl = _Deadline(r, deadline_s)
-    try:
-        if r.status >= 400:
-            raise X.DownloadHTTPError(f"HTTP {r.status} for {url}", r.status)
-        if have and r.status != 206:  # the server ignored the Range: start again from byte 0
-            have = 0
-        with open(part, "ab" if have else "wb") as f:
-            try:
-                t0 = time.monotonic()
-                for chunk in _read1(r):
-                    if time.monotonic() - t0 > deadline_s:
-                        dl.fired = True
-                        break
-                    got += len(chunk)
-                    counter.bytes += len(chunk)
-                    if have + got > length:
-                        raise X.DownloadLengthMismatchError(f"{url}: more than the signed {length} bytes")
-                    f.write(chunk)
-            except (urllib3.exceptions.HTTPError, OSError) as e:
-                if dl.fired:
-                    raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:g} s") from None
-                raise X.DownloadError(f"{url}: {e} (resumes next run)") from None
-            finally:
-                f.flush()
-                os.fsync(f.fileno())
-    finally:
-        dl.cancel()
-        r.release_conn()
-    if dl.fired:
-        raise X.SlowRetrievalError(f"{url}: not complete after {deadline_s:g} s (resumes next run)")
+    with open(part, "ab" if have else "wb") as f:
+        try:
+            for chunk in net.body(url, r, w):
+                got += len(chunk)
+                if have + got > length:
+                    raise X.DownloadLengthMismatchError(f"{url}: more than the signed {length} bytes")
+                f.write(chunk)
+        finally:
+            f.flush()
+            os.fsync(f.fileno())
     if have + got != length:
         raise X.DownloadError(f"{url}: connection closed after {have + got} of {length} bytes (resumes next run)")
-    os.replace(part, dest)
+    commit_file(part, dest)
     return got
 
 
@@ -294,6 +378,8 @@ class PullOptions:
     report_url: str | None = None         # default: <repo_url>/reports
     deadline_s: float = DEFAULT_TIMEOUT_S
     gap_s: float = DEFAULT_GAP_S
+    min_rate_bps: float = DEFAULT_MIN_RATE  # 0: no minimum rate (the deadline alone)
+    grace_s: float = DEFAULT_GRACE_S
     upload: bool = True
 
 
@@ -416,7 +502,8 @@ class Puller:
         before = info.release if info else None
         res = PullResult(board=bid, action="nothing-new", release_before=before, release_after=before,
                          bucket=cohort_bucket(bid, model))
-        fetcher = _fetcher_cls()(self.opt.deadline_s, self.opt.gap_s)
+        net = self.net()
+        fetcher = _fetcher_cls()(net)
         try:
             up = self.updater(fetcher)
             up.refresh()
@@ -424,9 +511,9 @@ class Puller:
         except PullError:
             raise
         except Exception as e:
-            raise self._fail(res, fetcher, named(e, metadata=True)) from None
+            raise self._fail(res, net, named(e, metadata=True)) from None
         finally:
-            res.requests, res.metadata_bytes, res.fetched = fetcher.requests, fetcher.bytes, list(fetcher.log)
+            res.requests, res.metadata_bytes, res.fetched = net.requests, net.bytes, list(net.log)
         ours = {}
         for path, tf in targets.items():
             c = (tf.custom or {}).get(CUSTOM) if isinstance(tf.custom, dict) else None
@@ -459,7 +546,7 @@ class Puller:
             return res
         tf, c = pick
         res.target, res.kind, res.bundle_bytes = tf.path, c.get("kind"), tf.length
-        path = self._fetch_target(up, tf, fetcher, res)
+        path = self._fetch_target(tf, net, res)
         try:
             rep = self.agent.install(path)
             res.action, res.release_after = "installed", rep.release
@@ -479,14 +566,14 @@ class Puller:
             path.unlink(missing_ok=True)
         return res
 
-    def _fail(self, res: PullResult, fetcher: Any, err: PullError) -> PullError:
+    def _fail(self, res: PullResult, net: _Net, err: PullError) -> PullError:
         res.action = "refused"
         res.error = {"type": type(err).__name__, "message": str(err), "exit_code": err.exit_code}
-        res.requests, res.metadata_bytes = fetcher.requests, fetcher.bytes
+        res.requests = net.requests
         err.result = res  # type: ignore[attr-defined]
         return err
 
-    def _fetch_target(self, up: Any, tf: Any, fetcher: Any, res: PullResult) -> Path:
+    def _fetch_target(self, tf: Any, net: _Net, res: PullResult) -> Path:
         h = tf.hashes["sha256"]
         d, _, leaf = tf.path.rpartition("/")
         url = f"{self.repo}/targets/{d + '/' if d else ''}{h}.{leaf}"
@@ -497,19 +584,18 @@ class Puller:
         dest = self.dl_dir / f"{h[:32]}.bundle"
         from tuf.api import exceptions as X
         try:
-            res.bytes_downloaded += _download(url, dest, tf.length, deadline_s=self.opt.deadline_s,
-                                              gap_s=self.opt.gap_s, counter=fetcher)
+            res.bytes_downloaded += _download(url, dest, tf.length, net=net)
             with open(dest, "rb") as f:
                 tf.verify_length_and_hashes(f)
         except X.DownloadHTTPError as e:
-            raise self._fail(res, fetcher, named(e)) from None
+            raise self._fail(res, net, named(e)) from None
         except Exception as e:
             if isinstance(e, (X.LengthOrHashMismatchError, X.DownloadLengthMismatchError)):
                 dest.unlink(missing_ok=True)
                 dest.with_name(dest.name + ".part").unlink(missing_ok=True)
-            raise self._fail(res, fetcher, named(e)) from None
+            raise self._fail(res, net, named(e)) from None
         finally:
-            res.requests = fetcher.requests
+            res.requests = net.requests
         return dest
 
     # ------------------------------------------------------------ reports
@@ -530,23 +616,54 @@ class Puller:
         if self.opt.upload:
             res.report_uploaded = self.flush_outbox()
 
+    def net(self) -> _Net:
+        o = self.opt
+        return _Net(deadline_s=o.deadline_s, gap_s=o.gap_s, min_rate_bps=o.min_rate_bps, grace_s=o.grace_s)
+
     def flush_outbox(self) -> bool:
-        import urllib3
+        """PUT every queued report (oldest first); stop at the first failure and keep the rest for
+        the next run. Each upload is under the same budget as a download: a report endpoint that
+        trickles its reply cannot hold the board either."""
         base = (self.opt.report_url or f"{self.repo}/reports").rstrip("/")
-        http = urllib3.PoolManager()
-        ok = True
+        net = self.net()
         for p in sorted(self.outbox.glob("*.json")):
+            url = f"{base}/{p.name}"
             try:
-                r = http.request("PUT", f"{base}/{p.name}", body=p.read_bytes(), retries=False,
-                                 headers={"Content-Type": "application/json"},
-                                 timeout=urllib3.Timeout(connect=self.opt.gap_s, read=self.opt.gap_s))
-            except urllib3.exceptions.HTTPError:
+                r, w = net.open("PUT", url, body=p.read_bytes(), headers={"Content-Type": "application/json"})
+                status, got = r.status, 0
+                for chunk in net.body(url, r, w):  # the reply is not used: read at most 64 KiB of it
+                    got += len(chunk)
+                    if got > 65536:
+                        break
+            except Exception:  # network or budget: the report stays queued
                 return False
-            if r.status >= 300:
+            if status >= 300:
                 return False
             p.unlink()
         fsync_dir(self.outbox)
-        return ok
+        return True
+
+
+# securesystemslib imports, at import time, the SDK of every optional cloud/HSM signer it finds
+# installed (boto3 alone costs ~0.45 s of CPU per poll on a 2-core host). A board only verifies
+# metadata, never signs it, so these are hidden while python-tuf is first imported, and made
+# importable again right after (a host process that imports this module keeps its boto3).
+_SIGNER_SDKS = ("boto3", "hvac", "pkcs11", "google.cloud.kms", "azure.identity")
+
+
+def _import_tuf() -> None:
+    import sys
+    if "tuf.ngclient" in sys.modules:
+        return
+    hidden = [m for m in _SIGNER_SDKS if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # import of m raises ImportError
+    try:
+        import tuf.ngclient  # noqa: F401
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
 
 
 def pull(state_dir: str | Path | None, options: PullOptions) -> PullResult:
@@ -556,7 +673,7 @@ def pull(state_dir: str | Path | None, options: PullOptions) -> PullResult:
     ``install``) with ``.report`` = the PullResult; repository failures raise a ``PullError``."""
     from .install import Agent
     try:
-        import tuf  # noqa: F401
+        _import_tuf()
     except ImportError:
         raise UsageError("`pull` needs python-tuf on the board: pip install 'edgepack[agent-pull]' "
                          "(tuf, with urllib3 and securesystemslib)") from None

@@ -118,6 +118,89 @@ http {{
                 self.proc.wait(5)
 
 
+class Trickle:
+    """A real HTTP server on loopback serving ``root`` (GET, with Range) that turns slow on purpose
+    for the URLs ``slow(path)`` selects: ``mode="body"`` sends the headers, then the body at ``rate``
+    bytes per second; ``mode="headers"`` sends the status line and headers themselves one byte per
+    ``1/rate`` s (no body byte ever arrives). Everything else is served at full speed, so the TUF
+    metadata verifies and only the chosen transfers are slow. ``hits`` counts the slow answers."""
+
+    def __init__(self, root: Path, *, slow, rate: float, mode: str = "body"):
+        import http.server
+        import threading
+        outer = self
+        self.root, self.slow, self.rate, self.mode, self.hits = Path(root), slow, rate, mode, 0
+        self.stopping = threading.Event()
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _drip(self, data: bytes) -> None:
+                step = max(1, int(outer.rate / 20))  # 20 writes a second
+                for i in range(0, len(data), step):
+                    if outer.stopping.is_set():
+                        return
+                    self.wfile.write(data[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(step / outer.rate)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                f = outer.root / path.lstrip("/")
+                if ".." in path or not f.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = f.read_bytes()
+                if not outer.slow(path):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                outer.hits += 1
+                self.close_connection = True
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                try:
+                    if outer.mode == "headers":
+                        self._drip(head + b"X" * 10**6)
+                    else:
+                        self.wfile.write(head)
+                        self._drip(body)
+                except OSError:
+                    pass
+
+            def do_PUT(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                if not outer.slow(self.path):
+                    self.send_response(201)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                outer.hits += 1
+                self.close_connection = True
+                try:
+                    self.wfile.write(b"HTTP/1.1 201 Created\r\nContent-Length: 1000000\r\n\r\n")
+                    self._drip(b" " * 10**6)
+                except OSError:
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class Weed:
     """SeaweedFS master + volume + filer + S3 gateway on loopback (no identities: anonymous access,
@@ -157,7 +240,7 @@ class Weed:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(3)  # weed often lingers on SIGTERM; nothing of it is needed after the test
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
@@ -208,4 +291,5 @@ def init_boards(base: Path, rel: Releases, n: int, *, prefix: str = "board") -> 
     return out
 
 
-__all__ = ["Nginx", "Weed", "have_nginx", "have_weed", "make_releases", "init_boards", "Releases", "TARGET"]
+__all__ = ["Nginx", "Trickle", "Weed", "have_nginx", "have_weed", "make_releases", "init_boards", "Releases", "TARGET",
+           "bundle", "golden_for", "make_onnx", "make_pki", "write_trust"]

@@ -63,14 +63,15 @@ def register(app: typer.Typer, fleet_app: typer.Typer) -> None:
         run_guarded(go)
 
     @repo_app.command("rotate")
-    def repo_rotate(role: str = typer.Argument(..., help="targets, snapshot or timestamp"), repo: str = REPO_OPT,
-                    keys: Path = KEYS_OPT, as_json: bool = JSON_OPT) -> None:
-        """Replace a role's key (compromise): new root version signed by the root keys."""
+    def repo_rotate(roles: List[str] = typer.Argument(..., help="targets, snapshot and/or timestamp (after a "
+                                                      "fast-forward: timestamp; a stolen snapshot key: snapshot timestamp)"),
+                    repo: str = REPO_OPT, keys: Path = KEYS_OPT, as_json: bool = JSON_OPT) -> None:
+        """Replace roles' keys (compromise) in one new root version signed by the root keys."""
         from ..fleet.publish import TufRepository
 
         def go() -> None:
-            v = TufRepository.open(repo, keys).rotate_key(role)
-            _dump({"root_version": v, "role": role}) if as_json else err.print(f"{role} key rotated; root v{v}")
+            v = TufRepository.open(repo, keys).rotate_keys(roles)
+            _dump({"root_version": v, "roles": roles}) if as_json else err.print(f"{' '.join(roles)} key(s) rotated; root v{v}")
         run_guarded(go)
 
     @app.command("publish")
@@ -202,21 +203,31 @@ def register(app: typer.Typer, fleet_app: typer.Typer) -> None:
                           as_json: bool = JSON_OPT) -> None:
         """`fleet check` for pull fleets: judge every board's latest reported install. Exit 26 if flagged."""
         from ..fleet import CheckPolicy, Store
-        from ..fleet.ingest import check_reports
+        from ..fleet.ingest import check_reports, repository_refusals
 
         def go() -> None:
             with Store(store) as st:
                 rep = check_reports(st, CheckPolicy(max_drift=max_drift, latency_margin=latency_margin,
                                                     latency_floor_ms=latency_floor_ms),
                                     latency_budget_ms=latency_budget_ms, ram_budget_mb=ram_budget_mb)
+                refusals = repository_refusals(st)
             if as_json:
-                _dump(rep.to_json())
+                _dump({**rep.to_json(), "repository_refusals": refusals})
             else:
                 err.print(f"{len(rep.boards)} board(s) judged in {rep.seconds:.2f} s: {len(rep.flags)} regression(s)",
                           highlight=False)
                 for f in rep.flags[:20]:
                     err.print(f"[red]regression:[/] {f.message}", highlight=False)
-            finish(rep)
+                by: dict[str, list[str]] = {}
+                for x in refusals:
+                    by.setdefault(x["error"], []).append(x["board"])
+                for t, boards in by.items():
+                    err.print(f"[yellow]{len(boards)} board(s) refuse the repository ({t}):[/] "
+                              f"{', '.join(boards[:5])}{' ...' if len(boards) > 5 else ''}; "
+                              f"{refusals[[x['error'] for x in refusals].index(t)]['advice']}",
+                              highlight=False, markup=True)
+            if rep.exit_code:
+                raise typer.Exit(rep.exit_code)
         run_guarded(go)
 
     app.add_typer(repo_app, name="repo")

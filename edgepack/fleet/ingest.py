@@ -173,29 +173,70 @@ def check_reports(store: Store, policy: CheckPolicy | None = None, *, latency_bu
     from .inventory import Board
     p = policy or CheckPolicy()
     t0 = time.perf_counter()
-    sql = """
-    WITH last AS (SELECT board, MAX(id) AS id FROM reports WHERE kind='install' AND ok=1 GROUP BY board),
-         cur AS (SELECT r.id, r.board, r.release, r.p90_ms, r.drift, r.top1, r.peak_rss_mb FROM reports r
-                 JOIN last ON r.id = last.id),
-         prev AS (SELECT p.board, MAX(p.id) AS id FROM reports p JOIN cur c ON p.board = c.board
-                  WHERE p.kind='install' AND p.ok=1 AND p.release < c.release AND p.p90_ms IS NOT NULL
-                  GROUP BY p.board)
-    SELECT c.board, c.release, c.p90_ms, c.drift, c.top1, c.peak_rss_mb, b.p90_ms
-    FROM cur c LEFT JOIN prev ON prev.board = c.board LEFT JOIN reports b ON b.id = prev.id ORDER BY c.board"""
-    with store.transaction() as db:
-        db.execute("CREATE INDEX IF NOT EXISTS reports_kind_board ON reports(kind, board, id)")
-        rows = db.execute(sql).fetchall()
+    # one ordered scan of the covering index store.reports_installs; per board: the latest
+    # committed install, and as its baseline the latest earlier one of a lower release with a p90
+    sql = """SELECT board, release, p90_ms, drift, top1, peak_rss_mb FROM reports INDEXED BY reports_installs
+             WHERE kind = 'install' AND ok = 1 ORDER BY board, id"""
     out = []
-    for board, rel, p90, drift, top1, rss, base in rows:
+
+    def judge_board(rows: list[tuple]) -> None:
+        board, rel, p90, drift, top1, rss = rows[-1]
+        base = next((r[2] for r in reversed(rows[:-1]) if r[2] is not None and r[1] is not None and rel is not None
+                     and r[1] < rel), None)
         b = Board(name=board, latency_budget_ms=latency_budget_ms, ram_budget_mb=ram_budget_mb)
         c = BoardCheck(board=board, release=rel, top1=top1, drift=drift, p90_ms=p90, baseline_p90_ms=base,
                        peak_rss_mb=rss)
         c.flags = judge(b, c, p)
         out.append(c)
+
+    with store.transaction() as db:
+        cur: list[tuple] = []
+        for row in db.execute(sql):
+            if cur and row[0] != cur[0][0]:
+                judge_board(cur)
+                cur = []
+            cur.append(row)
+        if cur:
+            judge_board(cur)
     rep = CheckReport(boards=out, seconds=round(time.perf_counter() - t0, 3))
     if save_flags:
         store.add_flags(rep.flags)
     return rep
 
 
-__all__ = ["ingest", "ingest_objects", "check_reports", "rows_of", "IngestReport"]
+# What a board's refusal of the repository means for the operator, by the agent's named error
+# (device_agent.pull). A refusal protects the board; these say what to do so the fleet moves again.
+REFUSAL_ADVICE = {
+    "MetadataRollback": "the board trusts a newer timestamp/snapshot than the repository serves: a replayed old "
+                        "repository, or a fast-forward by a stolen key. If yours is the newest, rotate: "
+                        "`edgepack repo rotate timestamp` (stolen snapshot key: `repo rotate snapshot timestamp`)",
+    "MetadataUnsigned": "metadata not signed by the repository's keys reached the board: a tampered mirror or a "
+                        "man in the middle; compare the store with your keys",
+    "MetadataMismatch": "metadata differs from what the newer signed metadata pins (mix-and-match): a tampered or "
+                        "half-synced mirror",
+    "TargetHashMismatch": "a bundle's bytes differ from the signed targets: a tampered store or mirror",
+    "MetadataExpired": "the timestamp (or snapshot) has expired: run `edgepack repo refresh` from cron, or a "
+                       "mirror serves a frozen copy",
+    "EndlessData": "the server sent more bytes than the signed length: a hostile mirror",
+    "SlowRetrieval": "transfers below the minimum rate or past the deadline: a slow link or a hostile mirror",
+}
+
+
+def repository_refusals(store: Store) -> list[dict[str, Any]]:
+    """Boards whose latest report is a refusal of the repository (TUF's checks), with what it means.
+    A pull fleet has no session to see this in: it is only in the reports the boards upload."""
+    types = tuple(REFUSAL_ADVICE)
+    sql = f"""
+    WITH last AS (SELECT board, MAX(id) AS id FROM reports WHERE kind='status' GROUP BY board)
+    SELECT r.board, r.ts, json_extract(r.json, '$.error.type'), json_extract(r.json, '$.error.message')
+    FROM reports r JOIN last ON r.id = last.id
+    WHERE json_extract(r.json, '$.error.type') IN ({",".join("?" * len(types))}) ORDER BY r.board"""
+    with store.transaction() as db:
+        db.execute("CREATE INDEX IF NOT EXISTS reports_kind_board ON reports(kind, board, id)")
+        rows = db.execute(sql, types).fetchall()
+    return [{"board": b, "ts": ts, "error": t, "message": str(m)[:300], "advice": REFUSAL_ADVICE[t]}
+            for b, ts, t, m in rows]
+
+
+__all__ = ["ingest", "ingest_objects", "check_reports", "repository_refusals", "rows_of", "IngestReport",
+           "REFUSAL_ADVICE"]

@@ -274,34 +274,51 @@ class TufRepository:
         return self.commit(targets_changed=False)[2]
 
     def rotate_key(self, role: str, new_key_path: Path | None = None) -> int:
-        """Replace a role's key (after a compromise) in a new root version signed by the root keys.
-        Boards that trusted a fast-forwarded timestamp/snapshot drop it when the key changes."""
+        """Replace one role's key (after a compromise) in a new root version: ``rotate_keys([role])``."""
+        return self.rotate_keys([role], {role: new_key_path} if new_key_path else None)
+
+    def rotate_keys(self, roles: Iterable[str], new_key_paths: dict[str, Path] | None = None) -> int:
+        """Replace the keys of ``roles`` (targets, snapshot, timestamp) in ONE new root version signed
+        by the root keys, then re-sign those roles (and everything below them) with the new keys.
+
+        This is how a fleet recovers from a fast-forward attack (TUF spec 5.3.11): a board that was
+        made to trust a timestamp or snapshot of a huge version refuses every honest one after it as
+        a rollback; once the root it walks to names other keys for those roles, its stored copies no
+        longer verify, it drops them and takes the honest versions again. A stolen timestamp key
+        needs ``timestamp``; a stolen snapshot key (which lets the attacker raise the targets version)
+        needs ``snapshot`` and ``timestamp`` (the attacker's timestamp pointed at its snapshot)."""
         from ..ota.keys import generate_key, load_signing_key
         _, CryptoSigner, _ = _tuf()
-        if role not in ("targets", "snapshot", "timestamp"):
-            raise RepositoryError(f"rotate: role must be targets, snapshot or timestamp, not {role!r}")
-        old = self.keys.signer(role).public_key.keyid
-        p = self.keys.path(role)
-        archived = p.with_name(p.name + f".retired-{self.root.signed.version}")
-        p.rename(archived)
-        pub = p.with_name(p.name + ".pub")
-        if pub.exists():
-            pub.rename(archived.with_name(archived.name + ".pub"))
-        sk = load_signing_key(new_key_path) if new_key_path else generate_key(p)
-        if new_key_path:
-            p.write_bytes(Path(new_key_path).read_bytes())
-            p.chmod(0o600)
+        roles = list(dict.fromkeys(roles))
+        paths = dict(new_key_paths or {})
+        bad = [r for r in roles if r not in ("targets", "snapshot", "timestamp")]
+        if not roles or bad:
+            raise RepositoryError(f"rotate: roles must be targets, snapshot or timestamp, not {bad or roles!r}")
         r = self.root.signed
-        r.revoke_key(old, role)
-        r.add_key(CryptoSigner(sk._key).public_key, role)
+        for role in roles:
+            old = self.keys.signer(role).public_key.keyid
+            p = self.keys.path(role)
+            archived = p.with_name(p.name + f".retired-{r.version}")
+            p.rename(archived)
+            pub = p.with_name(p.name + ".pub")
+            if pub.exists():
+                pub.rename(archived.with_name(archived.name + ".pub"))
+            if role in paths:
+                sk = load_signing_key(paths[role])
+                p.write_bytes(Path(paths[role]).read_bytes())
+                p.chmod(0o600)
+            else:
+                sk = generate_key(p)
+            r.revoke_key(old, role)
+            r.add_key(CryptoSigner(sk._key).public_key, role)
         r.version += 1
         r.expires = _expiry(self.opt.root_days)
         self.root.signatures.clear()
         for s in self.keys.root_signers():
             self.root.sign(s, append=True)
         self._put_root()
-        # re-sign the role with its new key (and everything below it) so boards can move on
-        self.commit(targets_changed=role in ("targets", "snapshot"))
+        # re-sign the rotated roles with their new keys (and everything below them) so boards move on
+        self.commit(targets_changed=bool({"targets", "snapshot"} & set(roles)))
         return r.version
 
     # ------------------------------------------------------------------ targets

@@ -22,6 +22,10 @@ CREATE TABLE IF NOT EXISTS reports (
   release INTEGER, ok INTEGER NOT NULL, rollout INTEGER,
   p90_ms REAL, drift REAL, top1 REAL, peak_rss_mb REAL, bytes INTEGER, json TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS reports_board ON reports(board, ts);
+-- committed installs, per board in id order, with the figures `fleet check-reports` judges: that
+-- check is then one ordered scan of this index (no table lookups, no sort), also at 10^6 rows
+CREATE INDEX IF NOT EXISTS reports_installs ON reports(board, id, release, p90_ms, drift, top1, peak_rss_mb)
+  WHERE kind = 'install' AND ok = 1;
 CREATE TABLE IF NOT EXISTS rollouts (
   id INTEGER PRIMARY KEY, ts REAL NOT NULL, release INTEGER, bundle TEXT, halted INTEGER, reason TEXT, json TEXT);
 CREATE TABLE IF NOT EXISTS flags (
