@@ -165,10 +165,10 @@ def bench_w8a8(a) -> dict:
     torch.set_num_threads(2)
     ids = protocol_ids()
     calib = side_windows("austen-emma", a.calib_windows, a.calib_len)
-    search = side_windows("austen-persuasion", 1, 512)
+    search = side_windows("austen-persuasion", 1, a.search_len)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir()), dtype=torch.float32).eval()
     res = {"calibration": f"austen-emma, {a.calib_windows} x {a.calib_len} tokens",
-           "selection": "austen-persuasion, 1 x 512 tokens", "variants": {}}
+           "selection": f"austen-persuasion, 1 x {a.search_len} tokens", "variants": {}}
 
     def ppl_of(m, which=ids):
         if isinstance(which, list):
@@ -184,8 +184,12 @@ def bench_w8a8(a) -> dict:
         Path(a.output).write_text(json.dumps(_envelope(a, res), indent=1))
 
     t = time.perf_counter()
-    ref = ppl_of(model)
-    record("reference FP32 (PyTorch)", ref, seconds=round(time.perf_counter() - t, 1))
+    if a.ref_ppl:   # measured by an earlier run of this script on the same protocol (saves ~10 min here)
+        ref = a.ref_ppl
+        record("reference FP32 (PyTorch)", ref, reused_from_earlier_run=True)
+    else:
+        ref = ppl_of(model)
+        record("reference FP32 (PyTorch)", ref, seconds=round(time.perf_counter() - t, 1))
     ref_search = ppl_of(model, search)
     stats0 = w8a8.calibrate(model, calib)
     down = [n for n in stats0.amax if n.endswith("down_proj")]
@@ -213,7 +217,6 @@ def bench_w8a8(a) -> dict:
     ranking = [n for n, _ in sorted(stats.a8_rel_err.items(), key=lambda kv: -kv[1]) if n != "lm_head"]
     res["ranking_top10"] = [(n, stats.a8_rel_err[n]) for n in ranking[:10]]
     worst3 = ranking[:3]
-    record("W8A8 + SmoothQuant, 3 worst A16", ppl_of(with_modes({n: "npu-a16w8" for n in worst3})), layers=worst3)
 
     # the planner: selection on Persuasion, within +budget of the reference there
     target = load_target("hybrid-npu-int8-cpu-fp16")
@@ -225,7 +228,8 @@ def bench_w8a8(a) -> dict:
         modes = {n: p.placement[n] for n in promoted}
         return ppl_of(with_modes(modes), search)
 
-    found = search_promotions(evaluate, ranking, ref_search, a.budget, groups={"all down_proj": down})
+    found = search_promotions(evaluate, ranking, ref_search, a.budget, groups={"all down_proj": down},
+                              max_probes=a.max_probes)
     p = plan(ops, board, promote=found["promoted"], head="cpu-fp16")
     modes = {n: p.placement[n] for n in found["promoted"]}
     final = ppl_of(with_modes(modes))
@@ -238,6 +242,7 @@ def bench_w8a8(a) -> dict:
     all_npu = plan(ops, board, head="npu-a8w8")
     res["plan_all_npu"] = {"partitions": all_npu.partitions, "est_tokens_per_s": all_npu.tokens_per_s}
     print(res["plan_table"])
+    record("W8A8 + SmoothQuant, 3 worst A16", ppl_of(with_modes({n: "npu-a16w8" for n in worst3})), layers=worst3)
     return res
 
 
@@ -248,7 +253,38 @@ def _envelope(a, body):
             **body}
 
 
+def render(onnx_json: str, w8a8_json: str) -> str:
+    """Markdown tables for docs/BENCHMARKS.md from the two JSON files (whatever they hold)."""
+    lines = []
+    if Path(onnx_json).is_file():
+        d = json.loads(Path(onnx_json).read_text())
+        ref = next((v["ppl"] for k, v in d["variants"].items() if k.startswith("reference") and "ppl" in v), None)
+        lines += ["| variant | ppl | vs ref | size MB | peak RSS MB | prefill tok/s | decode tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, v in d["variants"].items():
+            if "error" in v:
+                lines.append(f"| {k} | failed: {v['error'][:120]} | | | | | |")
+                continue
+            rel = f"{(v['ppl'] / ref - 1) * 100:+.1f} %" if ref else ""
+            lines.append(f"| {k} | {v['ppl']:.2f} | {rel} | {v['size_bytes'] / 1e6:.0f} | "
+                         f"{v['peak_rss_bytes'] / 2**20:.0f} | {v['prefill_tok_s']:.1f} | {v['decode_tok_s']:.2f} |")
+    if Path(w8a8_json).is_file():
+        d = json.loads(Path(w8a8_json).read_text())
+        ref = next((v["ppl"] for k, v in d["variants"].items() if k.startswith("reference")), None)
+        lines += ["", "| W8A8 variant (fake quantization, PyTorch) | ppl | vs ref | NPU MACs (INT8 act.) | partitions | est. board tok/s |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in d["variants"].items():
+            rel = f"{(v['ppl'] / ref - 1) * 100:+.1f} %" if ref else ""
+            extra = (f"{v['npu_mac_fraction'] * 100:.1f} % ({v['npu_int8_mac_fraction'] * 100:.1f} %) | {v['partitions']} | "
+                     f"{v['est_tokens_per_s']:.0f}") if "npu_mac_fraction" in v else " | | "
+            lines.append(f"| {k} | {v['ppl']:.2f} | {rel} | {extra} |")
+    return "\n".join(lines)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "render":
+        print(render(sys.argv[2], sys.argv[3]))
+        return 0
     if len(sys.argv) > 2 and sys.argv[1] == "_worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
         return 0
@@ -264,6 +300,9 @@ def main():
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--budget", type=float, default=0.03)
+    ap.add_argument("--ref-ppl", type=float, default=0.0, help="reuse an earlier reference perplexity")
+    ap.add_argument("--search-len", type=int, default=512, help="selection window (Persuasion) tokens")
+    ap.add_argument("--max-probes", type=int, default=12)
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     body = bench_onnx(a) if a.part == "onnx" else bench_w8a8(a)

@@ -149,3 +149,27 @@ def test_kv_cache_formula_and_fits_are_monotone():
     f = fits(SMOL, 100_000_000, 600_000_000, contexts=(512, 4096, 65536))
     assert [v["fits"] for v in f.values()] == [True, True, False]
     assert f[512]["bytes"] < f[4096]["bytes"] < f[65536]["bytes"]
+
+
+def test_cli_plan_and_memory(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgepack.cli import app
+    SMOL.save_pretrained(str(tmp_path / "cfg"))
+    promote = tmp_path / "promote.json"
+    promote.write_text(json.dumps(["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]))
+    r = CliRunner().invoke(app, ["llm", "plan", "--hf-dir", str(tmp_path / "cfg"), "--promote", str(promote),
+                                 "-o", str(tmp_path / "plan.json")])
+    assert r.exit_code == 0, r.output
+    p = json.loads((tmp_path / "plan.json").read_text())
+    assert p["placement"]["layers.0.mlp.down_proj"] == "cpu-fp16" and p["partitions"] == 4 * 30 + 1 - 2
+    assert "naive per-op dispatch: 211 partitions" in r.output
+    promote.write_text("{not json")
+    r = CliRunner().invoke(app, ["llm", "plan", "--hf-dir", str(tmp_path / "cfg"), "--promote", str(promote)])
+    assert r.exit_code == 2 and "not a JSON list" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["llm", "memory", "--weights-mb", "116", "--hf-dir", str(tmp_path / "cfg")])
+    assert r.exit_code == 0 and "context   2048" in r.output and "fits" in r.output
+    r = CliRunner().invoke(app, ["llm", "plan", "--hf-dir", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and "config.json" in r.output

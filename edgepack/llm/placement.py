@@ -258,7 +258,7 @@ def format_table(p: Plan, max_rows: int = 40) -> str:
 
 
 def search_promotions(evaluate, ranking: list[str], ref_ppl: float, budget: float,
-                      groups: dict | None = None) -> dict:
+                      groups: dict | None = None, max_probes: int = 12) -> dict:
     """Fewest promoted matmuls (a prefix of ``ranking``, most sensitive first) whose measured
     perplexity ``evaluate(promoted) -> ppl`` is within ``ref_ppl * (1 + budget)``: bisection over
     the prefix length (assumes quality improves as more layers are promoted; every probe is
@@ -285,7 +285,7 @@ def search_promotions(evaluate, ranking: list[str], ref_ppl: float, budget: floa
     if not ok_hi:
         return {"promoted": ranking[:hi], "label": f"top-{hi}", "limit": limit, "probes": probes, "met": False}
     found = None
-    while hi - lo > 1 and len(probes) < 12:
+    while hi - lo > 1 and len(probes) < max_probes:
         mid = (lo + hi) // 2
         if probe(f"top-{mid}", ranking[:mid]) <= limit:
             hi, found = mid, mid
