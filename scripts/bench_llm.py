@@ -56,16 +56,28 @@ def side_windows(name: str, n: int, length: int) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------ one ONNX variant, in a child
+def _hwm() -> int:
+    """Peak RSS of this process (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
+    would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(spec: dict) -> dict:
     import onnxruntime  # noqa: F401  (runtime baseline before the model)
 
     from edgepack.llm.export import OnnxLM, model_size_bytes
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = _hwm()
     ids = np.asarray(spec["ids"], np.int64)
     lm = OnnxLM(spec["model"], threads=spec.get("threads", 2))
     t0 = time.perf_counter()
-    ppl = perplexity(lm.logits, ids)
+    if spec.get("skip_ppl"):    # speed and memory only (the perplexity is kept from an earlier run)
+        ppl = None
+    else:
+        ppl = perplexity(lm.logits, ids)
     ppl_s = time.perf_counter() - t0
     prompt = ids[None, :spec["prompt"]]
     runs = []
@@ -74,10 +86,14 @@ def worker(spec: dict) -> dict:
         runs.append((pre, dec))
     pre = float(np.median([r[0] for r in runs]))
     dec = float(np.median([r[1] for r in runs]))
-    return {"ppl": ppl.ppl, "scored_tokens": ppl.scored_tokens, "ppl_seconds": round(ppl_s, 1),
+    # peak of a whole-window prefill as the protocol runs it, also when the perplexity is skipped
+    if ppl is None:
+        lm.logits(ids[None, :PROTOCOL.context])
+    out = {"ppl": ppl.ppl, "scored_tokens": ppl.scored_tokens} if ppl else {}
+    return {**out, "ppl_seconds": round(ppl_s, 1),
             "size_bytes": model_size_bytes(spec["model"]),
             "prefill_tok_s": spec["prompt"] / pre, "decode_tok_s": (spec["new"] - 1) / dec,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _hwm(),
             "runtime_rss_bytes": base_rss, "first_tokens": toks[:8]}
 
 
@@ -126,6 +142,11 @@ def bench_onnx(a) -> dict:
          lambda: ours("w4-rtn-b32", WeightOnlyOptions(bits=4, block_size=32)), "edgepack"),
         ("W4 weight-only, edgepack (RTN, block 64)",
          lambda: ours("w4-rtn-b64", WeightOnlyOptions(bits=4, block_size=64)), "edgepack"),
+        ("W4 weight-only, edgepack (RTN asymmetric, block 64)",
+         lambda: ours("w4-rtn-asym-b64", WeightOnlyOptions(bits=4, block_size=64, symmetric=False)), "edgepack"),
+        ("W4 weight-only, edgepack mixed (RTN asym block 64, down_proj INT8)",
+         lambda: ours("w4-mixed-b64", WeightOnlyOptions(bits=4, block_size=64, symmetric=False,
+                                                        int8_matmuls=("down_proj",))), "edgepack"),
         ("W4 weight-only, edgepack (RTN, block 128)",
          lambda: ours("w4-rtn-b128", WeightOnlyOptions(bits=4, block_size=128)), "edgepack"),
         ("W4 weight-only, edgepack (HQQ, block 64)",
@@ -136,7 +157,9 @@ def bench_onnx(a) -> dict:
     ]
     only = set(a.only.split(",")) if a.only else None
     for label, make, kind in plan:
-        if only and not any(o in label for o in only) or label in variants:
+        if only and not any(o in label for o in only):
+            continue
+        if label in variants and not a.remeasure:
             continue
         try:
             path = make()
@@ -145,8 +168,12 @@ def bench_onnx(a) -> dict:
             log(f"{label}: {variants[label]['error']}")
             continue
         log(f"measure {label}")
+        again = label in variants and a.remeasure
         r = run_worker({"model": str(path), "ids": ids, "prompt": a.prompt, "new": a.new, "threads": 2,
-                        "repeats": a.repeats})
+                        "repeats": a.repeats, "skip_ppl": again})
+        if again and "error" not in r:
+            r = {**r, "ppl": variants[label]["ppl"], "scored_tokens": variants[label]["scored_tokens"],
+                 "ppl_seconds": variants[label].get("ppl_seconds"), "speed_rss_remeasured": True}
         variants[label] = {"kind": kind, "path": str(path.relative_to(ROOT)), **r}
         log(f"{label}: {json.dumps({k: v for k, v in r.items() if k != 'first_tokens'})}")
         Path(a.output).write_text(json.dumps(_envelope(a, {"variants": variants}), indent=1))
@@ -163,11 +190,14 @@ def bench_w8a8(a) -> dict:
     from edgepack.targets import load_target
 
     torch.set_num_threads(2)
-    ids = protocol_ids()
+    from edgepack.llm.perplexity import PerplexityProtocol
+    # the W8A8 table may use a shorter protocol of the same kind (its own id, its own reference)
+    proto = PROTOCOL if a.w8a8_tokens in (0, PROTOCOL.tokens) else PerplexityProtocol(tokens=a.w8a8_tokens)
+    ids = tokenize_corpus(_tok(), text(proto.corpus), proto)
     calib = side_windows("austen-emma", a.calib_windows, a.calib_len)
     search = side_windows("austen-persuasion", 1, a.search_len)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir()), dtype=torch.float32).eval()
-    res = {"calibration": f"austen-emma, {a.calib_windows} x {a.calib_len} tokens",
+    res = {"protocol_w8a8": proto.to_dict(), "calibration": f"austen-emma, {a.calib_windows} x {a.calib_len} tokens",
            "selection": f"austen-persuasion, 1 x {a.search_len} tokens", "variants": {}}
 
     def ppl_of(m, which=ids):
@@ -176,7 +206,7 @@ def bench_w8a8(a) -> dict:
             fn = w8a8.logits_fn(m)
             nll = [log_softmax_nll(fn(w)[0, :-1], w[0, 1:]) for w in which]
             return float(np.exp(np.concatenate(nll).mean()))
-        return perplexity(w8a8.logits_fn(m), which).ppl
+        return perplexity(w8a8.logits_fn(m), which, proto).ppl
 
     def record(label, value, **extra):
         res["variants"][label] = {"ppl": value, **extra}
@@ -296,6 +326,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated substrings of the variant labels to run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="keep variants already in the output JSON")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="with --resume: measure speed and peak RSS again, keep the perplexity")
     ap.add_argument("--calib-windows", type=int, default=2)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--alpha", type=float, default=0.5)
@@ -303,6 +335,8 @@ def main():
     ap.add_argument("--ref-ppl", type=float, default=0.0, help="reuse an earlier reference perplexity")
     ap.add_argument("--search-len", type=int, default=512, help="selection window (Persuasion) tokens")
     ap.add_argument("--max-probes", type=int, default=12)
+    ap.add_argument("--w8a8-tokens", type=int, default=0,
+                    help="W8A8 part: protocol token count (0: the fixed PROTOCOL's); recorded with its id")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     body = bench_onnx(a) if a.part == "onnx" else bench_w8a8(a)

@@ -134,3 +134,16 @@ def test_golden_prompts_pass_the_model_and_fail_a_broken_one(tiny):
     shuffled = lambda x: lm.logits(x)[:, :, ::-1]          # a model whose vocabulary is scrambled  # noqa: E731
     bad = judge(shuffled, golden)
     assert not bad.ok and bad.agreement < 0.5
+
+
+def test_mixed_w4_keeps_chosen_matmuls_at_int8(tiny):
+    from edgepack.llm.weightonly import WeightOnlyOptions, quantize_weight_only
+
+    dst = tiny["root"] / "w4mixed" / "model.onnx"
+    quantize_weight_only(tiny["onnx"], dst, WeightOnlyOptions(bits=4, block_size=32, symmetric=False,
+                                                              int8_matmuls=("down_proj",)))
+    m = onnx.load(str(dst), load_external_data=False)
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in m.graph.node if n.op_type == "MatMulNBits"}
+    assert {b for k, b in bits.items() if "down_proj" in k} == {8}
+    assert {b for k, b in bits.items() if "down_proj" not in k and "lm_head" not in k} == {4}
+    assert sum("down_proj" in k for k in bits) == 2

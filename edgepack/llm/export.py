@@ -2,8 +2,9 @@
 
 Route (offline): transformers + ``gguf`` de-quantize the GGUF into a safetensors folder
 (``scripts/llm_assets.py``), then onnxruntime-genai's model builder writes the ONNX decoder:
-``input_ids``, an explicit ``attention_mask`` over past + new tokens (position ids are derived
-from it inside GroupQueryAttention, as the builder lays it out), ``past_key_values.N.key/value``
+``input_ids``, an explicit ``attention_mask`` over past + new tokens, explicit ``position_ids``
+where the graph takes them (the builder's FP16 CPU graph; its GroupQueryAttention graphs derive
+them from the mask), ``past_key_values.N.key/value``
 in and ``present.N.key/value`` out, so the same graph runs prefill (empty past) and decode (one
 token). Precisions: ``fp32``, ``fp16`` and weight-only ``int8`` / ``int4`` (MatMulNBits; the
 builder's options pass through). The model runs on plain ONNX Runtime (:class:`OnnxLM`).
@@ -72,6 +73,8 @@ def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32",
         shutil.rmtree(tmp, ignore_errors=True)
         lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
         raise ExportError(f"the model builder failed ({precision}, {opts}): {lines[-1] if lines else r.returncode}")
+    if precision == "fp16":
+        _strip_value_info(tmp / "model.onnx")
     (tmp / "edgepack-export.json").write_text(json.dumps({
         "source": str(hf_dir), "precision": precision, "extra_options": opts,
         "builder": _builder_version(), "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
@@ -79,6 +82,19 @@ def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32",
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir / "model.onnx"
+
+
+def _strip_value_info(path: Path) -> None:
+    """The builder's FP16 CPU graph annotates intermediate shapes with a symbolic length that does
+    not hold in decode (one new token against the cached ones); ONNX Runtime's memory planner then
+    re-uses a buffer of the wrong shape in the inserted FP16 casts and the first decode step fails
+    ("Shape mismatch attempting to re-use buffer"). Dropping the annotations (value_info only; the
+    weights are untouched) lets ORT infer the shapes itself."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    del m.graph.value_info[:]
+    onnx.save(m, str(path))
 
 
 def _builder_version() -> str:
@@ -122,6 +138,8 @@ class OnnxLM:
             cfg = json.loads((self.path.parent / "genai_config.json").read_text())["model"]
             self.head_dim = int(cfg["decoder"]["head_size"])
         self.out_names = [o.name for o in self.sess.get_outputs()]
+        # the builder's FP16 CPU graph takes explicit position ids; its GQA graphs derive them
+        self.position_ids = "position_ids" in ins
 
     def empty_cache(self, batch: int = 1) -> dict:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
@@ -131,7 +149,10 @@ class OnnxLM:
         """Run ``ids`` [1, T] after ``past_len`` cached tokens; returns logits [1, T, V] and the new cache."""
         ids = np.asarray(ids, np.int64)
         mask = np.ones((ids.shape[0], past_len + ids.shape[1]), np.int64)
-        outs = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, **cache})
+        feed = {"input_ids": ids, "attention_mask": mask, **cache}
+        if self.position_ids:
+            feed["position_ids"] = np.arange(past_len, past_len + ids.shape[1], dtype=np.int64)[None].repeat(ids.shape[0], 0)
+        outs = self.sess.run(None, feed)
         named = dict(zip(self.out_names, outs))
         new = {p: named[p.replace("past_key_values.", "present.")] for p in self.past_names}
         return named["logits"].astype(np.float32), new

@@ -36,6 +36,7 @@ class WeightOnlyOptions:
     lm_head_bits: int | None = 8      # None: keep lm_head in float
     embed_bits: int | None = 8        # None: keep the embedding table in float
     accuracy_level: int = 4           # MatMulNBits computes with int8 activations on CPU (fastest)
+    int8_matmuls: tuple = ()          # name substrings of body MatMuls kept at INT8 (e.g. "down_proj")
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -119,7 +120,13 @@ def quantize_weight_only(src: str | Path, dst: str | Path, options: WeightOnlyOp
     untied = untie_embeddings(model)
     has_head = any(n.name == LM_HEAD for n in model.graph.node)
     excl = [LM_HEAD] if has_head else []
-    model = _quantize(model, _body_config(options), nodes_to_exclude=excl)
+    keep8 = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != LM_HEAD
+             and any(s in n.name for s in options.int8_matmuls)] if options.bits == 4 else []
+    model = _quantize(model, _body_config(options), nodes_to_exclude=excl + keep8)
+    if keep8:
+        c = m.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=8,
+                                           accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",))
+        model = _quantize(model, c, nodes_to_include=keep8)
     if has_head and options.lm_head_bits:
         c = m.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=True, bits=options.lm_head_bits,
                                            accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",))
@@ -161,9 +168,11 @@ def quantize_embedding(model, bits: int, block: int) -> str | None:
         if g.op_type != "Gather" or g.input[0] not in inits:
             continue
         w = numpy_helper.to_array(inits[g.input[0]])
-        if w.ndim != 2 or w.dtype != np.float32 or w.shape[1] % block:
+        if w.ndim != 2 or w.dtype != np.float32:
             continue
         v, h = w.shape
+        while block > 1 and h % block:   # the widest block that tiles a row (576 = 4.5 x 128 -> 64)
+            block //= 2
         qmax = 2 ** (bits - 1) - 1
         blocks = w.reshape(v, h // block, block)
         scale = np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-12) / qmax
