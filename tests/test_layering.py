@@ -29,10 +29,16 @@ SHARED = {"edgepack", "edgepack.errors", "edgepack.data", "edgepack.modelinfo", 
           "edgepack.plots", "edgepack.charts"}
 ROOMS = {  # room -> rooms it may import (besides SHARED and the board's public modules)
     "edgepack.quantize": set(),
+    "edgepack.llm": {"edgepack.quantize"},      # scenario 3: export, weight-only, W8A8, placement for LLMs
+    "edgepack.tflite": {"edgepack.quantize"},   # the LiteRT path: full-integer .tflite with the same search
     "edgepack.ota": set(),
     "edgepack.fleet": {"edgepack.ota", "edgepack.quantize"},  # pushes bundles; evaluates on emulated boards
-    "edgepack.project": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet"},  # edgepack.toml, `init`
-    "edgepack.cli": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet", "edgepack.project"},
+    # tools over every room, used by the CLI and notebooks: the project file, doctor, release diffs
+    "edgepack.project": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet", "edgepack.llm", "edgepack.tflite"},
+    "edgepack.doctor": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet", "edgepack.project"},
+    "edgepack.diff": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet", "edgepack.project"},
+    "edgepack.cli": {"edgepack.quantize", "edgepack.ota", "edgepack.fleet", "edgepack.project", "edgepack.llm",
+                     "edgepack.tflite", "edgepack.doctor", "edgepack.diff"},
 }
 
 

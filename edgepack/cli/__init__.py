@@ -44,7 +44,7 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", "-V", callba
         _common.VERBOSE = True
 
 
-from . import _common, agent, fleet, ota, project, pull, quantize  # noqa: E402
+from . import _common, agent, fleet, llm, ota, project, pull, quantize  # noqa: E402
 
 quantize.register(app)
 ota.register(app)
@@ -52,6 +52,7 @@ agent.register(app)
 fleet.register(app)
 pull.register(app, fleet.fleet_app)
 project.register(app)
+llm.register(app)
 
 _TYPE_LABEL = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "Path": "PATH", "bool": "BOOL"}
 

@@ -1,0 +1,149 @@
+"""Export (genai builder -> ONNX with KV cache) checked against PyTorch, weight-only INT8/INT4,
+and W8A8 fake quantization with SmoothQuant, on a tiny random LLaMA (2 layers, hidden 64)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from llm_helpers import tiny_llama
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from edgepack.llm.export import build_onnx
+    root = tmp_path_factory.mktemp("tiny-llama")
+    hf = tiny_llama(root / "hf")
+    onnx_path = build_onnx(hf, root / "fp32", "fp32")
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 48)
+    return {"root": root, "hf": hf, "onnx": onnx_path, "torch": model, "ids": ids}
+
+
+def test_onnx_matches_pytorch_in_prefill_and_kv_cache_decode(tiny):
+    from edgepack.llm.export import OnnxLM, verify
+
+    lm = OnnxLM(tiny["onnx"])
+    names = {i.name for i in lm.sess.get_inputs()}
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
+    v = verify(lm, tiny["torch"], tiny["ids"])
+    assert v.logit_scale > 1.0                       # logits that are not all ~0
+    assert v.prefill_max_abs_logit_err < 1e-3 * v.logit_scale
+    assert v.decode_max_abs_logit_err < 1e-3 * v.logit_scale
+    assert v.prefill_next_token_agreement == 1.0 and v.decode_next_token_agreement == 1.0
+
+
+def test_decode_with_a_wrong_cache_is_caught(tiny):
+    """The decode check must fail when the cache is not carried: run each step with an empty past."""
+    from edgepack.llm.export import OnnxLM, torch_logits
+
+    lm = OnnxLM(tiny["onnx"])
+    ids = tiny["ids"][None]
+    ref = torch_logits(tiny["torch"], ids)[0, -1]
+    no_cache, _ = lm.step(ids[:, -1:], lm.empty_cache(), 0)
+    assert np.abs(no_cache[0, -1] - ref).max() > 1e-2
+
+
+@pytest.mark.parametrize("bits,algo", [(8, "rtn"), (4, "rtn"), (4, "hqq")])
+def test_weight_only_quantization(tiny, bits, algo):
+    from edgepack.llm.export import OnnxLM, model_size_bytes, verify
+    from edgepack.llm.weightonly import WeightOnlyOptions, quantize_weight_only
+
+    dst = tiny["root"] / f"w{bits}{algo}" / "model.onnx"
+    info = quantize_weight_only(tiny["onnx"], dst, WeightOnlyOptions(bits=bits, block_size=32, algo=algo))
+    assert info["untied_embeddings"] and info["embedding"]
+    m = onnx.load(str(dst), load_external_data=False)
+    nb = {n.name: {a.name: a.i for a in n.attribute} for n in m.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nb) == 2 * 7 + 1 - 2 * 2              # q/k/v fused into qkv by the builder: 5 per layer + lm_head
+    head = [v for k, v in nb.items() if "lm_head" in k]
+    assert len(head) == 1 and head[0]["bits"] == 8
+    assert all(v["bits"] == bits for k, v in nb.items() if "lm_head" not in k)
+    # no float copy of the [V, H] embedding table survives
+    cfg = tiny["torch"].config
+    floats = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+              and sorted(i.dims) == sorted([cfg.vocab_size, cfg.hidden_size])]
+    assert not floats
+    assert model_size_bytes(dst) < model_size_bytes(tiny["onnx"]) * (0.45 if bits == 8 else 0.35)
+    from edgepack.llm.export import torch_logits
+    lm = OnnxLM(dst)
+    v = verify(lm, tiny["torch"], tiny["ids"])
+    got, ref = lm.logits(tiny["ids"][None]).ravel(), torch_logits(tiny["torch"], tiny["ids"][None]).ravel()
+    cos = float(got @ ref / np.linalg.norm(got) / np.linalg.norm(ref))
+    # a random 2-layer model has small argmax margins: 4-bit blocks of 32 flip some of them
+    assert cos > (0.999 if bits == 8 else 0.95)
+    assert v.prefill_max_abs_logit_err < (0.02 if bits == 8 else 0.3) * v.logit_scale
+    assert v.prefill_next_token_agreement >= (0.95 if bits == 8 else 0.6)
+    assert v.decode_next_token_agreement >= (0.95 if bits == 8 else 0.6)
+
+
+def test_weight_only_refuses_bad_input(tiny, tmp_path):
+    from edgepack.errors import ModelError, UsageError
+    from edgepack.llm.weightonly import WeightOnlyOptions, quantize_weight_only
+
+    with pytest.raises(UsageError):
+        WeightOnlyOptions(bits=3)
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ModelError):
+        quantize_weight_only(tmp_path / "x.onnx", tmp_path / "y.onnx")
+    assert not (tmp_path / "y.onnx").exists()
+
+
+def test_smoothquant_is_exact_and_a16_fixes_outlier_channels(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from edgepack.llm import w8a8
+    hf = tiny_llama(tmp_path / "hf", seed=2, massive_channel=60.0)
+    m = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(0, m.config.vocab_size, (1, 64)) for _ in range(2)]
+    ev = rng.integers(0, m.config.vocab_size, (1, 64))
+    ref = w8a8.logits_fn(m)(ev)
+    stats = w8a8.calibrate(m, calib)
+    worst = stats.worst(2)
+    assert all(n.endswith("down_proj") for n, _ in worst)          # the planted outliers are found
+    sm = w8a8.smooth(m, stats, 0.5)
+    assert np.abs(w8a8.logits_fn(sm)(ev) - ref).max() < 1e-4 * np.abs(ref).max()   # exact in float
+
+    def err(opts):
+        q, _, _ = w8a8.prepare(m, calib, opts)
+        return float(np.abs(w8a8.logits_fn(q)(ev) - ref).mean())
+
+    plain = err(w8a8.W8A8Options())
+    smoothed = err(w8a8.W8A8Options(alpha=0.5))
+    downs = {n: "npu-a16w8" for n in w8a8.linear_names(m) if n.endswith("down_proj")}
+    promoted = err(w8a8.W8A8Options(alpha=0.5, modes=downs))
+    assert smoothed < plain and promoted < smoothed
+    with pytest.raises(Exception):
+        w8a8.W8A8Options(modes={"layers.0.mlp.down_proj": "gpu"})
+
+
+def test_golden_prompts_pass_the_model_and_fail_a_broken_one(tiny):
+    from edgepack.llm.export import OnnxLM
+    from edgepack.llm.golden import judge, make_golden
+
+    lm = OnnxLM(tiny["onnx"])
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, tiny["torch"].config.vocab_size, 24) for _ in range(4)]
+    golden = make_golden(lm.logits, prompts)
+    v = judge(lm.logits, golden)
+    assert v.ok and v.agreement == 1.0 and abs(v.ppl_ratio - 1) < 1e-4
+    shuffled = lambda x: lm.logits(x)[:, :, ::-1]          # a model whose vocabulary is scrambled  # noqa: E731
+    bad = judge(shuffled, golden)
+    assert not bad.ok and bad.agreement < 0.5
+
+
+def test_mixed_w4_keeps_chosen_matmuls_at_int8(tiny):
+    from edgepack.llm.weightonly import WeightOnlyOptions, quantize_weight_only
+
+    dst = tiny["root"] / "w4mixed" / "model.onnx"
+    quantize_weight_only(tiny["onnx"], dst, WeightOnlyOptions(bits=4, block_size=32, symmetric=False,
+                                                              int8_matmuls=("down_proj",)))
+    m = onnx.load(str(dst), load_external_data=False)
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in m.graph.node if n.op_type == "MatMulNBits"}
+    assert {b for k, b in bits.items() if "down_proj" in k} == {8}
+    assert {b for k, b in bits.items() if "down_proj" not in k and "lm_head" not in k} == {4}
+    assert sum("down_proj" in k for k in bits) == 2
