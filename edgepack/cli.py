@@ -46,6 +46,7 @@ from . import cli_ota  # noqa: E402
 from . import cli_agent  # noqa: E402
 from . import cli_fleet  # noqa: E402
 from . import cli_pull  # noqa: E402
+from . import cli_tflite  # noqa: E402
 
 cli_quantize.register(app)
 cli_quantize.register_analyze(app)
@@ -54,6 +55,7 @@ cli_ota.register(app)
 cli_agent.register(app)
 cli_fleet.register(app)
 cli_pull.register(app)
+cli_tflite.register(app)
 
 
 def main() -> None:

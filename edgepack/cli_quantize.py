@@ -114,9 +114,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def quantize(
-        model: Path = typer.Argument(..., help="FP32 ONNX model"),
+        model: Path = typer.Argument(..., help="FP32 ONNX model (or a float .tflite with --format tflite)"),
         target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
         calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
+        fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
+                                "INT8 for LiteRT targets; needs scripts/setup-tflite.sh)"),
         eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
         output: Path = typer.Option(..., "-o", "--output", help="INT8 ONNX model to write"),
         search: Optional[Path] = typer.Option(None, "--search", help="data for ranking/selection; "
@@ -145,6 +147,14 @@ def register(app: typer.Typer) -> None:
             from .quantize import QuantizeOptions, quantize as run
             from .targets import load_target
 
+            if fmt not in ("onnx", "tflite"):
+                raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
+            if fmt == "tflite":
+                from .cli_tflite import quantize_tflite_cmd
+                return quantize_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, output=output,
+                                           search=search, max_drop=max_drop, calib_size=calib_size,
+                                           preprocess=preprocess, preprocess_hook=preprocess_hook, labels=labels,
+                                           threads=threads, max_evals=max_evals, as_json=as_json, report=report)
             tgt = load_target(target)
             bad = [m for m in method if m not in METHODS]
             if bad:
@@ -209,7 +219,7 @@ def register_analyze(app: typer.Typer) -> None:
 
     @app.command()
     def analyze(
-        model: Path = typer.Argument(..., help="FP32 ONNX model"),
+        model: Path = typer.Argument(..., help="FP32 ONNX model, or any .tflite"),
         target: str = typer.Option(..., "--target", "-t"),
         calib: Path = typer.Option(..., "--calib"),
         eval_: Path = typer.Option(..., "--eval"),
@@ -228,6 +238,10 @@ def register_analyze(app: typer.Typer) -> None:
             from .calibrate import METHODS
             from .targets import load_target
 
+            if model.suffix.lower() == ".tflite":
+                from .cli_tflite import analyze_tflite_cmd
+                return analyze_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, preprocess=preprocess,
+                                          preprocess_hook=preprocess_hook, max_eval=max_eval, as_json=as_json)
             if method not in METHODS:
                 raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
             tgt = load_target(target)

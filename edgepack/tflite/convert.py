@@ -50,6 +50,12 @@ def converter_python() -> Path:
     return py
 
 
+def _scope_regex(tensor: str) -> str:
+    """LiteRT's quantizer matches an op by its scope, its output names joined as ``a;b;``."""
+    import re
+    return "(?:^|;)" + re.escape(tensor) + ";"
+
+
 @dataclass(frozen=True)
 class QuantizerRun:
     seconds: float
@@ -64,7 +70,7 @@ def quantize_float_tflite(float_tflite: str | Path, calib: np.ndarray, out: str 
     """Full-integer (int8 I/O, int8 per-channel weights, int32 biases) quantization of ``float_tflite``.
 
     ``calib`` holds the representative samples in the model's input layout, batch axis first.
-    ``keep_float`` names op output tensors (anchored regexes) left in float.
+    ``keep_float`` names the output tensors of the ops left in float.
     """
     from .inspect import read_tflite
     from ai_edge_litert import interpreter as tfl
@@ -84,7 +90,7 @@ def quantize_float_tflite(float_tflite: str | Path, calib: np.ndarray, out: str 
         raw = Path(td) / "raw.tflite"
         req = {"float": str(float_tflite), "calib": str(Path(td) / "calib.npy"), "out": str(raw),
                "signature": key, "input": sig[key]["inputs"][0], "calibration": calibration,
-               "keep_float": list(keep_float), "threads": threads}
+               "keep_float": [_scope_regex(k) for k in keep_float], "threads": threads}
         (Path(td) / "req.json").write_text(json.dumps(req))
         try:
             # -P: the tool sits beside inspect.py, which must not shadow the stdlib module there

@@ -45,6 +45,8 @@ class TfliteOptions:
     sensitivity_samples: int = 4
     golden_samples: int = 16
     seed: int = 0
+    onnx_search: bool = True                 # also run edgepack's ONNX search and carry its result over
+    qdq_model: str | None = None             # ...or carry over this edgepack INT8 QDQ model of the source
 
 
 @dataclass
@@ -178,6 +180,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
     from .gate import check_full_integer, float_findings
     from .inspect import read_tflite
     from .run import calibration_array, interleaved_any, predict_tflite
+    from .transplant import float_layer_tensors, transplant
 
     o = options or TfliteOptions()
     t0 = time.perf_counter()
@@ -187,6 +190,8 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                           "run there (drop --format tflite, or pick a target whose runtimes include litert)")
     if output.suffix.lower() != ".tflite":
         raise ModelError(f"output {output} must end in .tflite with --format tflite")
+    from .convert import converter_python
+    converter_python()  # a missing converter is said before any work
     if len(calib) == 0 or len(evaluation) == 0:
         raise DataError("calibration and evaluation data must not be empty")
     budget = target.max_top1_drop if o.max_drop is None else float(o.max_drop)
@@ -226,14 +231,23 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         files: dict[str, Path] = {}
         runs: dict[str, Any] = {}
 
-        def attempt(calibration: str, keep: list[str]) -> TfliteCandidate:
-            name = calibration + (f" + {len(keep)} float op(s)" if keep else "")
+        qdq = None
+        if model.suffix.lower() == ".onnx" and (o.qdq_model or o.onnx_search):
+            qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(model, target, cal, search, hold, work, budget, log)
+            qdq_float = _qdq_float_layers(qdq)
+            qdq_keep = float_layer_tensors(model, qdq_float) if target.float_allowed else []
+
+        def attempt(calibration: str, keep: list[str], carry: bool = False) -> TfliteCandidate:
+            name = ("edgepack ONNX search, carried over" if carry else calibration) + (
+                f" + {len(keep)} float op(s)" if keep else "")
             path = work / f"cand{len(cands)}.tflite"
             log(f"candidate {name}")
             t = time.perf_counter()
-            import re
-            run = quantize_float_tflite(float_tfl, x, path, calibration=calibration,
-                                        keep_float=tuple(re.escape(k) + "$" for k in keep), threads=2)
+            run = quantize_float_tflite(float_tfl, x, path, calibration=calibration, keep_float=tuple(keep), threads=2)
+            if carry:
+                tr = transplant(path, model, qdq, path, float_tflite=float_tfl)
+                if tr.kept:
+                    warnings.append(f"carried over from the ONNX model except: {'; '.join(tr.kept[:4])}")
             c = compare(ref_s, predict_tflite(path, search), search.labels)
             cand = TfliteCandidate(name=name, calibration=calibration, float_ops=list(keep),
                                    search_drop=round(c.drop, 3), search_agreement=round(c.agreement, 2),
@@ -244,13 +258,18 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
 
         for cm in o.calibrations[:o.max_evals]:
             attempt(cm, [])
+        if qdq is not None:
+            attempt("minmax", qdq_keep, carry=True)
+            if qdq_keep:
+                attempt("minmax", [], carry=True)  # the same, full integer
         best = min(cands, key=lambda c: (c.search_drop, c.size_bytes))
         if best.search_drop > budget and target.float_allowed and len(cands) < o.max_evals:
             log("ranking ops by the signal they lose")
             ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)]
+            carry = best.name.startswith("edgepack ONNX")
             k = 1
             while len(cands) < o.max_evals and k <= len(ranked):
-                c = attempt(best.calibration, ranked[:k])
+                c = attempt(best.calibration, list(dict.fromkeys(best.float_ops + ranked[:k])), carry=carry)
                 if c.search_drop <= budget:
                     break
                 k *= 2
@@ -295,6 +314,28 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         io={"input": asdict(info.inputs[0]), "output": asdict(info.outputs[0])}, latency=lat, candidates=cands,
         seconds=round(time.perf_counter() - t0, 1),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), warnings=warnings)
+
+
+def _onnx_search(model: Path, target, cal: Dataset, search: Dataset, hold: Dataset, work: Path, budget: float,
+                 log) -> Path:
+    """edgepack's ONNX quantization search (edgepack.quantize) on the same data: its QDQ model."""
+    from ..quantize import QuantizeOptions, quantize
+
+    log("edgepack ONNX search (calibration rules, GPTQ rounding, float layers; exact int8 arithmetic)")
+    out = work / "edgepack-int8.onnx"
+    quantize(model, target, cal, hold, out, search=search,
+             options=QuantizeOptions(max_drop=budget, latency_threads=(1,), golden_samples=1))
+    return out
+
+
+def _qdq_float_layers(qdq: Path) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes of a QDQ model whose weights are float (no DequantizeLinear)."""
+    import onnx
+
+    m = onnx.load(str(qdq), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return [n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+            and n.input[1] in inits]
 
 
 def _golden(model: Path, data: Dataset, n: int) -> dict[str, np.ndarray]:
