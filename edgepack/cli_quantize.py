@@ -119,6 +119,11 @@ def register(app: typer.Typer) -> None:
         calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
         fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
                                 "INT8 for LiteRT targets; needs scripts/setup-tflite.sh)"),
+        carry_over: Optional[Path] = typer.Option(None, "--carry-over", help="with --format tflite: an edgepack INT8 "
+                                                  "ONNX model of MODEL whose search result is carried over "
+                                                  "(default: run the ONNX search first)"),
+        full_integer: bool = typer.Option(False, "--full-integer", help="with --format tflite: no float op even "
+                                          "where the target could run one (the gate then refuses any)"),
         eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
         output: Path = typer.Option(..., "-o", "--output", help="INT8 ONNX model to write"),
         search: Optional[Path] = typer.Option(None, "--search", help="data for ranking/selection; "
@@ -154,7 +159,8 @@ def register(app: typer.Typer) -> None:
                 return quantize_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, output=output,
                                            search=search, max_drop=max_drop, calib_size=calib_size,
                                            preprocess=preprocess, preprocess_hook=preprocess_hook, labels=labels,
-                                           threads=threads, max_evals=max_evals, as_json=as_json, report=report)
+                                           threads=threads, max_evals=max_evals, as_json=as_json, report=report,
+                                           carry_over=carry_over, full_integer=full_integer)
             tgt = load_target(target)
             bad = [m for m in method if m not in METHODS]
             if bad:

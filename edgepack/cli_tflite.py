@@ -66,7 +66,8 @@ def render_tflite_report(r, console: Console) -> None:
 def quantize_tflite_cmd(*, model: Path, target: str, calib: Path, eval_: Path, output: Path, search: Optional[Path],
                         max_drop: Optional[float], calib_size: Optional[int], preprocess: Optional[str],
                         preprocess_hook: Optional[str], labels: Optional[Path], threads: list[int], max_evals: int,
-                        as_json: bool, report: Optional[Path]) -> None:
+                        as_json: bool, report: Optional[Path], carry_over: Optional[Path] = None,
+                        full_integer: bool = False) -> None:
     """`edgepack quantize --format tflite`: raises EdgepackError (the caller prints one line)."""
     from .data import load_dataset
     from .errors import ModelError
@@ -86,7 +87,11 @@ def quantize_tflite_cmd(*, model: Path, target: str, calib: Path, eval_: Path, o
     cal = load_dataset(calib, pp)
     ev = load_dataset(eval_, pp, labels_file=labels)
     se = load_dataset(search, pp) if search else None
-    opts = TfliteOptions(max_drop=max_drop, calib_size=calib_size, latency_threads=tuple(threads), max_evals=max_evals)
+    if carry_over is not None:
+        from .modelinfo import load_model
+        load_model(carry_over, allow_quantized=True)
+    opts = TfliteOptions(max_drop=max_drop, calib_size=calib_size, latency_threads=tuple(threads), max_evals=max_evals,
+                         qdq_model=str(carry_over) if carry_over else None, full_integer=full_integer)
     log = (lambda m: None) if as_json else (lambda m: Console(stderr=True).print(f"[dim]{escape(m)} ...[/]"))
     r = quantize_tflite(model, tgt, cal, ev, output, search=se, options=opts, log=log)
     rp = report or output.with_suffix(".json")

@@ -32,14 +32,15 @@ def float_findings(info: TfliteInfo) -> list[str]:
     return found
 
 
-def check_full_integer(info: TfliteInfo, target) -> None:
-    """Raise FloatOpsRefused naming the float ops when ``target`` runs INT8 only."""
-    if not requires_full_integer(target):
+def check_full_integer(info: TfliteInfo, target, *, required: bool = False) -> None:
+    """Raise FloatOpsRefused naming the float ops when ``target`` runs INT8 only (or ``required``)."""
+    if not (required or requires_full_integer(target)):
         return
     bad = float_findings(info)
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise FloatOpsRefused(f"{info.path}: target {target.name} runs INT8 only, but {len(bad)} float op(s)/tensor(s) "
+        why = f"target {target.name} runs INT8 only" if requires_full_integer(target) else "full integer was required"
+        raise FloatOpsRefused(f"{info.path}: {why}, but {len(bad)} float op(s)/tensor(s) "
                               f"remain: {'; '.join(bad[:5])}{more}; quantize them (edgepack quantize --format tflite) "
                               "or choose a target that allows float")
 

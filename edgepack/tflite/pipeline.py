@@ -47,6 +47,7 @@ class TfliteOptions:
     seed: int = 0
     onnx_search: bool = True                 # also run edgepack's ONNX search and carry its result over
     qdq_model: str | None = None             # ...or carry over this edgepack INT8 QDQ model of the source
+    full_integer: bool = False               # no float op even where the target could run one
 
 
 @dataclass
@@ -201,6 +202,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         hold = evaluation
     cal = calib.subset(np.arange(min(len(calib), o.calib_size or len(calib))))
     warnings: list[str] = []
+    allow_float = target.float_allowed and not o.full_integer
     with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as td:
         work = Path(td)
         if model.suffix.lower() == ".tflite":
@@ -235,11 +237,11 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         if model.suffix.lower() == ".onnx" and (o.qdq_model or o.onnx_search):
             qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(model, target, cal, search, hold, work, budget, log)
             qdq_float = _qdq_float_layers(qdq)
-            qdq_keep = float_layer_tensors(model, qdq_float) if target.float_allowed else []
+            qdq_keep = float_layer_tensors(model, qdq_float) if allow_float else []
 
-        def attempt(calibration: str, keep: list[str], carry: bool = False) -> TfliteCandidate:
+        def attempt(calibration: str, keep: list[str], carry: bool = False, note: str = "") -> TfliteCandidate:
             name = ("edgepack ONNX search, carried over" if carry else calibration) + (
-                f" + {len(keep)} float op(s)" if keep else "")
+                f" + {len(keep)} float op(s)" if keep else "") + note
             path = work / f"cand{len(cands)}.tflite"
             log(f"candidate {name}")
             t = time.perf_counter()
@@ -259,11 +261,12 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         for cm in o.calibrations[:o.max_evals]:
             attempt(cm, [])
         if qdq is not None:
-            attempt("minmax", qdq_keep, carry=True)
+            full = " (its float layers quantized)" if qdq_float and not qdq_keep else ""
+            attempt("minmax", qdq_keep, carry=True, note=full)
             if qdq_keep:
-                attempt("minmax", [], carry=True)  # the same, full integer
+                attempt("minmax", [], carry=True, note=" (its float layers quantized)")  # the same, full integer
         best = min(cands, key=lambda c: (c.search_drop, c.size_bytes))
-        if best.search_drop > budget and target.float_allowed and len(cands) < o.max_evals:
+        if best.search_drop > budget and allow_float and len(cands) < o.max_evals:
             log("ranking ops by the signal they lose")
             ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)]
             carry = best.name.startswith("edgepack ONNX")
@@ -278,7 +281,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                 cands, key=lambda c: (c.search_drop, c.size_bytes))
         chosen = files[best.name]
         info = read_tflite(chosen)
-        check_full_integer(info, target)  # INT8-only board: refuse, nothing written
+        check_full_integer(info, target, required=o.full_integer)  # INT8-only board: refuse, nothing written
         log("held-out evaluation")
         q = predict_tflite(chosen, hold)
         fin = compare(ref_h, q, hold.labels)
