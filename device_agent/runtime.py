@@ -154,26 +154,35 @@ def _load_litert(path: Path, threads: int, accelerator: str | None) -> Session:
     from ai_edge_litert import interpreter as tfl
     import numpy as np
     delegates = []
-    provider = "XNNPACK"  # LiteRT applies its XNNPACK delegate by default for float/int8 CPU kernels
-    if accelerator and accelerator.lower() not in ("xnnpack", "cpu"):
+    want = (accelerator or "").lower()
+    if accelerator and want not in ("xnnpack", "cpu", "none"):
         try:
+            # open the library first: LiteRT's Delegate object, half-built when the library is missing,
+            # prints a traceback from its __del__ when collected
+            import ctypes
+            ctypes.CDLL(accelerator)
             delegates = [tfl.load_delegate(accelerator)]
         except (ValueError, OSError, RuntimeError) as e:
             raise AcceleratorUnavailable(f"LiteRT delegate {accelerator!r} cannot be loaded ({str(e)[:200]}); "
                                          "install it on the board or drop the request") from None
-        provider = accelerator
     t0 = time.perf_counter()
     try:
         kw: dict[str, Any] = {"model_path": str(path), "num_threads": threads or None}
         if delegates:
             kw["experimental_delegates"] = delegates
-        elif accelerator and accelerator.lower() == "cpu":
+        elif want in ("cpu", "none"):
             kw["experimental_op_resolver_type"] = tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            provider = "CPU (builtin kernels)"
         it = tfl.Interpreter(**kw)
         it.allocate_tensors()
     except Exception as e:
         raise ModelLoadError(f"LiteRT cannot load {path.name}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    provider = _litert_provider(it, accelerator if delegates else None)
+    if want == "xnnpack" and provider != "XNNPACK":
+        raise AcceleratorUnavailable(f"XNNPACK was asked for but took no op of {path.name} (it runs on {provider}); "
+                                     "refusing to fall back silently")
+    if delegates and provider != accelerator:
+        raise AcceleratorUnavailable(f"LiteRT delegate {accelerator!r} loaded but took no op of {path.name}; "
+                                     "refusing to run it on the CPU instead")
     dt = time.perf_counter() - t0
     ins, outs = it.get_input_details(), it.get_output_details()
 
@@ -199,6 +208,20 @@ def _load_litert(path: Path, threads: int, accelerator: str | None) -> Session:
         ver = "unknown"
     return Session(runtime="litert", runtime_version=ver, provider=provider, providers=[provider], threads=threads,
                    inputs=[spec(d) for d in ins], outputs=[spec(d) for d in outs], load_seconds=dt, _impl=run)
+
+
+def _litert_provider(it: Any, delegate: str | None) -> str:
+    """What really runs the model: the delegate that took ops, ``XNNPACK`` when LiteRT's default
+    delegate took some, else ``none (builtin kernels)``. A delegate shows as a ``DELEGATE`` node in
+    the interpreter's graph (LiteRT applies XNNPACK by default only to models it can take: a
+    build without it, or a model of ops it lacks, runs on the builtin kernels)."""
+    try:
+        nodes = it._get_ops_details()
+    except Exception:  # an interpreter without the node listing: say so rather than guess
+        return delegate or "unknown"
+    if any(n.get("op_name") == "DELEGATE" for n in nodes):
+        return delegate or "XNNPACK"
+    return "none (builtin kernels)"
 
 
 # --------------------------------------------------------------------------- OpenVINO (optional)

@@ -42,6 +42,10 @@ fi
 # the models and data the tests and the main job use; benchmarks add `all` (MiniLM fine-tune)
 .venv/bin/python scripts/assets.py ${EDGEPACK_ASSETS_GROUPS:-}  # e.g. EDGEPACK_ASSETS_GROUPS=all
 
+# LiteRT's quantizer in its own environment (.venv-tflite, ~1 min once) for `quantize --format tflite`
+# and its tests; EDGEPACK_TFLITE=0 skips it (the command then names scripts/setup-tflite.sh)
+[ "${EDGEPACK_TFLITE:-1}" = 0 ] || bash scripts/setup-tflite.sh
+
 # the emulated Raspberry Pi 4 (aarch64 Python + wheels under qemu-user; ~1.5 min once, then instant).
 # EDGEPACK_ARM_BOARD=0 skips it: the default fleet then has the local board only.
 bash scripts/arm-board.sh

@@ -44,7 +44,7 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", "-V", callba
         _common.VERBOSE = True
 
 
-from . import _common, agent, fleet, llm, ota, project, pull, quantize  # noqa: E402
+from . import _common, agent, fleet, llm, ota, project, pull, quantize, tflite  # noqa: E402
 
 quantize.register(app)
 ota.register(app)
@@ -53,6 +53,7 @@ fleet.register(app)
 pull.register(app, fleet.fleet_app)
 project.register(app)
 llm.register(app)
+tflite.register(app)
 
 _TYPE_LABEL = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "Path": "PATH", "bool": "BOOL"}
 

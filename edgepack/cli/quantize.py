@@ -69,9 +69,16 @@ def register(app: typer.Typer) -> None:
 def register_quantize(app: typer.Typer) -> None:
     @app.command()
     def quantize(
-        model: Path = typer.Argument(..., help="FP32 ONNX model"),
+        model: Path = typer.Argument(..., help="FP32 ONNX model (or a float .tflite with --format tflite)"),
         target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
         calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
+        fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
+                                "INT8 for LiteRT targets; needs scripts/setup-tflite.sh)"),
+        carry_over: Optional[Path] = typer.Option(None, "--carry-over", help="with --format tflite: an edgepack INT8 "
+                                                  "ONNX model of MODEL whose search result is carried over "
+                                                  "(default: run the ONNX search first)"),
+        full_integer: bool = typer.Option(False, "--full-integer", help="with --format tflite: no float op even "
+                                          "where the target could run one (the gate then refuses any)"),
         eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="INT8 ONNX model to write (default: "
                                               "MODEL-int8.onnx in the project's out folder)"),
@@ -107,6 +114,15 @@ def register_quantize(app: typer.Typer) -> None:
             from ..targets import load_target
             from ..quantize.workflows import resolve_preprocessing, write_report
 
+            if fmt not in ("onnx", "tflite"):
+                raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
+            if fmt == "tflite":
+                from .tflite import quantize_tflite_cmd
+                return quantize_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, output=output,
+                                           search=search, max_drop=max_drop, calib_size=calib_size,
+                                           preprocess=preprocess, preprocess_hook=preprocess_hook, labels=labels,
+                                           threads=threads, max_evals=max_evals, as_json=as_json, report=report,
+                                           carry_over=carry_over, full_integer=full_integer)
             tgt = load_target(target)
             bad = [m for m in method if m not in METHODS]
             if bad:
@@ -169,7 +185,7 @@ def register_quantize(app: typer.Typer) -> None:
 def register_analyze(app: typer.Typer) -> None:
     @app.command()
     def analyze(
-        model: Path = typer.Argument(..., help="FP32 ONNX model"),
+        model: Path = typer.Argument(..., help="FP32 ONNX model, or any .tflite"),
         target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
         calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
         eval_: Path = typer.Option(..., "--eval", help="evaluation data (labels optional)"),
@@ -194,6 +210,10 @@ def register_analyze(app: typer.Typer) -> None:
             from ..targets import load_target
             from ..quantize.workflows import resolve_preprocessing
 
+            if model.suffix.lower() == ".tflite":
+                from .tflite import analyze_tflite_cmd
+                return analyze_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, preprocess=preprocess,
+                                          preprocess_hook=preprocess_hook, max_eval=max_eval, as_json=as_json)
             if method not in METHODS:
                 raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
             tgt = load_target(target)

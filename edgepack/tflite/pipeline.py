@@ -1,0 +1,362 @@
+"""``edgepack quantize --format tflite``: a full-integer INT8 ``.tflite`` for a LiteRT board.
+
+The steps, each measured:
+
+1. the FP32 model becomes a float ``.tflite`` (an ONNX model through :mod:`.from_onnx`; a float
+   ``.tflite`` is taken as it is) and its float outputs are checked against the source's;
+2. LiteRT's quantizer (:mod:`.convert`, a subprocess tool) makes full-integer candidates, one per
+   calibration rule, each judged on the selection split in LiteRT with XNNPACK, whose int8 kernels
+   are exact (int32 accumulation), so the host's figure is the board's;
+3. if the best one still misses the budget and the target allows float, the ops that lose the
+   most signal (per-op SQNR on a few selection samples) are kept in float, fewest first;
+4. the full-integer gate (:mod:`.gate`) refuses float ops where the target runs INT8 only;
+5. final figures on held-out data never used for selection; size; latency against the float
+   ``.tflite`` at each thread count (interleaved medians); golden data for the board's health check.
+
+Nothing is written to ``output`` unless every step passed; the report always says whether the
+budget was met.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import Dataset
+from ..errors import DataError, ModelError, TargetError
+from ..quantize.evaluate import compare
+
+
+@dataclass(frozen=True, kw_only=True)
+class TfliteOptions:
+    max_drop: float | None = None            # points; None: the target's budget
+    calibrations: tuple[str, ...] = ("minmax", "moving-average")
+    calib_size: int | None = None
+    max_evals: int = 8                       # quantizer runs judged on the selection split
+    latency_threads: tuple[int, ...] = (1, 2)
+    latency_rounds: int = 5
+    sensitivity_samples: int = 4
+    golden_samples: int = 16
+    seed: int = 0
+    onnx_search: bool = True                 # also run edgepack's ONNX search and carry its result over
+    qdq_model: str | None = None             # ...or carry over this edgepack INT8 QDQ model of the source
+    full_integer: bool = False               # no float op even where the target could run one
+
+
+@dataclass
+class TfliteCandidate:
+    name: str
+    calibration: str
+    float_ops: list[str]
+    search_drop: float
+    search_agreement: float
+    size_bytes: int
+    seconds: float
+
+
+@dataclass
+class TfliteQuantizeReport:
+    target: str
+    source: str
+    output: str
+    format: str
+    metric: str
+    budget_points: float
+    budget_met: bool
+    full_integer: bool
+    float_ops: list[str]
+    calibration: str
+    fp32_size_bytes: int
+    int8_size_bytes: int
+    float_tflite_agreement: float            # float .tflite against the source, held-out, percent
+    agreement: float                         # INT8 .tflite against the FP32 source, held-out
+    drop_points: float
+    fp32_top1: float | None
+    int8_top1: float | None
+    output_sqnr_db: float
+    holdout_samples: int
+    calibration_samples: int
+    numerics: str
+    quantizer: str
+    bias_fixes: int
+    io: dict[str, Any]
+    latency: list[dict[str, Any]]
+    candidates: list[TfliteCandidate]
+    seconds: float
+    peak_rss_mb: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.fp32_size_bytes / max(self.int8_size_bytes, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size_ratio"] = round(self.size_ratio, 3)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float)
+
+
+def litert_capable(target) -> bool:
+    return "litert" in target.runtimes
+
+
+def _reference(model: Path, data: Dataset) -> np.ndarray:
+    if model.suffix.lower() == ".tflite":
+        from .run import predict_tflite
+        return predict_tflite(model, data)
+    from ..quantize.evaluate import predict, session
+    return predict(session(model), data)
+
+
+def _op_sensitivity(float_tfl: Path, int8_tfl: Path, data: Dataset, n: int) -> list[tuple[str, float]]:
+    """(op output tensor, SQNR lost across the op in dB), worst first, from LiteRT's builtin kernels
+    with every intermediate kept: the loss an op adds is its output's SQNR against the float model
+    minus the worst SQNR among its activation inputs."""
+    from ai_edge_litert import interpreter as tfl
+
+    from .inspect import read_tflite
+    from .run import TfliteRunner
+
+    def tensors(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+        it = tfl.Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        it.allocate_tensors()
+        r = TfliteRunner(path, xnnpack=False)
+        it.set_tensor(it.get_input_details()[0]["index"], r.prepare(x))
+        it.invoke()
+        out = {}
+        for t in it.get_tensor_details():
+            try:
+                a = it.get_tensor(t["index"])
+            except ValueError:
+                continue
+            if np.dtype(t["dtype"]).kind in "iu":
+                s, z = t["quantization"]
+                if not s:
+                    continue
+                a = (a.astype(np.float32) - z) * s
+            out[t["name"]] = np.asarray(a, np.float64)
+        return out
+
+    info = read_tflite(int8_tfl)
+    sig = np.zeros(len(info.tensors))
+    err = np.zeros(len(info.tensors))
+    byname = {t.name: t.index for t in info.tensors}
+    for i in range(min(n, len(data))):
+        s = data.loader(i)
+        s = next(iter(s.values())) if isinstance(s, dict) else s
+        f, q = tensors(float_tfl, s), tensors(int8_tfl, s)
+        for name, a in f.items():
+            if name in q and name in byname and q[name].shape == a.shape:
+                sig[byname[name]] += float((a ** 2).sum())
+                err[byname[name]] += float(((a - q[name]) ** 2).sum())
+    sqnr = 10 * np.log10(np.maximum(sig, 1e-30) / np.maximum(err, 1e-30))
+    measured = err > 0
+    losses = []
+    for o in info.ops:
+        if not o.outputs or not measured[o.outputs[0]]:
+            continue
+        ins = [sqnr[x] for x in o.inputs if x >= 0 and not info.tensors[x].constant and measured[x]]
+        losses.append((info.tensors[o.outputs[0]].name, float((min(ins) if ins else 60.0) - sqnr[o.outputs[0]])))
+    return sorted(losses, key=lambda t: -t[1])
+
+
+def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Dataset, output: str | Path, *,
+                    search: Dataset | None = None, options: TfliteOptions | None = None,
+                    log=lambda m: None) -> TfliteQuantizeReport:
+    """Quantize ``model`` (FP32 ONNX or float .tflite) to a full-integer ``.tflite`` for ``target``."""
+    from ..quantize.pipeline import split_eval
+    from .convert import quantize_float_tflite
+    from .from_onnx import onnx_to_float_tflite
+    from .gate import check_full_integer, float_findings
+    from .inspect import read_tflite
+    from .run import calibration_array, interleaved_any, predict_tflite
+    from .transplant import float_layer_tensors, transplant
+
+    o = options or TfliteOptions()
+    t0 = time.perf_counter()
+    model, output = Path(model), Path(output)
+    if not litert_capable(target):
+        raise TargetError(f"target {target.name} runs {', '.join(target.runtimes)}, not LiteRT: a .tflite cannot "
+                          "run there (drop --format tflite, or pick a target whose runtimes include litert)")
+    if output.suffix.lower() != ".tflite":
+        raise ModelError(f"output {output} must end in .tflite with --format tflite")
+    from .convert import converter_python
+    converter_python()  # a missing converter is said before any work
+    if len(calib) == 0 or len(evaluation) == 0:
+        raise DataError("calibration and evaluation data must not be empty")
+    budget = target.max_top1_drop if o.max_drop is None else float(o.max_drop)
+    if search is None:
+        search, hold = split_eval(evaluation, o.seed)
+    else:
+        hold = evaluation
+    cal = calib.subset(np.arange(min(len(calib), o.calib_size or len(calib))))
+    warnings: list[str] = []
+    allow_float = target.float_allowed and not o.full_integer
+    with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as td:
+        work = Path(td)
+        if model.suffix.lower() == ".tflite":
+            src = read_tflite(model)
+            if not src.float_tensors:
+                raise ModelError(f"{model} is already integer; pass the float model")
+            float_tfl = model
+        else:
+            log("translating the FP32 ONNX model to a float .tflite")
+            float_tfl = onnx_to_float_tflite(model, work / "float.tflite")
+        finfo = read_tflite(float_tfl)
+        in_shape = tuple(finfo.inputs[0].shape[1:])
+        log("reference outputs")
+        ref_s, ref_h = _reference(model, search), _reference(model, hold)
+        if model.suffix.lower() != ".tflite":
+            fl = compare(ref_h, predict_tflite(float_tfl, hold), hold.labels)
+            if fl.agreement < 99.0:
+                warnings.append(f"the float .tflite agrees with the ONNX model on only {fl.agreement:.1f} % of "
+                                "held-out samples: the translation is not faithful for this model")
+            float_agree = fl.agreement
+        else:
+            float_agree = 100.0
+        try:
+            x = calibration_array(cal, in_shape)
+        except ValueError as e:
+            raise DataError(f"calibration samples do not fit the model input {in_shape}: {e}") from None
+        cands: list[TfliteCandidate] = []
+        files: dict[str, Path] = {}
+        runs: dict[str, Any] = {}
+
+        qdq = None
+        if model.suffix.lower() == ".onnx" and (o.qdq_model or o.onnx_search):
+            qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(model, target, cal, search, hold, work, budget, log)
+            qdq_float = _qdq_float_layers(qdq)
+            qdq_keep = float_layer_tensors(model, qdq_float) if allow_float else []
+
+        def attempt(calibration: str, keep: list[str], carry: bool = False, note: str = "") -> TfliteCandidate:
+            name = ("edgepack ONNX search, carried over" if carry else calibration) + (
+                f" + {len(keep)} float op(s)" if keep else "") + note
+            path = work / f"cand{len(cands)}.tflite"
+            log(f"candidate {name}")
+            t = time.perf_counter()
+            run = quantize_float_tflite(float_tfl, x, path, calibration=calibration, keep_float=tuple(keep), threads=2)
+            if carry:
+                tr = transplant(path, model, qdq, path, float_tflite=float_tfl)
+                if tr.kept:
+                    warnings.append(f"carried over from the ONNX model except: {'; '.join(tr.kept[:4])}")
+            c = compare(ref_s, predict_tflite(path, search), search.labels)
+            cand = TfliteCandidate(name=name, calibration=calibration, float_ops=list(keep),
+                                   search_drop=round(c.drop, 3), search_agreement=round(c.agreement, 2),
+                                   size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - t, 1))
+            cands.append(cand)
+            files[name], runs[name] = path, run
+            return cand
+
+        for cm in o.calibrations[:o.max_evals]:
+            attempt(cm, [])
+        if qdq is not None:
+            full = " (its float layers quantized)" if qdq_float and not qdq_keep else ""
+            attempt("minmax", qdq_keep, carry=True, note=full)
+            if qdq_keep:
+                attempt("minmax", [], carry=True, note=" (its float layers quantized)")  # the same, full integer
+        best = min(cands, key=lambda c: (c.search_drop, c.size_bytes))
+        if best.search_drop > budget and allow_float and len(cands) < o.max_evals:
+            log("ranking ops by the signal they lose")
+            ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)]
+            carry = best.name.startswith("edgepack ONNX")
+            k = 1
+            while len(cands) < o.max_evals and k <= len(ranked):
+                c = attempt(best.calibration, list(dict.fromkeys(best.float_ops + ranked[:k])), carry=carry)
+                if c.search_drop <= budget:
+                    break
+                k *= 2
+            met = [c for c in cands if c.search_drop <= budget]
+            best = min(met, key=lambda c: (c.size_bytes, c.search_drop)) if met else min(
+                cands, key=lambda c: (c.search_drop, c.size_bytes))
+        chosen = files[best.name]
+        info = read_tflite(chosen)
+        check_full_integer(info, target, required=o.full_integer)  # INT8-only board: refuse, nothing written
+        log("held-out evaluation")
+        q = predict_tflite(chosen, hold)
+        fin = compare(ref_h, q, hold.labels)
+        met = fin.drop <= budget
+        lat = []
+        sample = hold.loader(0)
+        sample = next(iter(sample.values())) if isinstance(sample, dict) else sample
+        for th in o.latency_threads:
+            st = interleaved_any({"float": float_tfl, "int8": chosen}, sample, threads=th, rounds=o.latency_rounds)
+            lat.append({"threads": th, "float_ms": round(st["float"].median_ms, 3), "int8_ms": round(st["int8"].median_ms, 3),
+                        "ratio": round(st["int8"].median_ms / st["float"].median_ms, 3), "runs": st["int8"].runs})
+            if st["int8"].median_ms >= st["float"].median_ms:
+                warnings.append(f"INT8 is not faster than float in LiteRT at {th} thread(s) on this host")
+        if not met:
+            warnings.append(f"accuracy budget missed: {fin.metric} drop {fin.drop:.2f} > {budget:g} points")
+        golden = _golden(chosen, hold, o.golden_samples)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        shutil.copyfile(chosen, tmp)
+        np.savez(output.with_suffix(".golden.npz"), **golden)
+        tmp.replace(output)
+    run = runs[best.name]
+    return TfliteQuantizeReport(
+        target=target.name, source=str(model), output=str(output), format="tflite", metric=fin.metric,
+        budget_points=budget, budget_met=met, full_integer=info.full_integer,
+        float_ops=float_findings(info), calibration=best.calibration,
+        fp32_size_bytes=model.stat().st_size, int8_size_bytes=output.stat().st_size,
+        float_tflite_agreement=round(float_agree, 2), agreement=round(fin.agreement, 2), drop_points=round(fin.drop, 3),
+        fp32_top1=fin.fp32_top1, int8_top1=fin.int8_top1, output_sqnr_db=round(fin.output_sqnr_db, 2),
+        holdout_samples=len(hold), calibration_samples=len(cal),
+        numerics="exact (LiteRT XNNPACK int8: int32 accumulation, as on the board)",
+        quantizer=run.quantizer, bias_fixes=run.bias_fixes,
+        io={"input": asdict(info.inputs[0]), "output": asdict(info.outputs[0])}, latency=lat, candidates=cands,
+        seconds=round(time.perf_counter() - t0, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), warnings=warnings)
+
+
+def _onnx_search(model: Path, target, cal: Dataset, search: Dataset, hold: Dataset, work: Path, budget: float,
+                 log) -> Path:
+    """edgepack's ONNX quantization search (edgepack.quantize) on the same data: its QDQ model."""
+    from ..quantize.pipeline import QuantizeOptions, quantize
+
+    log("edgepack ONNX search (calibration rules, GPTQ rounding, float layers; exact int8 arithmetic)")
+    out = work / "edgepack-int8.onnx"
+    quantize(model, target, cal, hold, out, search=search,
+             options=QuantizeOptions(max_drop=budget, latency_threads=(1,), golden_samples=1))
+    return out
+
+
+def _qdq_float_layers(qdq: Path) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes of a QDQ model whose weights are float (no DequantizeLinear)."""
+    import onnx
+
+    m = onnx.load(str(qdq), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return [n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+            and n.input[1] in inits]
+
+
+def _golden(model: Path, data: Dataset, n: int) -> dict[str, np.ndarray]:
+    """Held-out inputs as the board feeds them (the model's own dtype and layout) and this
+    model's own outputs: LiteRT's int8 kernels are exact, so the board reproduces them."""
+    from .run import TfliteRunner
+
+    r = TfliteRunner(model)
+    xs, ys = [], []
+    for i in range(min(n, len(data))):
+        s = data.loader(i)
+        s = next(iter(s.values())) if isinstance(s, dict) else s
+        x = r.prepare(s)
+        r.it.set_tensor(r.inp["index"], x)
+        r.it.invoke()
+        xs.append(x)
+        ys.append(r.it.get_tensor(r.out["index"]).copy())
+    return {"inputs": np.stack(xs), "outputs": np.stack(ys)}
+
+
+__all__ = ["quantize_tflite", "TfliteOptions", "TfliteQuantizeReport", "TfliteCandidate", "litert_capable"]
