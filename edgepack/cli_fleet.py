@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
                  retries: int = typer.Option(3, help="reconnects per board (transfers resume)"),
                  max_bytes_factor: float = typer.Option(2.0, help="bytes sent per board <= factor x file size"),
                  store: Optional[Path] = typer.Option(None, help="SQLite store (default: from the fleet file)"),
+                 accept_budget_miss: bool = typer.Option(False, "--accept-budget-miss", help="push a release whose "
+                                                         "bundled quantize report missed its accuracy budget"),
                  as_json: bool = JSON_OPT) -> None:
         """Roll a release out: canary, then waves; halt and roll back on failures, drift or latency."""
         from .fleet import Policy, load_release, push
@@ -65,6 +67,10 @@ def register(app: typer.Typer) -> None:
         def go() -> None:
             fl = _fleet(fleet)
             rel = load_release(release, list(delta))
+            from .release_gate import gate
+            note = gate(rel.full.path, accept_budget_miss=accept_budget_miss)   # BudgetNotMet: exit 4
+            if note:
+                err.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
             boards = fl.select(group, list(board) or None)
             pol = Policy(canary=canary, wave_size=wave_size, max_failures=max_failures, max_drift=max_drift,
                          latency_margin=latency_margin, concurrency=concurrency, retries=retries,

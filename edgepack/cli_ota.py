@@ -239,6 +239,9 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                root: List[Path] = typer.Option(..., help="root.json; repeat with rotated roots to ship the chain"),
                settings: Optional[Path] = typer.Option(None, help="Runtime settings JSON (runtime, threads, execution_provider)"),
                golden: Optional[Path] = typer.Option(None, help=".npz with input* arrays and output* reference outputs"),
+               quantize_report: Optional[Path] = typer.Option(
+                   None, "--quantize-report", help="the model's `edgepack quantize` JSON report: carried in the "
+                   "bundle, and `push` refuses a release that missed its budget unless --accept-budget-miss"),
                expires_days: float = typer.Option(90, help="Manifest lifetime (boards refuse expired bundles)"),
                level: int = typer.Option(9, help="zstd level"),
                allow_oversize: bool = typer.Option(False, "--allow-oversize",
@@ -251,7 +254,8 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
         from .keys import read_doc
         rep = build_bundle(output, models=model, name=name, release=release, version=version, targets=target,
                            signer=_load_signers(key), release_keys_doc=read_doc(release_keys), roots=_roots(root),
-                           settings=settings, golden=golden, expires_days=expires_days, level=level)
+                           settings=settings, golden=golden, quantize_report=quantize_report,
+                           expires_days=expires_days, level=level)
         if not allow_oversize:
             _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),
