@@ -90,6 +90,10 @@ def render_report(r, console: Console) -> None:
     t.add_row("most sensitive layers", "\n".join(f"{s['name']} ({s['op']}, SQNR {s['sqnr_db']} dB)"
                                                  for s in r.sensitive_layers[:5]) or "(not needed)")
     t.add_row("layers kept in float", "\n".join(r.float_layers) or "none")
+    if r.float_activations:
+        t.add_row("activations kept in float", f"{len(r.float_activations)} (weights INT8): "
+                  + ", ".join(r.float_activations[:4]) + (" …" if len(r.float_activations) > 4 else ""))
+    t.add_row("remedies run", ", ".join(r.remedies_tried) or "–")
     for row in r.latency:
         t.add_row(f"latency, {row.threads} thread(s)" + (" (host proxy)" if r.latency_source == "host-proxy" else ""), f"FP32 {row.fp32_ms:.2f} ms -> INT8 {row.int8_ms:.2f} ms "
                   f"= {row.ratio:.2f}x (median of {row.runs})")
@@ -100,7 +104,7 @@ def render_report(r, console: Console) -> None:
         c.add_column(col, justify="left" if col == "candidate" else "right")
     for cand in r.candidates:
         mark = " *" if (cand.method == r.calibration_method and cand.float_layers == r.float_layers
-                        and cand.variant == r.variant) else ""
+                        and cand.variant == r.variant and cand.float_activations == r.float_activations) else ""
         c.add_row(escape(cand.name) + mark, f"{cand.search_drop:.2f}", f"{cand.output_sqnr_db:.1f}",
                   f"{cand.size_bytes / 1e6:.2f}", f"{cand.latency_ms:.2f}", f"{cand.seconds:.1f}",
                   "yes" if cand.npu_eligible else f"no ({cand.cpu_islands} CPU island(s), ~{cand.transfer_ms:g} ms)")
@@ -123,7 +127,7 @@ def register(app: typer.Typer) -> None:
                                               "default: half of --eval, the other half held out"),
         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: target's)"),
         calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
-        method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy"),
+        method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy, mse"),
         rounding: str = typer.Option("gptq", "--rounding", help="weight rounding: gptq (advanced PTQ) or nearest"),
         preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
                                                  "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
@@ -141,14 +145,14 @@ def register(app: typer.Typer) -> None:
         """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
 
         def go() -> None:
-            from .calibrate import METHODS
+            from .calibrate import ALL_METHODS, METHODS
             from .quantize import QuantizeOptions, quantize as run
             from .targets import load_target
 
             tgt = load_target(target)
-            bad = [m for m in method if m not in METHODS]
+            bad = [m for m in method if m not in ALL_METHODS]
             if bad:
-                raise DataError(f"unknown calibration method(s) {bad}; choose from {list(METHODS)}")
+                raise DataError(f"unknown calibration method(s) {bad}; choose from {list(ALL_METHODS)}")
             if rounding not in ("gptq", "nearest"):
                 raise DataError("--rounding must be gptq or nearest")
             load_model(model)  # fail fast on a bad model, before data is opened
