@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--redo", nargs="+", default=[], choices=[p[0] for p in PEERS],
                     help="run these peers again even if their result is kept")
     ap.add_argument("--no-latency", action="store_true", help="skip the interleaved latency rounds")
+    ap.add_argument("--kept-only", action="store_true",
+                    help="quantize nothing: report the results kept in --work (failures included)")
     ap.add_argument("--table", metavar="JSON", help="print the docs table of a peers.json and exit")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "peers.json"))
     return ap
@@ -194,6 +196,11 @@ def prepare_data(args, work: Path, pp) -> dict:
 def run_or_resume(p: tuple, args, data: dict, work: Path, fp32_ref: dict, evals: dict) -> dict:
     """One peer's judged result: kept from an earlier run, or quantized and judged now."""
     kept = work / f"{p[0]}.result.json"
+    if args.kept_only:
+        r = json.loads(kept.read_text()) if kept.exists() else {"peer": p[0], "error": "not run yet"}
+        if "error" not in r:
+            r["path"] = work / f"{p[0]}.onnx"
+        return r
     if kept.exists() and p[0] not in args.redo:
         r = json.loads(kept.read_text())
         if "error" not in r and (work / f"{p[0]}.onnx").exists():
