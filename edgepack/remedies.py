@@ -56,6 +56,11 @@ class CandidateResult:
     transfer_ms: float = 0.0         # estimated accelerator<->CPU transfer cost of the islands
     remedy: str = ""                 # the registry entry that proposed it
     float_activations: list[str] = field(default_factory=list)  # activations left float (weights INT8)
+    fp32_latency_ms: float = 0.0     # FP32 in the same interleaved quick rounds (0: not measured)
+
+    @property
+    def faster_than_fp32(self) -> bool:
+        return not self.fp32_latency_ms or self.latency_ms < self.fp32_latency_ms
 
 
 @dataclass
@@ -147,7 +152,7 @@ class Search:
                                       progress=self.pg.advance), self.data.labels)
         self.pg.done()
         pl = placement_of(onnx.load(str(path)), self.target)
-        _, lat = compare_latency(self.info.path, path, self.sample, threads=1, rounds=3, per_round=5, warmup=2)
+        f_lat, lat = compare_latency(self.info.path, path, self.sample, threads=1, rounds=3, per_round=5, warmup=2)
         first_of_variant = not any(x.variant == variant for x in self.candidates)
         cr = CandidateResult(name, method, list(floats), round(c.drop, 3), round(c.agreement, 3),
                              round(c.output_sqnr_db, 2), variant=variant, size_bytes=path.stat().st_size,
@@ -156,7 +161,8 @@ class Search:
                                            + (self.variants[variant][1] if first_of_variant else 0), 2),
                              npu_eligible=pl.fallback_nodes == 0 and method != "dynamic" and not float_acts,
                              cpu_islands=pl.islands, transfer_ms=pl.estimated_transfer_ms, remedy=remedy,
-                             float_activations=list(float_acts or []))
+                             float_activations=list(float_acts or []),
+                             fp32_latency_ms=round(f_lat.median_ms, 3))
         self.candidates.append(cr)
         self.paths[name] = path
         if self.allowed(cr) and (self.best is None or (cr.search_drop, -cr.output_sqnr_db)
@@ -173,9 +179,12 @@ class Search:
 
     def choose(self) -> CandidateResult:
         """The smallest, then fastest, allowed candidate within the OTA budget that meets the
-        accuracy budget; else the most accurate one that fits; oversize only if nothing fits."""
+        accuracy budget; else the most accurate one that fits; oversize only if nothing fits.
+        A candidate slower than FP32 in its quick latency rounds is chosen only when no faster
+        one exists (float activations can cost more than they save on a CPU)."""
         allowed = [c for c in self.candidates if self.allowed(c)] or self.candidates[:1]
         fits = [c for c in allowed if c.size_bytes <= self.target.ota_budget_mb * 1e6] or allowed
+        fits = [c for c in fits if c.faster_than_fp32] or fits
         meeting = [c for c in fits if c.search_drop <= self.budget]
         if not meeting and any(c.search_drop <= self.budget for c in allowed):
             self.warnings.append(f"the only candidates within the accuracy budget are larger than {self.target.name}'s "
@@ -309,8 +318,8 @@ def _float_activations(s: Search) -> None:
         c = s.evaluate(base.variant, base.method, list(base.float_layers), f"{base.name}+{k} float act",
                        remedy="float-activations", float_acts=acts)
         spend -= 1
-        if c.search_drop <= s.budget or k == len(ranked):
-            break
+        if c.search_drop <= s.budget or k == len(ranked) or not c.faster_than_fp32:
+            break    # met, exhausted, or already slower than FP32: more float would be slower still
         k = min(2 * k, len(ranked))
 
 

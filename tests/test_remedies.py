@@ -94,6 +94,14 @@ def test_choose_never_larger_than_a_simpler_candidate_that_meets(tmp_path):
     s.candidates = s.candidates[:1] + s.candidates[3:]
     assert s.choose().name == "int8"          # the only one within the budget is over the 8 MB OTA budget
     assert any("OTA budget" in w for w in s.warnings)
+    slow = _cand("slow", 2.0, 5_000_100, acts=["a"], lat=3.0)
+    slow.fp32_latency_ms = fast_fp32 = 2.0
+    plain = _cand("plain", 3.0, 5_000_000, lat=1.0)
+    plain.fp32_latency_ms = fast_fp32
+    s.candidates = [plain, slow]
+    assert s.choose().name == "plain"         # more accurate but slower than FP32: not chosen
+    s.candidates = [slow]
+    assert s.choose().name == "slow"          # unless nothing faster exists
 
 
 def test_mse_range_weighs_magnitudes():
