@@ -12,6 +12,11 @@ pool, evaluation = all 176 images of natural-eval plus the 20 labelled ImageNet 
 Each peer runs in its own venv (scripts/peers/run_*.py); every INT8 model it writes is judged
 here, under (a) exact integer arithmetic: ORT with ORT_DISABLE_ALL (QDQ unfused), and (b) this
 host's fused ORT kernels (default optimization). Latency is host-kernel, interleaved medians.
+
+Resumable per peer: the arrays, each peer's INT8 model and its judged result are kept in
+``--work`` (default bench-results/peers-work/); a rerun skips every peer whose result is there
+(``--redo`` forces one) and retries the ones that failed, so one peer dying (a timeout, a venv
+replaced under it) costs only that peer. peers.json is rewritten after every peer.
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--adaround-iterations", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--timeout", type=int, default=5400, help="seconds per peer run")
+    ap.add_argument("--work", default=str(ROOT / "bench-results" / "peers-work"),
+                    help="kept between runs: arrays, peer models, per-peer results (resume)")
+    ap.add_argument("--redo", nargs="+", default=[], choices=[p[0] for p in PEERS],
+                    help="run these peers again even if their result is kept")
+    ap.add_argument("--no-latency", action="store_true", help="skip the interleaved latency rounds")
+    ap.add_argument("--kept-only", action="store_true",
+                    help="quantize nothing: report the results kept in --work (failures included)")
     ap.add_argument("--table", metavar="JSON", help="print the docs table of a peers.json and exit")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "peers.json"))
     return ap
@@ -157,74 +168,124 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return 0
+def prepare_data(args, work: Path, pp) -> dict:
+    """The identical arrays every peer gets, saved once in ``work`` (reused by a resumed run)."""
     from edgepack.assets import asset
-    from edgepack.data import ImagePreprocess, load_dataset
-    from edgepack.quantize.evaluate import predict, session
-    from edgepack.quantize.latency import interleaved
+    from edgepack.data import load_dataset
 
-    pp = ImagePreprocess.parse(PREPROCESS)
-    model = asset("models/efficientnet-lite0.onnx")
-    peers = [p for p in PEERS if not args.only or p[0] in args.only]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edgepack-peers-") as td:
-        work = Path(td)
+    data = {"model": asset("models/efficientnet-lite0.onnx"), "calib": work / "calib.npy",
+            "pool": work / "pool.npy"}
+    stamp = work / "data.json"
+    want = {"calib_size": args.calib_size, "eval_limit": args.eval_limit, "pool_limit": args.pool_limit,
+            "preprocess": PREPROCESS}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == want):
         log("loading data with edgepack.data (identical arrays for every peer)")
-        calib_ds = load_dataset(asset("images/natural-calib"), pp)
-        pool = stack(calib_ds, args.pool_limit)
-        data = {"model": model, "calib": work / "calib.npy", "pool": work / "pool.npy"}
+        pool = stack(load_dataset(asset("images/natural-calib"), pp), args.pool_limit)
         np.save(data["calib"], pool[:args.calib_size])
         np.save(data["pool"], pool)
         np.save(work / "eval.npy", stack(load_dataset(asset("images/natural-eval"), pp), args.eval_limit))
         inet = load_dataset(asset("images/imagenet"), pp)
         np.savez(work / "imagenet.npz", x=stack(inet), labels=inet.labels)
-        evals = {"heldout": load_dataset(work / "eval.npy"), "imagenet20": load_dataset(work / "imagenet.npz")}
-        fp = session(model)
-        fp32_ref = {k: predict(fp, ds) for k, ds in evals.items()}
-        fp32_inet = float((fp32_ref["imagenet20"].argmax(1) == evals["imagenet20"].labels).mean() * 100)
-        results = []
-        for p in peers:
-            log(f"{p[0]}: quantizing in {p[1]}")
-            r = run_peer(*p, args, data, work)
-            if "error" in r:
-                log(f"{p[0]}: FAILED: {r['error'].splitlines()[-1]}")
-            else:
-                log(f"{p[0]}: {r['quantize_seconds']} s; evaluating (exact, host kernels)")
-                evaluate(r, fp32_ref, evals)
-                log(f"{p[0]}: exact {r['exact']} host {r['host']}")
-            results.append(r)
-        ok = {r["peer"]: r["path"] for r in results if "path" in r and "error" not in r.get("host", {})}
-        sample = evals["heldout"].loader(0)
-        latency = {}
-        for th in (1, 2):
-            log(f"latency, {th} thread(s), {len(ok) + 1} models interleaved")
-            st = interleaved({"fp32": model, **ok}, sample, threads=th, rounds=args.rounds, per_round=10,
-                             warmup=5)
-            latency[th] = {k: round(v.median_ms, 2) for k, v in st.items()}
-        for r in results:
-            if r["peer"] in ok:
-                r["latency_ms"] = {f"threads_{th}": latency[th][r["peer"]] for th in (1, 2)}
-                r["latency_vs_fp32"] = {f"threads_{th}": round(latency[th][r["peer"]] / latency[th]["fp32"], 3)
-                                        for th in (1, 2)}
-            r.pop("path", None)
+        for f in work.glob("*.result.json"):   # results on other data are not comparable
+            f.unlink()
+        stamp.write_text(json.dumps(want))
+    data["pool_images"] = int(np.load(data["pool"], mmap_mode="r").shape[0])
+    return data
+
+
+def run_or_resume(p: tuple, args, data: dict, work: Path, fp32_ref: dict, evals: dict) -> dict:
+    """One peer's judged result: kept from an earlier run, or quantized and judged now."""
+    kept = work / f"{p[0]}.result.json"
+    if args.kept_only:
+        r = json.loads(kept.read_text()) if kept.exists() else {"peer": p[0], "error": "not run yet"}
+        if "error" not in r:
+            r["path"] = work / f"{p[0]}.onnx"
+        return r
+    if kept.exists() and p[0] not in args.redo:
+        r = json.loads(kept.read_text())
+        if "error" not in r and (work / f"{p[0]}.onnx").exists():
+            log(f"{p[0]}: kept from {r.get('date', 'an earlier run')}")
+            r["path"] = work / f"{p[0]}.onnx"
+            return r
+    log(f"{p[0]}: quantizing in {p[1]}")
+    r = run_peer(*p, args, data, work)
+    if "error" in r:
+        log(f"{p[0]}: FAILED: {r['error'].splitlines()[-1]}")
+    else:
+        log(f"{p[0]}: {r['quantize_seconds']} s; evaluating (exact, host kernels)")
+        evaluate(r, fp32_ref, evals)
+        log(f"{p[0]}: exact {r['exact']} host {r['host']}")
+    r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    kept.write_text(json.dumps({k: v for k, v in r.items() if k != "path"}, indent=2, default=float))
+    return r
+
+
+def measure_latency(model: Path, results: list[dict], evals: dict, rounds: int) -> dict:
+    from edgepack.quantize.latency import interleaved
+
+    ok = {r["peer"]: r["path"] for r in results if "path" in r and "error" not in r.get("host", {})}
+    sample = evals["heldout"].loader(0)
+    latency = {}
+    for th in (1, 2):
+        log(f"latency, {th} thread(s), {len(ok) + 1} models interleaved")
+        st = interleaved({"fp32": model, **ok}, sample, threads=th, rounds=rounds, per_round=10, warmup=5)
+        latency[th] = {k: round(v.median_ms, 2) for k, v in st.items()}
+    for r in results:
+        if r["peer"] in ok:
+            r["latency_ms"] = {f"threads_{th}": latency[th][r["peer"]] for th in (1, 2)}
+            r["latency_vs_fp32"] = {f"threads_{th}": round(latency[th][r["peer"]] / latency[th]["fp32"], 3)
+                                    for th in (1, 2)}
+    return latency
+
+
+def write_doc(out: Path, argv, args, data: dict, evals: dict, fp32_inet: float, results: list[dict],
+              latency: dict | None) -> None:
+    model = data["model"]
     doc = {"command": "python scripts/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                        "note": "shared machine; latency = medians of interleaved runs"},
            "data": {"preprocess": PREPROCESS, "calibration": f"first {args.calib_size} of natural-calib (sorted)",
-                    "accuracy_control_validation": f"natural-calib pool ({len(pool)} images), label-free agreement",
-                    "heldout": f"natural-eval ({len(evals['heldout'])} images)", "imagenet20": "images/imagenet (20, labelled)"},
+                    "accuracy_control_validation": f"natural-calib pool ({data['pool_images']} images), "
+                                                   "label-free agreement",
+                    "heldout": f"natural-eval ({len(evals['heldout'])} images)",
+                    "imagenet20": "images/imagenet (20, labelled)"},
            "numerics": {"exact": "ORT graph_optimization_level=ORT_DISABLE_ALL (QDQ unfused: exact int8 products)",
                         "host": "ORT default optimization (fused u8 x s8 kernels of this host)"},
            "fp32": {"bytes": model.stat().st_size, "size_mb": round(model.stat().st_size / 1e6, 2),
-                    "imagenet20_top1": fp32_inet, "latency_ms": {f"threads_{t}": latency[t]["fp32"] for t in (1, 2)}},
-           "peers": results}
-    out.write_text(json.dumps(doc, indent=2, default=float))
+                    "imagenet20_top1": fp32_inet,
+                    "latency_ms": {f"threads_{t}": latency[t]["fp32"] for t in (1, 2)} if latency else None},
+           "peers": [{k: v for k, v in r.items() if k != "path"} for r in results]}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=float))
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    from edgepack.data import ImagePreprocess, load_dataset
+    from edgepack.quantize.evaluate import predict, session
+
+    pp = ImagePreprocess.parse(PREPROCESS)
+    peers = [p for p in PEERS if not args.only or p[0] in args.only]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(args, work, pp)
+    evals = {"heldout": load_dataset(work / "eval.npy"), "imagenet20": load_dataset(work / "imagenet.npz")}
+    fp = session(data["model"])
+    fp32_ref = {k: predict(fp, ds) for k, ds in evals.items()}
+    fp32_inet = float((fp32_ref["imagenet20"].argmax(1) == evals["imagenet20"].labels).mean() * 100)
+    results: list[dict] = []
+    for p in peers:
+        results.append(run_or_resume(p, args, data, work, fp32_ref, evals))
+        write_doc(out, argv, args, data, evals, fp32_inet, results, None)   # partial results survive
+    latency = None if args.no_latency else measure_latency(data["model"], results, evals, args.rounds)
+    write_doc(out, argv, args, data, evals, fp32_inet, results, latency)
     log(f"wrote {out}")
     return 0
 

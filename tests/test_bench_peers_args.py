@@ -24,3 +24,18 @@ def test_parses_peer_selection_and_limits():
 def test_rejects_unknown_peer():
     with pytest.raises(SystemExit):
         _mod().build_parser().parse_args(["--only", "tensorrt"])
+
+
+def test_resume_options_and_kept_results(tmp_path):
+    """A rerun reports kept per-peer results (failures included) without quantizing anything."""
+    import json
+
+    m = _mod()
+    a = m.build_parser().parse_args(["--work", str(tmp_path), "--kept-only", "--redo", "aimet-cle"])
+    assert a.kept_only and a.redo == ["aimet-cle"] and a.work == str(tmp_path)
+    (tmp_path / "aimet-cle.result.json").write_text(json.dumps({"peer": "aimet-cle", "error": "exit 1: boom"}))
+    peer = next(p for p in m.PEERS if p[0] == "aimet-cle")
+    r = m.run_or_resume(peer, a, {}, tmp_path, {}, {})
+    assert r["error"] == "exit 1: boom"
+    r = m.run_or_resume(next(p for p in m.PEERS if p[0] == "nncf-default"), a, {}, tmp_path, {}, {})
+    assert r["error"] == "not run yet"

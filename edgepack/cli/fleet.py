@@ -63,13 +63,19 @@ def push_cmd(release: Path = typer.Argument(..., help="the release's full bundle
              concurrency: int = typer.Option(8, help="boards in flight at once"),
              retries: int = typer.Option(3, help="reconnects per board (transfers resume)"),
              max_bytes_factor: float = typer.Option(2.0, help="bytes sent per board <= factor x file size"),
+             accept_budget_miss: bool = typer.Option(False, "--accept-budget-miss", help="push a release whose "
+                                                     "bundled quantize report missed its accuracy budget"),
              store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT) -> None:
     """Roll a release out: canary, then waves; halt and roll back on failures, drift or latency."""
     from ..fleet import Policy, load_release, push
+    from ..ota.release_gate import gate
 
     def go() -> None:
         fl = _fleet(fleet)
         rel = load_release(release, list(delta))
+        note = gate(rel.full.path, accept_budget_miss=accept_budget_miss)   # BudgetNotMet: exit 4
+        if note:
+            err.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
         boards = fl.select(group, list(board) or None)
         pol = Policy(canary=canary, wave_size=wave_size, max_failures=max_failures, max_drift=max_drift,
                      latency_margin=latency_margin, concurrency=concurrency, retries=retries,

@@ -240,6 +240,9 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                settings: Optional[Path] = typer.Option(None, help="Runtime settings JSON (runtime, threads, execution_provider)"),
                golden: Optional[Path] = typer.Option(None, help=".npz with input* arrays and output* reference outputs "
                                                      "(default: MODEL.golden.npz next to the model, if there)"),
+               quantize_report: Optional[Path] = typer.Option(
+                   None, "--quantize-report", help="the model's `edgepack quantize` JSON report: carried in the "
+                   "bundle, and `push` refuses a release that missed its budget unless --accept-budget-miss"),
                expires_days: float = typer.Option(90, help="Manifest lifetime (boards refuse expired bundles)"),
                level: int = typer.Option(9, help="zstd level"),
                allow_oversize: bool = typer.Option(False, "--allow-oversize",
@@ -263,7 +266,8 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
         out_path = output_path(output, f"{name}-r{release}.bundle")
         rep = build_bundle(out_path, models=model, name=name, release=release, version=label or str(release),
                            targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
-                           roots=_roots(root), settings=settings, golden=gold, expires_days=expires_days, level=level)
+                           roots=_roots(root), settings=settings, golden=gold, quantize_report=quantize_report,
+                           expires_days=expires_days, level=level)
         if not allow_oversize:
             _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),

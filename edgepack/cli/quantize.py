@@ -41,6 +41,10 @@ def render_report(r, console: Console) -> None:
     t.add_row("most sensitive layers", "\n".join(f"{s['name']} ({s['op']}, SQNR {s['sqnr_db']} dB)"
                                                  for s in r.sensitive_layers[:5]) or "(not needed)")
     t.add_row("layers kept in float", "\n".join(r.float_layers) or "none")
+    if r.float_activations:
+        t.add_row("activations kept in float", f"{len(r.float_activations)} (weights INT8): "
+                  + ", ".join(r.float_activations[:4]) + (" …" if len(r.float_activations) > 4 else ""))
+    t.add_row("remedies run", ", ".join(r.remedies_tried) or "–")
     for row in r.latency:
         t.add_row(f"latency, {row.threads} thread(s)" + (" (host proxy)" if r.latency_source == "host-proxy" else ""), f"FP32 {row.fp32_ms:.2f} ms -> INT8 {row.int8_ms:.2f} ms "
                   f"= {row.ratio:.2f}x (median of {row.runs})")
@@ -51,7 +55,7 @@ def render_report(r, console: Console) -> None:
         c.add_column(col, justify="left" if col == "candidate" else "right")
     for cand in r.candidates:
         mark = " *" if (cand.method == r.calibration_method and cand.float_layers == r.float_layers
-                        and cand.variant == r.variant) else ""
+                        and cand.variant == r.variant and cand.float_activations == r.float_activations) else ""
         c.add_row(escape(cand.name) + mark, f"{cand.search_drop:.2f}", f"{cand.output_sqnr_db:.1f}",
                   f"{cand.size_bytes / 1e6:.2f}", f"{cand.latency_ms:.2f}", f"{cand.seconds:.1f}",
                   "yes" if cand.npu_eligible else f"no ({cand.cpu_islands} CPU island(s), ~{cand.transfer_ms:g} ms)")
@@ -86,7 +90,7 @@ def register_quantize(app: typer.Typer) -> None:
                                               "default: half of --eval, the other half held out"),
         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: target's)"),
         calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
-        method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy"),
+        method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy, mse"),
         rounding: str = typer.Option("gptq", "--rounding", help="weight rounding: gptq (advanced PTQ) or nearest"),
         preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
                                                  "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
@@ -106,7 +110,7 @@ def register_quantize(app: typer.Typer) -> None:
 
         def go() -> None:
             nonlocal output
-            from ..quantize.calibrate import METHODS
+            from ..quantize.calibrate import ALL_METHODS, METHODS
             from ..data import load_dataset
             from ..errors import DataError
             from ..modelinfo import load_model
@@ -124,9 +128,9 @@ def register_quantize(app: typer.Typer) -> None:
                                            threads=threads, max_evals=max_evals, as_json=as_json, report=report,
                                            carry_over=carry_over, full_integer=full_integer)
             tgt = load_target(target)
-            bad = [m for m in method if m not in METHODS]
+            bad = [m for m in method if m not in ALL_METHODS]
             if bad:
-                raise DataError(f"unknown calibration method(s) {bad}; choose from {list(METHODS)}")
+                raise DataError(f"unknown calibration method(s) {bad}; choose from {list(ALL_METHODS)}")
             if rounding not in ("gptq", "nearest"):
                 raise DataError("--rounding must be gptq or nearest")
             load_model(model)  # fail fast on a bad model, before data is opened

@@ -197,7 +197,7 @@ def build_bundle(out: str | Path, *, models: Sequence[str | Path], name: str, re
                  targets: Sequence[str], signer: SigningKey | Sequence[SigningKey],
                  release_keys_doc: Mapping[str, Any], roots: Sequence[Mapping[str, Any]],
                  settings: Mapping[str, Any] | Path | None = None, golden: str | Path | None = None,
-                 expires_days: float = 90, now: _dt.datetime | None = None, level: int = DEFAULT_LEVEL,
+                 quantize_report: str | Path | None = None, expires_days: float = 90, now: _dt.datetime | None = None, level: int = DEFAULT_LEVEL,
                  min_agent_version: str = reader.AGENT_VERSION, verify: bool = True) -> BuildReport:
     """Build a full bundle: compress every payload, sign the manifest, write atomically, read it back."""
     import time
@@ -222,6 +222,10 @@ def build_bundle(out: str | Path, *, models: Sequence[str | Path], name: str, re
             gp = Path(golden)
             check_golden(gp)
             items.append(("golden.npz", "golden", gp))
+        if quantize_report is not None:  # carried for `push`'s budget gate (edgepack.release_gate)
+            from .release_gate import REPORT_NAME, REPORT_ROLE, check_report
+            check_report(quantize_report)
+            items.append((REPORT_NAME, REPORT_ROLE, Path(quantize_report)))
         names = [i[0] for i in items]
         if len(set(n.lower() for n in names)) != len(names):
             raise UsageError(f"two payload files share a name: {names}")

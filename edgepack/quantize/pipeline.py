@@ -29,19 +29,16 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from .calibrate import METHODS, collect
+from .calibrate import METHODS
 from ..data import Dataset
 from ..errors import BudgetNotMet, DataError
-from .evaluate import compare, predict, session
+from .evaluate import Comparison, compare, predict, session
 from .latency import compare_latency
 from ..modelinfo import ModelInfo, check_samples, load_model
-from .numerics import board_session, host_int8, host_session
-from .analyze import placement_of
-from .qdq import QDQBuilder, preprocess_model
-from .smoothquant import smooth
-from .sensitivity import rank_layers
+from .numerics import host_int8, host_session
+from .qdq import preprocess_model
+from .remedies import CandidateResult, Search, run as run_remedies
 from ..targets import Target
-
 
 
 class Progress(Protocol):
@@ -73,25 +70,9 @@ class QuantizeOptions:
     allow_cpu_fallback: bool = False       # INT8-only boards: accept layers placed on the CPU
     seed: int = 0
     golden_samples: int = 16               # held-out samples carried in the bundle for the health check
-
-
-@dataclass
-class CandidateResult:
-    """One measured remedy: the cost-benefit table's row."""
-
-    name: str
-    method: str
-    float_layers: list[str]
-    search_drop: float
-    search_agreement: float
-    output_sqnr_db: float
-    variant: str = "base"            # base | smoothquant
-    size_bytes: int = 0
-    latency_ms: float = 0.0          # batch 1, 1 thread, this CPU (quick median)
-    seconds: float = 0.0             # time spent producing and measuring it
-    npu_eligible: bool = True        # every op INT8 on the target's accelerator
-    cpu_islands: int = 0
-    transfer_ms: float = 0.0         # estimated accelerator<->CPU transfer cost of the islands
+    max_float_activations: int = 64        # most activations the float-activations remedy ranks (0: off)
+    float_activations_start: int = 4       # its first candidate keeps this many float; then doubles
+    activation_rank_samples: int = 8       # search samples the activation ranking runs on
 
 
 @dataclass
@@ -147,6 +128,8 @@ class QuantizeReport:
     host_kernel_agreement: float | None = None  # the held-out agreement on this host's own fused kernels
     latency_source: str = "host"            # "host-proxy" when the target is not this kind of CPU
     board_confirmation: dict | None = None  # edgepack.fleet.confirm: the board's own figure (--confirm-on)
+    remedies_tried: list[str] = field(default_factory=list)   # edgepack.quantize.remedies, in the order run
+    float_activations: list[str] = field(default_factory=list)  # activations kept float (weights INT8)
 
     @property
     def size_ratio(self) -> float:
@@ -196,14 +179,52 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
     opt = options or QuantizeOptions()
     pg = progress or _NoProgress()
     t0 = time.perf_counter()
-    warnings: list[str] = []
-    budget = target.max_top1_drop if opt.max_drop is None else opt.max_drop
+    output = _check_output(output)
+    info, calib, search, holdout = _check_inputs(model_path, calib, evaluation, search, opt)
+    work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
+    try:
+        pre = preprocess_model(info, work)
+        fp32 = session(info.path)
+        pg.start("FP32 reference", len(search) + len(holdout))
+        ref_search = predict(fp32, search, batch_size=opt.batch_size, progress=pg.advance)
+        ref_hold = predict(fp32, holdout, batch_size=opt.batch_size, progress=pg.advance)
+        pg.done()
+        del fp32
+        s = Search(info=info, target=target, opt=opt,
+                   budget=target.max_top1_drop if opt.max_drop is None else opt.max_drop, calib=calib,
+                   data=search, ref=ref_search, work=work, pg=pg, sample=holdout.loader(0))
+        s.prepare(pre, "base")
+        run_remedies(s)
+        chosen = s.choose()
+        s.evals += 1   # the held-out figure
+        final, host_final = _held_out(s, s.paths[chosen.name], holdout, ref_hold)
+        lat, speed_ok = _latency(info, s.paths[chosen.name], s.sample, opt, pg, s.warnings)
+        _write_output(output, s, chosen, holdout)
+        return _report(s, chosen, output, final, host_final, lat, speed_ok, t0)
+    except BaseException:
+        golden = output.with_suffix(".golden.npz")
+        if golden.exists() and not output.exists():
+            golden.unlink()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for tmp in (output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.stem}.golden.npz.tmp.npz")):
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _check_output(output: str | Path) -> Path:
     output = Path(output)
     if output.suffix != ".onnx":
         raise DataError(f"output {output} must end in .onnx")
     if not output.parent.exists():
         raise DataError(f"output folder {output.parent} does not exist")
+    return output
 
+
+def _check_inputs(model_path: str | Path, calib: Dataset, evaluation: Dataset, search: Dataset | None,
+                  opt: QuantizeOptions) -> tuple[ModelInfo, Dataset, Dataset, Dataset]:
+    """The model and the three splits, checked before any work: (info, calib, search, holdout)."""
     info = load_model(model_path)
     if opt.calib_size is not None:
         if opt.calib_size <= 0:
@@ -220,228 +241,90 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         search, holdout = split_eval(evaluation, opt.seed)
     else:
         holdout = evaluation
-
-    work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
-    try:
-        pre = preprocess_model(info, work)
-        fp32 = session(info.path)
-        pg.start("FP32 reference", len(search) + len(holdout))
-        ref_search = predict(fp32, search, batch_size=opt.batch_size, progress=pg.advance)
-        ref_hold = predict(fp32, holdout, batch_size=opt.batch_size, progress=pg.advance)
-        pg.done()
-        del fp32
-
-        def judge(path: Path):
-            """The board's arithmetic on this host (edgepack.quantize.numerics), never this laptop's kernels."""
-            return board_session(path, target.int8_arithmetic, weight_bits=target.weight_bits)
-
-        def prepare(model: onnx.ModelProto, label: str) -> QDQBuilder:
-            """Calibrate (and round weights for) one variant of the float model."""
-            vdir = work / label
-            vdir.mkdir()
-            path = vdir / "model.onnx"
-            onnx.save(model, str(path))
-            pg.start(f"calibrating {label} on {len(calib)} samples", 2 * len(calib))
-            last = [0]
-
-            def adv(d: int, t: int) -> None:
-                pg.advance(d - last[0])
-                last[0] = d
-
-            cal = collect(model, calib, info.input_names, batch_size=8, progress=adv)
-            pg.done()
-            overrides = None
-            if opt.weight_rounding == "gptq":
-                path, overrides = _advanced_rounding(model, calib, info, vdir, pg, bits=target.weight_bits)
-            return QDQBuilder(path, cal, target, vdir, overrides)
-
-        t_var = time.perf_counter()
-        base = prepare(pre, "base")
-        variants = {"base": (base, time.perf_counter() - t_var)}
-        rounding = opt.weight_rounding
-        evals = 0
-        candidates: list[CandidateResult] = []
-        paths: dict[str, Path] = {}
-        best: CandidateResult | None = None
-        sample = holdout.loader(0)
-
-        def evaluate(variant: str, method: str, floats: list[str], name: str) -> CandidateResult:
-            nonlocal evals, best
-            evals += 1
-            t = time.perf_counter()
-            b = variants[variant][0]
-            path = b.build(method, floats)
-            pg.start(f"evaluating {name}", len(search))
-            c = compare(ref_search, predict(judge(path), search, batch_size=opt.batch_size,
-                                            progress=pg.advance), search.labels)
-            pg.done()
-            pl = placement_of(onnx.load(str(path)), target)
-            _, lat = compare_latency(info.path, path, sample, threads=1, rounds=3, per_round=5, warmup=2)
-            cr = CandidateResult(name, method, list(floats), round(c.drop, 3), round(c.agreement, 3),
-                                 round(c.output_sqnr_db, 2), variant=variant, size_bytes=path.stat().st_size,
-                                 latency_ms=round(lat.median_ms, 3),
-                                 seconds=round(time.perf_counter() - t + (variants[variant][1] if not any(
-                                     x.variant == variant for x in candidates) else 0), 2),
-                                 npu_eligible=pl.fallback_nodes == 0 and method != "dynamic",
-                                 cpu_islands=pl.islands, transfer_ms=pl.estimated_transfer_ms)
-            candidates.append(cr)
-            paths[name] = path
-            if _allowed(cr, target, opt) and (best is None or (cr.search_drop, -cr.output_sqnr_db)
-                                              < (best.search_drop, -best.output_sqnr_db)):
-                best = cr
-            return cr
-
-        search_budget = max(1, opt.max_evals - 1)
-        for method in opt.methods:
-            if evals >= search_budget:
-                break
-            evaluate("base", method, [], f"int8/{method}")
-        if _dynamic_worth_trying(info, target) and evals < search_budget:
-            evaluate("base", "dynamic", [], "int8/dynamic")
-        if best is None:  # nothing allowed (cannot happen with static methods); keep the first
-            best = candidates[0]
-        method = best.method if best.method != "dynamic" else "percentile"
-
-        # SmoothQuant-style scale migration, for models whose LayerNorm outputs feed MatMuls
-        if best.search_drop > budget and evals < search_budget and _has_layernorm_matmul(pre):
-            t_var = time.perf_counter()
-            sm, srep = smooth(pre, calib, info.input_names, alpha=opt.smooth_alpha)
-            if srep.matmuls:
-                variants["smoothquant"] = (prepare(sm, "smoothquant"), time.perf_counter() - t_var)
-                evaluate("smoothquant", method, [], f"int8/{method}+smoothquant")
-                if best.variant == "smoothquant":
-                    warnings_info = (f"SmoothQuant migrated scales on {srep.tensors} tensor(s): worst channel ratio "
-                                     f"{srep.max_ratio_before}x -> {srep.max_ratio_after}x")
-                    warnings.append(warnings_info)
-
-        ranking = []
-        variant = best.variant
-        floats_allowed = target.float_allowed or opt.allow_cpu_fallback
-        if best.search_drop > budget and evals < search_budget:
-            # Mixed precision. On an INT8-only board float means a CPU placement: those
-            # candidates are measured and costed for the table, chosen only if allowed.
-            n_s = min(opt.sensitivity_samples, len(search))
-            _, feeds = next(search.feeds(n_s, info.input_names))
-            ranking = rank_layers(onnx.load(str(variants[variant][0].pre_path)),
-                                  onnx.load(str(paths[best.name])), feeds)
-            lo, hi = 0, None  # largest k known to miss, smallest k known to meet
-            k = 1
-            while evals < search_budget and k <= len(ranking):
-                floats = [r.name for r in ranking[:k]]
-                where = "float" if target.float_allowed else "on CPU"
-                c = evaluate(variant, method, floats, f"int8/{method}{'+smoothquant' if variant != 'base' else ''}"
-                             f"+{k} {where}")
-                if c.search_drop <= budget:
-                    hi = k
-                else:
-                    lo = k
-                if hi is None:
-                    k = min(k * 2, len(ranking)) if k < len(ranking) else k + 1
-                elif hi - lo <= 1:
-                    break
-                else:
-                    k = (lo + hi) // 2
-            if not floats_allowed:
-                warnings.append(f"{target.name} runs INT8 only: candidates with layers on the CPU are costed in the "
-                                "table but not chosen (pass allow_cpu_fallback / --allow-cpu-fallback to accept them)")
-
-        # Of the candidates that meet the budget prefer the fewest float layers; else the best.
-        # Candidates larger than the board's OTA budget are chosen only when nothing else is allowed.
-        allowed = [c for c in candidates if _allowed(c, target, opt)]
-        fits = [c for c in allowed if c.size_bytes <= target.ota_budget_mb * 1e6] or allowed
-        meeting = [c for c in fits if c.search_drop <= budget]
-        chosen = (min(meeting, key=lambda c: (len(c.float_layers), c.search_drop)) if meeting
-                  else min(fits, key=lambda c: (c.search_drop, -c.output_sqnr_db)) if fits else best)
-        if not meeting and any(c.search_drop <= budget for c in allowed):
-            warnings.append(f"the only candidates within the accuracy budget are larger than {target.name}'s "
-                            f"OTA budget ({target.ota_budget_mb:g} MB); the best one that fits was kept")
-        chosen_path = paths[chosen.name]
-
-        evals += 1
-        pg.start("held-out evaluation", len(holdout))
-        final = compare(ref_hold, predict(judge(chosen_path), holdout, batch_size=opt.batch_size,
-                                          progress=pg.advance), holdout.labels)
-        host_final = compare(ref_hold, predict(host_session(chosen_path), holdout, batch_size=opt.batch_size),
-                             holdout.labels)
-        pg.done()
-        host = host_int8()
-        if host.arithmetic != target.int8_arithmetic:
-            warnings.append(f"this host ({host.label}) computes INT8 unlike {target.name} "
-                            f"({target.int8_arithmetic}): figures are the board's arithmetic; this host's own "
-                            f"kernels give {host_final.agreement:.1f} % agreement")
-        met = final.drop <= budget
-        if not met:
-            warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
-                            f"points > {budget:g} allowed")
-            if not floats_allowed:
-                warnings.append(f"target {target.name} runs INT8 only: no layer may leave the accelerator, "
-                                "so the remaining drop needs quantization-aware training (edgepack qat)")
-
-        lat = []
-        pg.start("latency FP32 vs INT8", len(opt.latency_threads))
-        for th in opt.latency_threads:
-            a, b = compare_latency(info.path, chosen_path, sample, threads=th)
-            lat.append(LatencyRow(th, round(a.median_ms, 3), round(b.median_ms, 3), round(a.p90_ms, 3),
-                                  round(b.p90_ms, 3), a.runs))
-            pg.advance()
-        pg.done()
-        speed_ok = all(r.ratio < 1.0 for r in lat)
-        if not speed_ok:
-            slow = ", ".join(f"{r.threads} thread(s): {r.ratio:.2f}x" for r in lat if r.ratio >= 1)
-            msg = f"INT8 is not faster than FP32 on this CPU ({slow})"
-            if opt.require_speedup:
-                raise BudgetNotMet(msg + "; nothing written (drop --require-speedup to keep it)")
-            warnings.append(msg)
-
-        golden = output.with_suffix(".golden.npz")
-        _write_golden(golden, chosen_path, info, holdout, opt.golden_samples, judge)
-        tmp = output.with_name(f".{output.name}.tmp")
-        shutil.copyfile(chosen_path, tmp)
-        m = onnx.load(str(tmp))
-        for k, v in (("edgepack.quantized_for", target.name), ("edgepack.calibration", chosen.method),
-                     ("edgepack.float_layers", ",".join(chosen.float_layers))):
-            p = m.metadata_props.add()
-            p.key, p.value = k, v
-        onnx.save(m, str(tmp))
-        os.replace(tmp, output)
-
-        return QuantizeReport(
-            model=str(info.path), output=str(output), target=target.name, metric=final.metric,
-            budget_points=budget, budget_met=met, fp32_size_bytes=info.size_bytes,
-            int8_size_bytes=output.stat().st_size, fp32_top1=final.fp32_top1, int8_top1=final.int8_top1,
-            drop_points=round(final.drop, 3), agreement=round(final.agreement, 3),
-            output_sqnr_db=round(final.output_sqnr_db, 2), mcnemar_p=final.mcnemar_p,
-            holdout_samples=final.n, search_samples=len(search), calibration_method=chosen.method,
-            calibration_samples=len(calib), weight_rounding=rounding, variant=chosen.variant,
-            npu_eligible=chosen.npu_eligible,
-            activation_dtype=target.quant.activation_dtype, per_channel=target.quant.per_channel,
-            candidates=candidates,
-            sensitive_layers=[{"name": r.name, "op": r.op, "injected_nsr": r.score, "sqnr_db": round(r.sqnr_db, 2)}
-                              for r in ranking[:10]],
-            float_layers=chosen.float_layers, evaluations=evals, latency=lat, speedup_ok=speed_ok,
-            seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(_peak_rss_mb(), 1),
-            warnings=warnings, numerics=target.int8_arithmetic, host_int8=host.label,
-            host_kernel_agreement=round(host_final.agreement, 3),
-            latency_source="host" if target.arch == host.machine and target.int8_arithmetic == host.arithmetic
-            else "host-proxy")
-    except BaseException:
-        for p in (output.with_suffix(".golden.npz"),):
-            if p.exists() and not output.exists():
-                p.unlink()
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for tmp in (output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.stem}.golden.npz.tmp.npz")):
-            if tmp.exists():
-                tmp.unlink()
+    return info, calib, search, holdout
 
 
-def _dynamic_worth_trying(info: ModelInfo, target: Target) -> bool:
-    """Dynamic quantization only pays where MatMul/Gemm dominate (transformers, MLPs): it keeps
-    activations in float, so convolutions stay float and it is slower than FP32 on CNNs
-    (8x on EfficientNet-Lite0, see ../shared/ASSETS.md). And only where the board runs float."""
-    mm = info.ops.get("MatMul", 0) + info.ops.get("Gemm", 0)
-    return target.quant.allow_dynamic and target.float_allowed and mm > info.ops.get("Conv", 0)
+def _held_out(s: Search, path: Path, holdout: Dataset, ref_hold: np.ndarray) -> tuple[Comparison, Comparison]:
+    """The final figure as the board computes, and this host's own kernels' figure beside it."""
+    bs = s.opt.batch_size
+    s.pg.start("held-out evaluation", len(holdout))
+    final = compare(ref_hold, predict(s.judge(path), holdout, batch_size=bs, progress=s.pg.advance), holdout.labels)
+    host_final = compare(ref_hold, predict(host_session(path), holdout, batch_size=bs), holdout.labels)
+    s.pg.done()
+    host = host_int8()
+    if host.arithmetic != s.target.int8_arithmetic:
+        s.warnings.append(f"this host ({host.label}) computes INT8 unlike {s.target.name} "
+                          f"({s.target.int8_arithmetic}): figures are the board's arithmetic; this host's own "
+                          f"kernels give {host_final.agreement:.1f} % agreement")
+    if final.drop > s.budget:
+        s.warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
+                          f"points > {s.budget:g} allowed")
+        if not (s.target.float_allowed or s.opt.allow_cpu_fallback):
+            s.warnings.append(f"target {s.target.name} runs INT8 only: no layer may leave the accelerator, "
+                              "so the remaining drop needs quantization-aware training (edgepack qat)")
+    return final, host_final
+
+
+def _latency(info: ModelInfo, path: Path, sample, opt: QuantizeOptions, pg: Progress,
+             warnings: list[str]) -> tuple[list[LatencyRow], bool]:
+    """FP32 vs INT8 on this CPU per thread count; BudgetNotMet with ``require_speedup``."""
+    lat = []
+    pg.start("latency FP32 vs INT8", len(opt.latency_threads))
+    for th in opt.latency_threads:
+        a, b = compare_latency(info.path, path, sample, threads=th)
+        lat.append(LatencyRow(th, round(a.median_ms, 3), round(b.median_ms, 3), round(a.p90_ms, 3),
+                              round(b.p90_ms, 3), a.runs))
+        pg.advance()
+    pg.done()
+    speed_ok = all(r.ratio < 1.0 for r in lat)
+    if not speed_ok:
+        slow = ", ".join(f"{r.threads} thread(s): {r.ratio:.2f}x" for r in lat if r.ratio >= 1)
+        msg = f"INT8 is not faster than FP32 on this CPU ({slow})"
+        if opt.require_speedup:
+            raise BudgetNotMet(msg + "; nothing written (drop --require-speedup to keep it)")
+        warnings.append(msg)
+    return lat, speed_ok
+
+
+def _write_output(output: Path, s: Search, chosen: CandidateResult, holdout: Dataset) -> None:
+    """Golden data, then the model with its provenance metadata, each written atomically."""
+    path = s.paths[chosen.name]
+    _write_golden(output.with_suffix(".golden.npz"), path, s.info, holdout, s.opt.golden_samples, s.judge)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.copyfile(path, tmp)
+    m = onnx.load(str(tmp))
+    for k, v in (("edgepack.quantized_for", s.target.name), ("edgepack.calibration", chosen.method),
+                 ("edgepack.float_layers", ",".join(chosen.float_layers)),
+                 ("edgepack.float_activations", ",".join(chosen.float_activations))):
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(m, str(tmp))
+    os.replace(tmp, output)
+
+
+def _report(s: Search, chosen: CandidateResult, output: Path, final: Comparison, host_final: Comparison,
+            lat: list[LatencyRow], speed_ok: bool, t0: float) -> QuantizeReport:
+    host, target = host_int8(), s.target
+    return QuantizeReport(
+        model=str(s.info.path), output=str(output), target=target.name, metric=final.metric,
+        budget_points=s.budget, budget_met=final.drop <= s.budget, fp32_size_bytes=s.info.size_bytes,
+        int8_size_bytes=output.stat().st_size, fp32_top1=final.fp32_top1, int8_top1=final.int8_top1,
+        drop_points=round(final.drop, 3), agreement=round(final.agreement, 3),
+        output_sqnr_db=round(final.output_sqnr_db, 2), mcnemar_p=final.mcnemar_p,
+        holdout_samples=final.n, search_samples=len(s.data), calibration_method=chosen.method,
+        calibration_samples=len(s.calib), weight_rounding=s.opt.weight_rounding, variant=chosen.variant,
+        npu_eligible=chosen.npu_eligible,
+        activation_dtype=target.quant.activation_dtype, per_channel=target.quant.per_channel,
+        candidates=s.candidates,
+        sensitive_layers=[{"name": r.name, "op": r.op, "injected_nsr": r.score, "sqnr_db": round(r.sqnr_db, 2)}
+                          for r in s.ranking[:10]],
+        float_layers=chosen.float_layers, evaluations=s.evals, latency=lat, speedup_ok=speed_ok,
+        seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(_peak_rss_mb(), 1),
+        warnings=s.warnings, numerics=target.int8_arithmetic, host_int8=host.label,
+        host_kernel_agreement=round(host_final.agreement, 3),
+        latency_source="host" if target.arch == host.machine and target.int8_arithmetic == host.arithmetic
+        else "host-proxy",
+        remedies_tried=list(s.tried), float_activations=list(chosen.float_activations))
 
 
 def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: int, judge) -> None:
@@ -461,31 +344,3 @@ def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: in
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-
-
-def _allowed(c: CandidateResult, target: Target, opt: QuantizeOptions) -> bool:
-    """May this candidate be chosen for the board? Float layers need a float unit or consent."""
-    if c.method == "dynamic" and not target.quant.allow_dynamic:
-        return False
-    return not c.float_layers or target.float_allowed or opt.allow_cpu_fallback
-
-
-def _has_layernorm_matmul(m: onnx.ModelProto) -> bool:
-    ln = {n.output[0] for n in m.graph.node if n.op_type == "LayerNormalization"}
-    return any(n.op_type == "MatMul" and n.input[0] in ln for n in m.graph.node)
-
-
-def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg: Progress,
-                       bits: int = 8):
-    """GPTQ weight rounding with bias correction (rounding.py): the model to quantize and the
-    per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers."""
-    from .rounding import optimize_weight_rounding
-
-    batches = lambda: (f for _, f in calib.feeds(8, info.input_names))  # noqa: E731
-    pg.start("advanced PTQ: GPTQ weight rounding", 1)
-    rounded, overrides, _report = optimize_weight_rounding(model, batches, bits=bits)
-    pg.advance()
-    pg.done()
-    path = work / "rounded.onnx"
-    onnx.save(rounded, str(path))
-    return path, overrides

@@ -1,0 +1,123 @@
+"""The quantize search (edgepack.quantize.remedies): a registry ordered by cost, one Search owning the
+evaluation budget, stopping once the budget is met, and the float-activations remedy
+(edgepack.quantize.actprec) that keeps INT8 weights (no size cost). Real ONNX Runtime, real models."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgepack.data import load_dataset
+from edgepack.quantize.evaluate import session
+from edgepack.quantize.pipeline import QuantizeOptions, quantize
+from edgepack.quantize.remedies import REGISTRY, CandidateResult, Search
+from edgepack.targets import load_target
+
+
+def test_registry_is_ordered_by_cost_and_complete():
+    order = [r.name for r in sorted(REGISTRY.values(), key=lambda r: r.cost)]
+    assert order == ["calibration", "dynamic", "smoothquant", "float-activations", "float-layers"]
+    assert all(r.description and callable(r.applies) and callable(r.apply) for r in REGISTRY.values())
+    # float layers (size cost) come after everything that keeps the size
+    assert REGISTRY["float-layers"].cost > max(r.cost for n, r in REGISTRY.items() if n != "float-layers")
+
+
+def test_search_stops_when_the_budget_is_met(tmp_path, tiny_model, tiny_data):
+    rep = quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                   tmp_path / "q.onnx", options=QuantizeOptions(max_drop=100.0, weight_rounding="nearest",
+                                                                latency_threads=(1,)))
+    assert rep.budget_met and rep.remedies_tried == ["calibration"]
+    assert not rep.float_layers and not rep.float_activations
+    assert {c.remedy for c in rep.candidates} == {"calibration"} and rep.evaluations == 4   # 3 methods + held-out
+
+
+def test_float_activations_keep_int8_weights_and_size(tmp_path, tiny_model, tiny_data):
+    """An unreachable budget on a float-capable board: float activations are tried before float
+    layers, each such candidate is as small as the all-INT8 one, and the budget is respected."""
+    rep = quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                   tmp_path / "q.onnx", options=QuantizeOptions(max_drop=-1.0, weight_rounding="nearest",
+                                                                latency_threads=(1,), max_evals=8))
+    assert rep.remedies_tried[:1] == ["calibration"] and "float-activations" in rep.remedies_tried
+    assert rep.remedies_tried.index("float-activations") < rep.remedies_tried.index("float-layers")
+    assert rep.evaluations <= 8
+    base = min(c.size_bytes for c in rep.candidates if c.remedy == "calibration")
+    fa = [c for c in rep.candidates if c.float_activations]
+    assert fa and all(c.size_bytes <= base * 1.02 for c in fa)
+    fl = [c for c in rep.candidates if c.float_layers]
+    assert fl  # float layers still get an evaluation
+
+
+def test_int8_only_board_gets_no_float_activations(tmp_path, tiny_model, tiny_data):
+    rep = quantize(tiny_model, load_target("phone-npu-int8"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                   tmp_path / "q.onnx", options=QuantizeOptions(max_drop=-1.0, weight_rounding="nearest",
+                                                                latency_threads=(1,), max_evals=6))
+    assert "float-activations" not in rep.remedies_tried and not rep.float_activations
+
+
+def test_without_quantizers_is_exactly_float_there(tmp_path, tiny_model, tiny_data):
+    """Removing an activation quantizer leaves that tensor float and the rest untouched; removing
+    all of them gives the weight-only model, closer to FP32 than the full INT8 one."""
+    from edgepack.quantize.actprec import activation_quantizers, rank_activations, without_quantizers
+
+    quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+             tmp_path / "q.onnx", options=QuantizeOptions(weight_rounding="nearest", latency_threads=(1,),
+                                                          max_drop=100.0))
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    q = activation_quantizers(m)
+    assert len(q) >= 2
+    x = np.load(tiny_data[1])["inputs"][:16]
+    ref = session(tiny_model).run(None, {"x": x})[0]
+    err = lambda mm: float(((session(mm.SerializeToString(), optimize=False).run(None, {"x": x})[0] - ref) ** 2).sum())  # noqa: E731
+    one = without_quantizers(m, [next(iter(q))])
+    assert len(activation_quantizers(one)) == len(q) - 1
+    assert err(without_quantizers(m, list(q))) < err(m)
+    with pytest.raises(ValueError, match="not quantized activations"):
+        without_quantizers(m, ["no-such-tensor"])
+    ranked = rank_activations(tiny_model, tmp_path / "q.onnx", {"x": x}, limit=8)
+    assert all(r.tensor in q and r.gain > 0 for r in ranked)
+    assert [r.gain for r in ranked] == sorted((r.gain for r in ranked), reverse=True)
+
+
+def _cand(name, drop, size, floats=(), acts=(), lat=1.0):
+    return CandidateResult(name, "percentile", list(floats), drop, 100 - drop, 20.0, size_bytes=size,
+                           latency_ms=lat, float_activations=list(acts))
+
+
+def test_choose_never_larger_than_a_simpler_candidate_that_meets(tmp_path):
+    from edgepack.quantize.pipeline import QuantizeOptions
+
+    s = Search(info=None, target=load_target("rpi4-2gb"), opt=QuantizeOptions(), budget=1.0, calib=None,
+               data=None, ref=None, work=tmp_path, pg=None, sample=None)
+    s.candidates = [_cand("int8", 3.0, 5_000_000), _cand("acts", 0.8, 5_000_100, acts=["a", "b"]),
+                    _cand("float", 0.2, 7_000_000, floats=["l1"]), _cand("huge", 0.0, 9_000_000, floats=["l1", "l2"])]
+    assert s.choose().name == "acts"          # smallest that meets, although "float" is more accurate
+    s.candidates = s.candidates[:1] + s.candidates[3:]
+    assert s.choose().name == "int8"          # the only one within the budget is over the 8 MB OTA budget
+    assert any("OTA budget" in w for w in s.warnings)
+    slow = _cand("slow", 2.0, 5_000_100, acts=["a"], lat=3.0)
+    slow.fp32_latency_ms = fast_fp32 = 2.0
+    plain = _cand("plain", 3.0, 5_000_000, lat=1.0)
+    plain.fp32_latency_ms = fast_fp32
+    s.candidates = [plain, slow]
+    assert s.choose().name == "plain"         # more accurate but slower than FP32: not chosen
+    s.candidates = [slow]
+    assert s.choose().name == "slow"          # unless nothing faster exists
+
+
+def test_mse_range_weighs_magnitudes():
+    """The MSE range trims a heavy tail (less than MinMax: the outliers' clipping error is weighed
+    against the rounding error of the bulk), clips a bounded (ReLU6) tensor only where that
+    pays, and keeps the bound where many values pile up at it."""
+    from edgepack.quantize.calibrate import Calibration
+    from test_data_calibrate import _stats
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0, 1, 200_000), [60.0, -55.0]])
+    small = np.concatenate([np.abs(rng.normal(0, 0.3, 200_000)), [6.0] * 3])
+    piled = np.clip(rng.normal(3, 3, 200_000), 0, 6)
+    cal = Calibration({"t": _stats(v), "small": _stats(small), "piled": _stats(piled)}, samples=1,
+                      bounded=frozenset({"small", "piled"}))
+    lo, hi = cal.ranges("mse")["t"]
+    assert 2.0 < hi < 60.0 and -55.0 < lo < -2.0
+    assert cal.ranges("mse")["small"][1] < 6.0 and cal.ranges("minmax")["small"][1] == pytest.approx(6.0)
+    assert cal.ranges("mse")["piled"][1] > 5.0
