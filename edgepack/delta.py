@@ -313,6 +313,34 @@ class DeltaReport:
     release: int
     files: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _initializer_names(p: Path) -> set[str]:
+    try:
+        return {s.name for s in onnx_tensor_spans(memoryview(p.read_bytes()))}
+    except Exception:  # not ONNX (or not parseable): no graph to match on
+        return set()
+
+
+def pair_files(new_files: list[Any], old_files: list[Any], d_new: Path, d_old: Path) -> dict[str, tuple[str, str]]:
+    """For each NEW file without a same-path file in OLD: the OLD file it corresponds to, matched by
+    role (the only unmatched OLD file of that role), then by graph (the ONNX file sharing the most
+    initializer names). ``{new_path: (old_path, "role" | "graph")}``."""
+    old_paths = {f.path for f in old_files}
+    new_paths = {f.path for f in new_files}
+    free = [f for f in old_files if f.path not in new_paths]
+    out: dict[str, tuple[str, str]] = {}
+    for fe in (f for f in new_files if f.path not in old_paths):
+        cands = [o for o in free if o.role == fe.role and o.path not in {v[0] for v in out.values()}]
+        if len(cands) == 1:
+            out[fe.path] = (cands[0].path, "role")
+        elif len(cands) > 1 and fe.path.endswith(".onnx"):
+            mine = _initializer_names(d_new / fe.path)
+            scored = sorted(((len(mine & _initializer_names(d_old / o.path)), o.path) for o in cands), reverse=True)
+            if scored and scored[0][0] > 0 and (len(scored) == 1 or scored[0][0] > scored[1][0]):
+                out[fe.path] = (scored[0][1], "graph")
+    return out
 
 
 def _sha(p: Path) -> str:
@@ -349,6 +377,8 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
         reader.extract(ov, d_old)
         reader.extract(nv, d_new)
         old_files = {f.path: f for f in ov.files}
+        pairs = pair_files(list(nv.files), list(ov.files), d_new, d_old)
+        warnings = []
         frames: list[Frame] = []
         offset = nv.payload_offset
         rows = []
@@ -358,7 +388,16 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
             ofe = old_files.get(fe.path)
             if ofe is None:
                 frames.append(full)
-                rows.append({"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length})
+                row = {"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length}
+                if fe.path in pairs:
+                    # boards find a delta's base file by its path in the bundle: a renamed file cannot be
+                    # patched until the format carries a base path, so it is sent whole, and said so
+                    old_path, by = pairs[fe.path]
+                    row.update(paired_with=old_path, paired_by=by)
+                    warnings.append(f"{fe.path} corresponds to {old_path} of release {ov.release} (matched by {by}) "
+                                    f"but has another name, so it is sent whole; keep the file name across releases "
+                                    f"(`edgepack bundle` carries a single model as NAME.onnx) to get a delta")
+                rows.append(row)
                 continue
             base = dict(base_length=ofe.length, base_sha256=ofe.sha256)
             if ofe.sha256 == fe.sha256:
@@ -399,4 +438,5 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
         shutil.copyfile(tmp_out, part)
         os.replace(part, out)
     return DeltaReport(path=out, fallback=fallback, bundle_bytes=size, full_bundle_bytes=full_size,
-                       base_release=ov.release, release=nv.release, files=rows, seconds=time.perf_counter() - t0)
+                       base_release=ov.release, release=nv.release, files=rows, seconds=time.perf_counter() - t0,
+                       warnings=warnings)

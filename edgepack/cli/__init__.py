@@ -69,11 +69,29 @@ def _polish(cmd: Any) -> Any:
                 p.metavar = _TYPE_LABEL.get(inner, inner.upper())
                 if p.multiple and p.help and "repeat" not in p.help:
                     p.help += " (repeat the option for more)"
-        elif p.metavar is None and p.name:  # an argument: RELEASE, not {release}
+        elif p.metavar is None and p.name:  # an argument: RELEASE, not {release}; its type PATH, not <list[Path]>
+            raw = p.display_type(None) if hasattr(p, "display_type") else ""
+            inner = raw.strip("<>").removeprefix("list[").rstrip("]")
+            label = _TYPE_LABEL.get(inner, inner.upper())
             p.metavar = p.name.upper()
+            p.display_type_rich = lambda ctx, label=label: label
+    _flag_help(cmd)
     for sub in getattr(cmd, "commands", {}).values():
         _polish(sub)
     return cmd
+
+
+def _flag_help(cmd: Any) -> None:
+    """-h/--help is made per call by click; it is a flag too."""
+    make = cmd.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        opt = make(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+    cmd.get_help_option = get_help_option
 
 
 def command() -> Any:

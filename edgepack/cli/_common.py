@@ -32,6 +32,27 @@ def cell(v: Any, style: str = "") -> Text:
     return Text("–" if v is None else safe_text(v, limit=2000), style=style)
 
 
+class Notes:
+    """Advice that does not fit a table cell: the cell says ``see (n)`` and the whole text is printed
+    under the table on its own lines, so the fix a note gives is never cut off or split by borders."""
+
+    SHORT = 28
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def cell(self, who: str, text: Any) -> Text:
+        t = "" if text is None else str(text)
+        if len(t) <= self.SHORT:
+            return cell(t)
+        self.items.append((who, t))
+        return cell(f"see ({len(self.items)})")
+
+    def print(self, console: Any) -> None:
+        for i, (who, t) in enumerate(self.items, 1):
+            console.print(Text.assemble((f"({i}) ", "bold"), cell(f"{who}: ").plain, cell(t)), soft_wrap=True)
+
+
 def fmt(v: Any, nd: int = 3) -> str:
     return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -125,7 +146,7 @@ class RichProgress:
             self.task = None
 
 
-__all__ = ["err", "out", "JSON_OPT", "cell", "fmt", "dump", "error_object", "fail", "run_guarded", "finish",
+__all__ = ["err", "out", "JSON_OPT", "Notes", "cell", "fmt", "dump", "error_object", "fail", "run_guarded", "finish",
            "RichProgress"]
 
 VERBOSE = False  # --verbose: an error also shows its cause

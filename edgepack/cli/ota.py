@@ -246,6 +246,9 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                                                    help="Keep a bundle larger than a target's OTA budget"),
                any_target: bool = typer.Option(False, "--any-target",
                                                help="Accept target names that are not shipped profiles"),
+               keep_file_names: bool = typer.Option(False, "--keep-file-names",
+                                                    help="Carry a single model under its own file name (default: "
+                                                    "NAME.onnx, the same in every release, so deltas find their base)"),
                output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                      help="bundle to write (default: NAME-rRELEASE.bundle in the "
                                                      "project's out folder)"),
@@ -254,16 +257,22 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
     def run() -> None:
         from ..bundle import build_bundle
         from ..keys import read_doc
+        import tempfile
+
         from ..project import check_name
+        from ..workflows import stable_model_names
         check_name(name)
         _check_targets(target, any_target)
         gold = golden
         if gold is None and model and model[0].with_suffix(".golden.npz").is_file():
             gold = model[0].with_suffix(".golden.npz")  # what `edgepack quantize` writes beside its model
         out_path = output_path(output, f"{name}-r{release}.bundle")
-        rep = build_bundle(out_path, models=model, name=name, release=release, version=label or str(release),
-                           targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
-                           roots=_roots(root), settings=settings, golden=gold, expires_days=expires_days, level=level)
+        with tempfile.TemporaryDirectory(prefix="edgepack-bundle-names-") as td:
+            models = list(model) if keep_file_names else stable_model_names(list(model), name, Path(td))
+            rep = build_bundle(out_path, models=models, name=name, release=release, version=label or str(release),
+                               targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
+                               roots=_roots(root), settings=settings, golden=gold, expires_days=expires_days,
+                               level=level)
         if not allow_oversize:
             _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),
@@ -292,7 +301,7 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
         data = {"output": str(rep.path), "fallback_to_full": rep.fallback, "bundle_bytes": rep.bundle_bytes,
                 "full_bundle_bytes": rep.full_bundle_bytes, "ratio": round(rep.bundle_bytes / rep.full_bundle_bytes, 4),
                 "base_release": rep.base_release, "release": rep.release, "files": rep.files,
-                "seconds": round(rep.seconds, 3)}
+                "seconds": round(rep.seconds, 3), "warnings": rep.warnings}
         t = Table(title=f"delta {rep.base_release} -> {rep.release}: {rep.path}")
         for c in ("path", "encoding", "bytes"):
             t.add_column(c)
@@ -301,6 +310,9 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
         note = ("[yellow]delta was not smaller: wrote the full bundle[/]" if rep.fallback else
                 f"{rep.bundle_bytes:,} bytes = {data['ratio']:.1%} of the full bundle ({rep.full_bundle_bytes:,})")
         _emit(as_json, data, t, [note])
+        if not as_json:
+            for w in rep.warnings:
+                out.print(Text.assemble(("warning: ", "yellow"), cell(w)))
     run_guarded(run)
 
 
@@ -340,3 +352,50 @@ def register(app: typer.Typer) -> None:
     app.command("bundle")(bundle_cmd)
     app.command("delta")(delta_cmd)
     app.command("verify")(verify_cmd)
+    app.command("diff")(diff_cmd)
+
+
+def diff_cmd(old: Path = typer.Argument(..., help="the earlier full bundle"),
+             new: Path = typer.Argument(..., help="the later full bundle"),
+             root: Path = typer.Option(..., "--root", help="root.json both bundles verify against"),
+             release_keys: Optional[Path] = typer.Option(None, help="Release-key list, if the bundles do not carry one"),
+             runs: int = typer.Option(20, help="timed runs per model for the host latency figure"),
+             as_json: bool = JSON_OPT) -> None:
+    """What changed between two releases: files, changed tensors, size, agreement on the golden inputs, latency."""
+    def run() -> None:
+        from device_agent.trust import TrustRoot
+
+        from ..diff import diff_bundles
+        rep = diff_bundles(old, new, TrustRoot.from_files(root, release_keys), runs=runs)
+        if as_json:
+            dump(rep.to_json())
+            return
+        o, n = rep.old, rep.new
+        rows = {"release": f"{o['release']} ({o['version']}) -> {n['release']} ({n['version']})",
+                "model": o["model"] if o["model"] == n["model"] else f"{o['model']} -> {n['model']}",
+                "bundle bytes": f"{o['bytes']:,} -> {n['bytes']:,} ({n['bytes'] - o['bytes']:+,})",
+                "tensors": f"{len(rep.tensors)} changed/added/removed, {rep.tensors_same} the same"}
+        if rep.agreement is not None:
+            rows["top-1 agreement"] = f"{rep.agreement:.2%} of {rep.golden_samples} golden inputs (old vs new)"
+        if rep.latency_ms:
+            rows["latency, this host"] = (f"{rep.latency_ms['old']:.3f} ms -> {rep.latency_ms['new']:.3f} ms "
+                                          f"(median of {runs}, 1 thread; not a board figure)")
+        out.print(_kv_table(f"diff {old.name} -> {new.name}", rows))
+        t = Table(title="files")
+        for c in ("path", "role", "change", "old bytes", "new bytes"):
+            t.add_column(c, justify="right" if "bytes" in c else "left")
+        for f in rep.files:
+            t.add_row(cell(f.path), cell(f.role), cell(f.change), f"{f.old_bytes:,}" if f.old_bytes is not None else "–",
+                      f"{f.new_bytes:,}" if f.new_bytes is not None else "–")
+        out.print(t)
+        if rep.tensors:
+            t = Table(title=f"tensors ({len(rep.tensors)} of {len(rep.tensors) + rep.tensors_same} differ)")
+            for c in ("tensor", "change", "shape", "max |diff|"):
+                t.add_column(c, overflow="fold")
+            for x in rep.tensors[:40]:
+                t.add_row(cell(x.tensor), cell(x.change), cell("x".join(map(str, x.shape))),
+                          "–" if x.max_abs_diff is None else f"{x.max_abs_diff:.3g}")
+            out.print(t)
+            if len(rep.tensors) > 40:
+                out.print(f"... and {len(rep.tensors) - 40} more (--json lists all)", markup=False)
+    run_guarded(run)

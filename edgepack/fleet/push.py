@@ -433,11 +433,13 @@ class _BoardPush:
 # --------------------------------------------------------------------------- the rollout
 def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | None = None,
          policy: Policy | None = None, store: Store | None = None, on_event: Event | None = None,
-         raise_on_halt: bool = False, on_bytes: Callable[[str, int], None] | None = None) -> PushReport:
+         raise_on_halt: bool = False, on_bytes: Callable[[str, int], None] | None = None,
+         abort: Callable[[], str | None] | None = None) -> PushReport:
     """Roll ``release`` out to ``boards`` (default: the whole fleet) wave by wave.
 
     ``on_event`` gets wave_start / wave_end / halted dicts; ``on_bytes(board, n)`` the bytes sent so
-    far to a board (progress bars, fault injection in tests)."""
+    far to a board (progress bars, fault injection in tests); ``abort()`` is asked before each wave
+    after the first and halts the rollout when it returns a reason (``edgepack abort``)."""
     t0 = time.perf_counter()
     p = policy or Policy()
     rel = release if isinstance(release, Release) else load_release(release)
@@ -457,6 +459,11 @@ def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | N
     failures = 0
     for i, wave in enumerate(waves):
         name = "canary" if i == 0 and _count(p.canary, len(boards), "--canary") else f"wave {i}"
+        stop = abort() if abort is not None and i else None
+        if stop:
+            rep.halted, rep.halt_reason = True, f"aborted before {name}: {stop}"[:500]
+            emit({"event": "halted", "reason": rep.halt_reason})
+            break
         emit({"event": "wave_start", "wave": i, "name": name, "boards": [b.name for b in wave]})
         tw = time.perf_counter()
         jobs = {b.name: _BoardPush(b, fleet, rel, p, store, rid, i, on_bytes=on_bytes) for b in wave}
