@@ -387,7 +387,7 @@ def report_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", "--
     def go() -> None:
         fl = _fleet(fleet)
         with _store(fl, store, must_exist=True) as st:
-            out = render_html(st, output_path(output, "fleet.html"), max_drift=max_drift)
+            out = render_html(st, output_path(output, "fleet.html"), max_drift=max_drift, fleet=fl)
         if as_json:
             dump({"html": str(out), "bytes": out.stat().st_size})
         else:

@@ -89,9 +89,14 @@ def plan_push(rel: Release, fleet: Fleet, boards: list[Board] | None = None, *, 
                 kind, n, why = "skip", 0, f"holds release {release} >= {rel.release} (anti-rollback; {src})"
             else:
                 f = rel.for_base(content)
+                if f.kind == "full" and not content and isinstance(release, int):
+                    # the report names the release, not its content: a delta from that release is the
+                    # likely pick (push itself checks the board's content and falls back to full)
+                    f = next((d for d in rel.deltas if d.base_release == release), f)
+                    src += ", matched by release number"
                 kind, n = f.kind, f.bytes
                 why = (f"delta from release {f.base_release} ({src})" if f.kind == "delta" else
-                       (f"no delta from release {release} ({src})" if content else f"base unknown: {src}"))
+                       (f"no delta from release {release} ({src})" if release is not None else f"base unknown: {src}"))
             rows.append(PlannedBoard(board=b.name, wave=i, wave_name=name, holds_release=release, kind=kind,
                                      bytes=n, why=why))
     limit = _count(p.max_failures, len(boards), "--max-failures")
