@@ -316,9 +316,10 @@ class DeltaReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _initializer_names(p: Path) -> set[str]:
+def _initializer_names(p: Path) -> set[tuple[str, int]]:
+    """The graph's weights as (name, byte length): what a retrained or renamed model keeps."""
     try:
-        return {s.name for s in onnx_tensor_spans(memoryview(p.read_bytes()))}
+        return {(s.name, s.length) for s in onnx_tensor_spans(memoryview(p.read_bytes()))}
     except Exception:  # not ONNX (or not parseable): no graph to match on
         return set()
 
@@ -326,7 +327,7 @@ def _initializer_names(p: Path) -> set[str]:
 def pair_files(new_files: list[Any], old_files: list[Any], d_new: Path, d_old: Path) -> dict[str, tuple[str, str]]:
     """For each NEW file without a same-path file in OLD: the OLD file it corresponds to, matched by
     role (the only unmatched OLD file of that role), then by graph (the ONNX file sharing the most
-    initializer names). ``{new_path: (old_path, "role" | "graph")}``."""
+    initializers by name and size). ``{new_path: (old_path, "role" | "graph")}``."""
     old_paths = {f.path for f in old_files}
     new_paths = {f.path for f in new_files}
     free = [f for f in old_files if f.path not in new_paths]

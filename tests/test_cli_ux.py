@@ -220,3 +220,36 @@ def test_bootstrap_unknown_host_key_exits_23_with_whole_advice(tmp_path, pki):
         assert r.returncode == 1 and any("ssh-keyscan" in c["advice"] for c in bad)
     finally:
         boards[0].sshd.kill()
+
+
+def test_json_usage_error_is_a_json_object_too():
+    r = ep("verify", "--json")
+    d = json.loads(r.stdout)
+    assert r.returncode == 2 and d == {"ok": False, "error": {"type": "UsageError", "message": d["error"]["message"],
+                                                              "exit_code": 2}}
+    assert "BUNDLE" in d["error"]["message"]
+
+
+def test_init_refuses_to_overwrite_and_a_broken_project_file_is_one_line(tmp_path):
+    r = ep("init", "p", "--name", "my model", cwd=tmp_path)
+    assert "--name my-model" in one_line_error(r) and not (tmp_path / "p" / "edgepack.toml").exists()
+    assert ep("init", "p", "-t", "rpi4-2gb", cwd=tmp_path).returncode == 0
+    keys = sorted(p.name for p in (tmp_path / "p" / "keys").iterdir())
+    assert "release-1.key" in keys and "root.json" in keys and "release-keys.json" in keys
+    assert "already exists" in one_line_error(ep("init", "p", cwd=tmp_path))
+    assert ep("init", "q", "-t", "nosuchboard", cwd=tmp_path).returncode == 2 and not (tmp_path / "q").exists()
+    (tmp_path / "p" / "edgepack.toml").write_text("[project\nname = 1\n")
+    line = one_line_error(ep("targets", cwd=tmp_path / "p"))
+    assert "edgepack.toml is not valid TOML" in line
+
+
+def test_transfer_bars_follow_the_push_byte_hook():
+    sys.path.insert(0, str(ROOT))
+    from edgepack.cli.fleet import TransferBars
+
+    with TransferBars(enabled=True, total=1000) as bars:
+        bars.on_bytes("cam-01", 400)
+        bars.on_bytes("cam-01", 1200)  # a resend: the bar grows instead of overflowing
+        bars.on_bytes("cam-[red]x", 10)  # a board name is not markup
+        tasks = {t.description: (t.completed, t.total) for t in bars.p.tasks}
+    assert tasks["cam-01"] == (1200, 1200) and tasks[r"cam-\[red]x"] == (10, 1000)

@@ -107,9 +107,24 @@ def main(argv: Optional[list[str]] = None) -> Any:
         from ..errors import EdgepackError
         if not isinstance(e, EdgepackError):
             raise
-        err.print(_common.cell(f"error: {e}"))
+        from rich.text import Text
+        err.print(Text.assemble(("error:", "bold red"), " ", _common.cell(e)), soft_wrap=True)
         return sys.exit(getattr(e, "exit_code", 2))
-    return command()(args=argv, prog_name="edgepack", default_map=dm)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--json" not in args:
+        return command()(args=args, prog_name="edgepack", default_map=dm)
+    # --json: a usage error (unknown option, missing argument) is a JSON error object on stdout too
+    try:
+        code = command()(args=args, prog_name="edgepack", default_map=dm, standalone_mode=False)
+    except Exception as e:
+        exit_code = getattr(e, "exit_code", None)
+        if not isinstance(exit_code, int) or not hasattr(e, "format_message"):
+            raise
+        _common.dump({"ok": False, "error": {"type": "UsageError", "message": e.format_message(),
+                                             "exit_code": exit_code}})
+        e.show()
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "command", "fail", "run_guarded", "err"]
