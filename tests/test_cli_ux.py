@@ -253,3 +253,11 @@ def test_transfer_bars_follow_the_push_byte_hook():
         bars.on_bytes("cam-[red]x", 10)  # a board name is not markup
         tasks = {t.description: (t.completed, t.total) for t in bars.p.tasks}
     assert tasks["cam-01"] == (1200, 1200) and tasks[r"cam-\[red]x"] == (10, 1000)
+
+
+def test_quiet_still_prints_the_error_and_verbose_its_cause(tmp_path):
+    (tmp_path / "t.txt").write_text("not json")
+    r = ep("-q", "keys", "show", tmp_path / "t.txt")
+    assert r.returncode != 0 and r.stderr.startswith("error:"), r.stderr
+    r = ep("-v", "verify", tmp_path / "t.txt", "--root", tmp_path / "t.txt")
+    assert "error:" in r.stderr and "Traceback" not in r.stderr

@@ -22,6 +22,7 @@ from ..errors import EdgepackError
 
 err = Console(stderr=True)   # tables, progress and messages: stdout stays for --json
 out = Console()              # the commands whose table *is* the result (quantize, targets, keys, bundle)
+errors = Console(stderr=True)  # the one-line errors: printed under --quiet too
 
 JSON_OPT = typer.Option(False, "--json", help="print the result as JSON on stdout (an error as a JSON object)")
 
@@ -91,7 +92,12 @@ def fail(exc: BaseException) -> None:
     if _json_mode():
         dump(error_object(exc, code))
     # the message may quote a bundle or a board (key ids, versions, paths): data, never markup or ANSI
-    err.print(Text.assemble(("error:", "bold red"), " ", safe_text(exc, limit=2000)), highlight=False, soft_wrap=True)
+    errors.print(Text.assemble(("error:", "bold red"), " ", safe_text(exc, limit=2000)), highlight=False,
+                 soft_wrap=True)
+    cause = exc.__cause__ or exc.__context__
+    if VERBOSE and cause is not None:  # --verbose: what the library caught on the way
+        errors.print(Text.assemble(("cause:", "dim"), " ", f"{type(cause).__name__}: ", safe_text(cause, limit=2000)),
+                  soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -103,7 +109,7 @@ def run_guarded(fn: Callable[[], Any]) -> None:
         fail(e)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(INTERRUPTED)
 
 
 def finish(report: Any) -> None:
@@ -150,6 +156,7 @@ __all__ = ["err", "out", "JSON_OPT", "Notes", "cell", "fmt", "dump", "error_obje
            "RichProgress"]
 
 VERBOSE = False  # --verbose: an error also shows its cause
+INTERRUPTED = 130  # the shell's code for Ctrl-C (128 + SIGINT)
 
 _PROJECT: list = []
 

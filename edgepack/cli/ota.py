@@ -103,7 +103,7 @@ def keys_sign_release_keys(root: Path = typer.Option(..., help="Current root.jso
         from ..keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
         doc = make_release_keys(read_doc(root), _load_signers(root_key), [load_public_key(k) for k in key],
                                 version=version, revoked=revoke, threshold=threshold, expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         d = describe_doc(doc)
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"release-key list v{version} -> {output}", {"keys": [k[:16] for k in d["keys"]],
@@ -124,7 +124,7 @@ def keys_revoke(keyid: List[str] = typer.Argument(..., help="Release key id(s) (
         from ..keys import describe_doc, read_doc, revoke as do_revoke, write_doc
         doc = do_revoke(read_doc(release_keys), read_doc(root), _load_signers(root_key), keyid,
                         expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         d = describe_doc(doc)
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"release-key list v{d['version']} -> {output}",
@@ -145,7 +145,7 @@ def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (ver
         from ..keys import describe_doc, read_doc, rotate_root, write_doc
         news = _load_signers(new_key)
         doc = rotate_root(read_doc(root), _load_signers(old_key), news, news, threshold, expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         d = describe_doc(doc)
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"root v{d['version']} -> {output}", {"threshold": d["threshold"],
@@ -167,7 +167,7 @@ def keys_reset_counter(root: Path = typer.Option(..., help="Current root.json"),
         from ..keys import make_counter_reset, read_doc, write_doc
         doc = make_counter_reset(read_doc(root), _load_signers(root_key), counter=counter, version=version,
                                  targets=target, expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         _emit(as_json, {"output": str(output), "counter": counter, "version": version, "targets": list(target)},
               _kv_table(f"counter reset v{version} -> {output}", {"counter": counter, "targets": list(target)}))
     run_guarded(run)
