@@ -146,7 +146,7 @@ def _boards_section(store: Store, d: ReportData) -> list[str]:
                 break
         body = [f"<details id='board-{esc(b)}'><summary>{esc(b)}: {esc(_rel(s['release']))}"
                 f"{' (never reached)' if not s['reached'] else ''}</summary>"]
-        body.append(f"<p><b>last error</b>: {esc(err) if err else 'none'}</p>")
+        body.append(f"<p><strong>last error</strong>: {esc(err) if err else 'none'}</p>")
         body.append(table(("when", "kind", "ok", "release", "p90 ms", "drift", "bytes"),
                           [(_when(r.ts), r.kind, "yes" if r.ok else "no", _rel(r.release), r.p90_ms, r.drift,
                             fmt_bytes(r.bytes)) for r in hist], left=(0, 1)) or "<p class='muted'>no reports</p>")
