@@ -71,11 +71,29 @@ def _polish(cmd: Any) -> Any:
                 p.metavar = _TYPE_LABEL.get(inner, inner.upper())
                 if p.multiple and p.help and "repeat" not in p.help:
                     p.help += " (repeat the option for more)"
-        elif p.metavar is None and p.name:  # an argument: RELEASE, not {release}
+        elif p.metavar is None and p.name:  # an argument: RELEASE, not {release}; its type PATH, not <list[Path]>
+            raw = p.display_type(None) if hasattr(p, "display_type") else ""
+            inner = raw.strip("<>").removeprefix("list[").rstrip("]")
+            label = _TYPE_LABEL.get(inner, inner.upper())
             p.metavar = p.name.upper()
+            p.display_type_rich = lambda ctx, label=label: label
+    _flag_help(cmd)
     for sub in getattr(cmd, "commands", {}).values():
         _polish(sub)
     return cmd
+
+
+def _flag_help(cmd: Any) -> None:
+    """-h/--help is made per call by click; it is a flag too."""
+    make = cmd.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        opt = make(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+    cmd.get_help_option = get_help_option
 
 
 def command() -> Any:
@@ -91,9 +109,24 @@ def main(argv: Optional[list[str]] = None) -> Any:
         from ..errors import EdgepackError
         if not isinstance(e, EdgepackError):
             raise
-        err.print(_common.cell(f"error: {e}"))
+        from rich.text import Text
+        err.print(Text.assemble(("error:", "bold red"), " ", _common.cell(e)), soft_wrap=True)
         return sys.exit(getattr(e, "exit_code", 2))
-    return command()(args=argv, prog_name="edgepack", default_map=dm)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--json" not in args:
+        return command()(args=args, prog_name="edgepack", default_map=dm)
+    # --json: a usage error (unknown option, missing argument) is a JSON error object on stdout too
+    try:
+        code = command()(args=args, prog_name="edgepack", default_map=dm, standalone_mode=False)
+    except Exception as e:
+        exit_code = getattr(e, "exit_code", None)
+        if not isinstance(exit_code, int) or not hasattr(e, "format_message"):
+            raise
+        _common.dump({"ok": False, "error": {"type": "UsageError", "message": e.format_message(),
+                                             "exit_code": exit_code}})
+        e.show()
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "command", "fail", "run_guarded", "err"]

@@ -22,6 +22,7 @@ from ..errors import EdgepackError
 
 err = Console(stderr=True)   # tables, progress and messages: stdout stays for --json
 out = Console()              # the commands whose table *is* the result (quantize, targets, keys, bundle)
+errors = Console(stderr=True)  # the one-line errors: printed under --quiet too
 
 JSON_OPT = typer.Option(False, "--json", help="print the result as JSON on stdout (an error as a JSON object)")
 
@@ -30,6 +31,27 @@ def cell(v: Any, style: str = "") -> Text:
     """A value from a bundle, a board or a user (model, version, paths, error text) as plain text:
     never Rich markup (``[[boards]]`` stays), control characters escaped."""
     return Text("–" if v is None else safe_text(v, limit=2000), style=style)
+
+
+class Notes:
+    """Advice that does not fit a table cell: the cell says ``see (n)`` and the whole text is printed
+    under the table on its own lines, so the fix a note gives is never cut off or split by borders."""
+
+    SHORT = 28
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def cell(self, who: str, text: Any) -> Text:
+        t = "" if text is None else str(text)
+        if len(t) <= self.SHORT:
+            return cell(t)
+        self.items.append((who, t))
+        return cell(f"see ({len(self.items)})")
+
+    def print(self, console: Any) -> None:
+        for i, (who, t) in enumerate(self.items, 1):
+            console.print(Text.assemble((f"({i}) ", "bold"), cell(f"{who}: ").plain, cell(t)), soft_wrap=True)
 
 
 def fmt(v: Any, nd: int = 3) -> str:
@@ -70,7 +92,12 @@ def fail(exc: BaseException) -> None:
     if _json_mode():
         dump(error_object(exc, code))
     # the message may quote a bundle or a board (key ids, versions, paths): data, never markup or ANSI
-    err.print(Text.assemble(("error:", "bold red"), " ", safe_text(exc, limit=2000)), highlight=False, soft_wrap=True)
+    errors.print(Text.assemble(("error:", "bold red"), " ", safe_text(exc, limit=2000)), highlight=False,
+                 soft_wrap=True)
+    cause = exc.__cause__ or exc.__context__
+    if VERBOSE and cause is not None:  # --verbose: what the library caught on the way
+        errors.print(Text.assemble(("cause:", "dim"), " ", f"{type(cause).__name__}: ", safe_text(cause, limit=2000)),
+                  soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -82,7 +109,7 @@ def run_guarded(fn: Callable[[], Any]) -> None:
         fail(e)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(INTERRUPTED)
 
 
 def finish(report: Any) -> None:
@@ -125,10 +152,11 @@ class RichProgress:
             self.task = None
 
 
-__all__ = ["err", "out", "JSON_OPT", "cell", "fmt", "dump", "error_object", "fail", "run_guarded", "finish",
+__all__ = ["err", "out", "JSON_OPT", "Notes", "cell", "fmt", "dump", "error_object", "fail", "run_guarded", "finish",
            "RichProgress"]
 
 VERBOSE = False  # --verbose: an error also shows its cause
+INTERRUPTED = 130  # the shell's code for Ctrl-C (128 + SIGINT)
 
 _PROJECT: list = []
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from ._common import JSON_OPT, cell, dump, err, finish, fleet_of, fmt, output_path, run_guarded
+from ._common import JSON_OPT, Notes, cell, dump, err, finish, fleet_of, fmt, output_path, run_guarded
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Fleet: bootstrap boards, status, history, regression checks.")
 
@@ -65,9 +65,15 @@ def push_cmd(release: Path = typer.Argument(..., help="the release's full bundle
              max_bytes_factor: float = typer.Option(2.0, help="bytes sent per board <= factor x file size"),
              accept_budget_miss: bool = typer.Option(False, "--accept-budget-miss", help="push a release whose "
                                                      "bundled quantize report missed its accuracy budget"),
-             store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT) -> None:
+             store: Optional[Path] = STORE_OPT,
+             dry_run: bool = typer.Option(False, "--dry-run", "-n", help="print the plan (per board: wave, delta or "
+                                          "full, bytes; what the canary gates) and send nothing"),
+             live: bool = typer.Option(False, "--live", help="with --dry-run: ask the boards what they hold "
+                                       "(default: their last report in the store)"),
+             as_json: bool = JSON_OPT) -> None:
     """Roll a release out: canary, then waves; halt and roll back on failures, drift or latency."""
     from ..fleet import Policy, load_release, push
+    from ..fleet.control import abort_requested, clear_abort
     from ..ota.release_gate import gate
 
     def go() -> None:
@@ -80,6 +86,9 @@ def push_cmd(release: Path = typer.Argument(..., help="the release's full bundle
         pol = Policy(canary=canary, wave_size=wave_size, max_failures=max_failures, max_drift=max_drift,
                      latency_margin=latency_margin, concurrency=concurrency, retries=retries,
                      max_bytes_factor=max_bytes_factor)
+        if dry_run:
+            _show_plan(rel, fl, boards, pol, store, live, as_json)
+            return
 
         def ev(e: dict[str, Any]) -> None:
             if e["event"] == "wave_start":
@@ -93,22 +102,144 @@ def push_cmd(release: Path = typer.Argument(..., help="the release's full bundle
                 err.print("[bold red]halted:[/]", cell(e["reason"]))
 
         with _store(fl, store) as st:
+            db = Path(store or fl.store)
+            clear_abort(db)  # an abort request is for the push that is running, not for the next one
             err.print(cell(f"release {rel.release} ({rel.full.path.name}, {rel.full.bytes} bytes; "
-                           f"{len(rel.deltas)} delta(s)) to {len(boards)} board(s)"))
-            rep = push(rel, fl, boards=boards, policy=pol, store=st, on_event=None if as_json else ev)
+                           f"{len(rel.deltas)} delta(s)) to {len(boards)} board(s); "
+                           f"`edgepack abort` stops it before its next wave"))
+            with TransferBars(enabled=not as_json and not err.quiet, total=rel.full.bytes) as bars:
+                rep = push(rel, fl, boards=boards, policy=pol, store=st, on_event=None if as_json else bars.wrap(ev),
+                           on_bytes=bars.on_bytes, abort=lambda: abort_requested(db))
+            clear_abort(db)
         if as_json:
             dump(rep.to_json())
         else:
             t = _table(f"release {rep.release}: {'HALTED' if rep.halted else 'done'} in {rep.seconds:.1f} s, "
                        f"{rep.bytes_sent} bytes sent",
                        ("board", "wave", "result", "sent", "bytes", "release", "p90 ms", "drift", "note"))
+            notes = Notes()
             for b in rep.boards:
                 style = RESULT_STYLE.get(b.result, "yellow")
                 t.add_row(cell(b.board), str(b.wave), cell(b.result, style),
                           b.kind or "–", str(b.bytes_sent), f"{fmt(b.release_before)}→{fmt(b.release_after)}",
-                          fmt(b.p90_ms), fmt(b.drift), cell(b.error or ""))
+                          fmt(b.p90_ms), fmt(b.drift), notes.cell(b.board, b.error))
             err.print(t)
+            notes.print(err)
         finish(rep)
+
+    run_guarded(go)
+
+
+class TransferBars:
+    """One transfer bar per board on stderr, fed by push's ``on_bytes(board, n)`` byte hook."""
+
+    def __init__(self, *, enabled: bool, total: int):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn)
+        self.total = total
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                          console=err, disable=not enabled, transient=True)
+        self.tasks: dict[str, Any] = {}
+        import threading
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "TransferBars":
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self.p.__exit__(*a)
+
+    def on_bytes(self, board: str, n: int) -> None:
+        with self.lock:
+            if board not in self.tasks:
+                self.tasks[board] = self.p.add_task(safe_desc(board), total=self.total)
+            # a delta is smaller than the full bundle, a resent file larger: the bar never overflows
+            self.p.update(self.tasks[board], completed=n, total=max(self.total, n))
+
+    def wrap(self, ev: Any) -> Any:
+        def f(e: dict[str, Any]) -> None:
+            if e["event"] == "wave_end":  # a finished wave's bars make room for the next wave's
+                with self.lock:
+                    for t in list(self.tasks.values()):
+                        self.p.remove_task(t)
+                    self.tasks.clear()
+            ev(e)
+        return f
+
+
+def safe_desc(board: str) -> str:
+    from rich.markup import escape
+    return escape(cell(board).plain)
+
+
+def _show_plan(rel: Any, fl: Any, boards: list, pol: Any, store: Optional[Path], live: bool, as_json: bool) -> None:
+    from ..fleet.plan import plan_push
+    from ..fleet import Store
+    db = Path(store or fl.store)
+    st = Store(db) if db.is_file() else None
+    try:
+        plan = plan_push(rel, fl, boards, policy=pol, store=st, live=live)
+    finally:
+        if st is not None:
+            st.close()
+    if as_json:
+        dump(plan.to_json())
+        return
+    t = _table(f"plan: release {plan.release} ({plan.version}) to {len(plan.boards)} board(s), "
+               f"{plan.bytes_total:,} bytes in all; nothing sent (--dry-run)",
+               ("wave", "board", "holds", "gets", "bytes", "note"))
+    notes = Notes()
+    for b in plan.boards:
+        t.add_row(cell(b.wave_name), cell(b.board), fmt(b.holds_release), cell(b.kind), f"{b.bytes:,}",
+                  notes.cell(b.board, b.why))
+    err.print(t)
+    notes.print(err)
+    err.print("[bold]gates[/] (a failed gate halts the rollout):")
+    for g in plan.gates:
+        err.print("  -", cell(g))
+
+
+def abort_cmd(reason: str = typer.Option("aborted by the operator", "--reason", help="recorded with the halt"),
+              fleet: Optional[Path] = FLEET_OPT, store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT) -> None:
+    """Stop the running push of this fleet before its next wave (it halts and reports it; boards already
+    committed stay; `edgepack rollback` switches them back)."""
+    from ..fleet.control import request_abort
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        f = request_abort(Path(store or fl.store), reason)
+        if as_json:
+            dump({"ok": True, "abort_file": str(f), "reason": reason})
+        else:
+            err.print(cell(f"abort requested ({f}): the push halts before its next wave"))
+
+    run_guarded(go)
+
+
+def rollback_cmd(fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_OPT,
+                 board: list[str] = typer.Option([], "--board", "-b", help="only this board (repeat)"),
+                 reason: str = typer.Option("operator rollback", "--reason", help="recorded on the board and in the store"),
+                 store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT) -> None:
+    """Switch boards back to the release kept in their other slot (the agent's rollback), from the host."""
+    from ..fleet.control import rollback, rollback_exit_code, to_json
+
+    def go() -> None:
+        fl = _fleet(fleet)
+        with _store(fl, store) as st:
+            res = rollback(fl, fl.select(group, list(board) or None), reason=reason, store=st)
+        if as_json:
+            dump(to_json(res))
+        else:
+            t = _table("rollback", ("board", "ok", "release", "note"))
+            notes = Notes()
+            for r in res:
+                t.add_row(cell(r.board), "[green]yes[/]" if r.ok else "[red]no[/]",
+                          f"{fmt(r.release_before)}→{fmt(r.release_after)}", notes.cell(r.board, r.error))
+            err.print(t)
+            notes.print(err)
+        code = rollback_exit_code(res)
+        if code:
+            raise typer.Exit(code)
 
     run_guarded(go)
 
@@ -132,10 +263,13 @@ def bootstrap_cmd(trust_root: Path = typer.Option(..., help="root.json to flash 
             dump([asdict(r) for r in res])
         else:
             t = _table("bootstrap", ("board", "ok", "agent", "python", "runtimes", "note"))
+            notes = Notes()
             for r in res:
                 t.add_row(cell(r.board), "[green]yes[/]" if r.ok else "[red]no[/]", cell(r.agent_version),
-                          cell(r.python), cell(",".join(k for k, v in r.runtimes.items() if v)), cell(r.error or ""))
+                          cell(r.python), cell(",".join(k for k, v in r.runtimes.items() if v)),
+                          notes.cell(r.board, r.error))
             err.print(t)
+            notes.print(err)
         code = exit_code(res)
         if code:
             raise typer.Exit(code)
@@ -148,23 +282,44 @@ def status_cmd(fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_O
                live: bool = typer.Option(False, help="ask the boards now (and store the answers)"),
                store: Optional[Path] = STORE_OPT, as_json: bool = JSON_OPT,
                reported: bool = typer.Option(False, "--reported", help="also every board the store has reports "
-                                             "from (pull fleets: after `fleet ingest`)")) -> None:
+                                             "from (pull fleets: after `fleet ingest`)"),
+               watch: Optional[float] = typer.Option(None, "--watch", "-w", help="redraw every SECONDS until "
+                                                     "Ctrl-C (with --live: ask the boards each time)"),
+               count: Optional[int] = typer.Option(None, "--count", help="with --watch: stop after N redraws")) -> None:
     """Each board's active release and last figures (from the store; --live asks the boards)."""
+    import time
+
     from ..fleet import status
+
+    def table(rows: list) -> None:
+        t = _table(f"fleet ({len(rows)} boards)" + (f", every {watch:g} s" if watch else ""),
+                   ("board", "host", "release", "last install", "p90 ms", "drift", "last seen", "note"))
+        notes = Notes()
+        for r in rows:
+            t.add_row(cell(r.board), cell(r.host), fmt(r.release), cell(r.last_install), fmt(r.p90_ms),
+                      fmt(r.drift), fmt(r.last_seen), notes.cell(r.board, r.error))
+        err.print(t)
+        notes.print(err)
 
     def go() -> None:
         fl = _fleet(fleet)
+        if watch is not None and watch <= 0:
+            from ..errors import UsageError
+            raise UsageError("--watch takes a positive number of seconds, e.g. --watch 5")
+        n = 0
         with _store(fl, store, must_exist=True) as st:
-            rows = status(fl, st, group=group, live=live, reported=reported)
-        if as_json:
-            dump([r.to_json() for r in rows])
-            return
-        t = _table(f"fleet ({len(rows)} boards)",
-                   ("board", "host", "release", "last install", "p90 ms", "drift", "last seen", "note"))
-        for r in rows:
-            t.add_row(cell(r.board), cell(r.host), fmt(r.release), cell(r.last_install), fmt(r.p90_ms),
-                      fmt(r.drift), fmt(r.last_seen), cell(r.error or ""))
-        err.print(t)
+            while True:
+                rows = status(fl, st, group=group, live=live, reported=reported)
+                n += 1
+                if as_json:
+                    dump([r.to_json() for r in rows])
+                else:
+                    if watch and err.is_terminal:
+                        err.clear()
+                    table(rows)
+                if not watch or (count is not None and n >= count):
+                    break
+                time.sleep(watch)
 
     run_guarded(go)
 
@@ -238,7 +393,7 @@ def report_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", "--
     def go() -> None:
         fl = _fleet(fleet)
         with _store(fl, store, must_exist=True) as st:
-            out = render_html(st, output_path(output, "fleet.html"), max_drift=max_drift)
+            out = render_html(st, output_path(output, "fleet.html"), max_drift=max_drift, fleet=fl)
         if as_json:
             dump({"html": str(out), "bytes": out.stat().st_size})
         else:
@@ -249,6 +404,8 @@ def report_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", "--
 
 def register(app: typer.Typer) -> None:
     app.command("push")(push_cmd)
+    app.command("abort")(abort_cmd)
+    app.command("rollback")(rollback_cmd)
     app.command("report")(report_cmd)
     app.add_typer(fleet_app, name="fleet")
 

@@ -103,7 +103,7 @@ def keys_sign_release_keys(root: Path = typer.Option(..., help="Current root.jso
         from ..ota.keys import describe_doc, load_public_key, make_release_keys, read_doc, write_doc
         doc = make_release_keys(read_doc(root), _load_signers(root_key), [load_public_key(k) for k in key],
                                 version=version, revoked=revoke, threshold=threshold, expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         d = describe_doc(doc)
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"release-key list v{version} -> {output}", {"keys": [k[:16] for k in d["keys"]],
@@ -124,7 +124,7 @@ def keys_revoke(keyid: List[str] = typer.Argument(..., help="Release key id(s) (
         from ..ota.keys import describe_doc, read_doc, revoke as do_revoke, write_doc
         doc = do_revoke(read_doc(release_keys), read_doc(root), _load_signers(root_key), keyid,
                         expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         d = describe_doc(doc)
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"release-key list v{d['version']} -> {output}",
@@ -145,7 +145,7 @@ def keys_rotate_root(root: Path = typer.Option(..., help="Current root.json (ver
         from ..ota.keys import describe_doc, read_doc, rotate_root, write_doc
         news = _load_signers(new_key)
         doc = rotate_root(read_doc(root), _load_signers(old_key), news, news, threshold, expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         d = describe_doc(doc)
         _emit(as_json, {"output": str(output), **d},
               _kv_table(f"root v{d['version']} -> {output}", {"threshold": d["threshold"],
@@ -167,7 +167,7 @@ def keys_reset_counter(root: Path = typer.Option(..., help="Current root.json"),
         from ..ota.keys import make_counter_reset, read_doc, write_doc
         doc = make_counter_reset(read_doc(root), _load_signers(root_key), counter=counter, version=version,
                                  targets=target, expires_days=expires_days)
-        write_doc(output, doc)
+        write_doc(output_path(output, output.name), doc)
         _emit(as_json, {"output": str(output), "counter": counter, "version": version, "targets": list(target)},
               _kv_table(f"counter reset v{version} -> {output}", {"counter": counter, "targets": list(target)}))
     run_guarded(run)
@@ -249,6 +249,9 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                                                    help="Keep a bundle larger than a target's OTA budget"),
                any_target: bool = typer.Option(False, "--any-target",
                                                help="Accept target names that are not shipped profiles"),
+               keep_file_names: bool = typer.Option(False, "--keep-file-names",
+                                                    help="Carry a single model under its own file name (default: "
+                                                    "NAME.onnx, the same in every release, so deltas find their base)"),
                output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                      help="bundle to write (default: NAME-rRELEASE.bundle in the "
                                                      "project's out folder)"),
@@ -257,17 +260,22 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
     def run() -> None:
         from ..ota.bundle import build_bundle
         from ..ota.keys import read_doc
+        import tempfile
+
         from ..project import check_name
+        from ..quantize.workflows import stable_model_names
         check_name(name)
         _check_targets(target, any_target)
         gold = golden
         if gold is None and model and model[0].with_suffix(".golden.npz").is_file():
             gold = model[0].with_suffix(".golden.npz")  # what `edgepack quantize` writes beside its model
         out_path = output_path(output, f"{name}-r{release}.bundle")
-        rep = build_bundle(out_path, models=model, name=name, release=release, version=label or str(release),
-                           targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
-                           roots=_roots(root), settings=settings, golden=gold, quantize_report=quantize_report,
-                           expires_days=expires_days, level=level)
+        with tempfile.TemporaryDirectory(prefix="edgepack-bundle-names-") as td:
+            models = list(model) if keep_file_names else stable_model_names(list(model), name, Path(td))
+            rep = build_bundle(out_path, models=models, name=name, release=release, version=label or str(release),
+                               targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
+                               roots=_roots(root), settings=settings, golden=gold, quantize_report=quantize_report,
+                               expires_days=expires_days, level=level)
         if not allow_oversize:
             _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),
@@ -296,7 +304,7 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
         data = {"output": str(rep.path), "fallback_to_full": rep.fallback, "bundle_bytes": rep.bundle_bytes,
                 "full_bundle_bytes": rep.full_bundle_bytes, "ratio": round(rep.bundle_bytes / rep.full_bundle_bytes, 4),
                 "base_release": rep.base_release, "release": rep.release, "files": rep.files,
-                "seconds": round(rep.seconds, 3)}
+                "seconds": round(rep.seconds, 3), "warnings": rep.warnings}
         t = Table(title=f"delta {rep.base_release} -> {rep.release}: {rep.path}")
         for c in ("path", "encoding", "bytes"):
             t.add_column(c)
@@ -305,6 +313,9 @@ def delta_cmd(old: Path = typer.Argument(..., help="Full bundle the boards hold"
         note = ("[yellow]delta was not smaller: wrote the full bundle[/]" if rep.fallback else
                 f"{rep.bundle_bytes:,} bytes = {data['ratio']:.1%} of the full bundle ({rep.full_bundle_bytes:,})")
         _emit(as_json, data, t, [note])
+        if not as_json:
+            for w in rep.warnings:
+                out.print(Text.assemble(("warning: ", "yellow"), cell(w)))
     run_guarded(run)
 
 
@@ -344,3 +355,50 @@ def register(app: typer.Typer) -> None:
     app.command("bundle")(bundle_cmd)
     app.command("delta")(delta_cmd)
     app.command("verify")(verify_cmd)
+    app.command("diff")(diff_cmd)
+
+
+def diff_cmd(old: Path = typer.Argument(..., help="the earlier full bundle"),
+             new: Path = typer.Argument(..., help="the later full bundle"),
+             root: Path = typer.Option(..., "--root", help="root.json both bundles verify against"),
+             release_keys: Optional[Path] = typer.Option(None, help="Release-key list, if the bundles do not carry one"),
+             runs: int = typer.Option(20, help="timed runs per model for the host latency figure"),
+             as_json: bool = JSON_OPT) -> None:
+    """What changed between two releases: files, changed tensors, size, agreement on the golden inputs, latency."""
+    def run() -> None:
+        from device_agent.trust import TrustRoot
+
+        from ..diff import diff_bundles
+        rep = diff_bundles(old, new, TrustRoot.from_files(root, release_keys), runs=runs)
+        if as_json:
+            dump(rep.to_json())
+            return
+        o, n = rep.old, rep.new
+        rows = {"release": f"{o['release']} ({o['version']}) -> {n['release']} ({n['version']})",
+                "model": o["model"] if o["model"] == n["model"] else f"{o['model']} -> {n['model']}",
+                "bundle bytes": f"{o['bytes']:,} -> {n['bytes']:,} ({n['bytes'] - o['bytes']:+,})",
+                "tensors": f"{len(rep.tensors)} changed/added/removed, {rep.tensors_same} the same"}
+        if rep.agreement is not None:
+            rows["top-1 agreement"] = f"{rep.agreement:.2%} of {rep.golden_samples} golden inputs (old vs new)"
+        if rep.latency_ms:
+            rows["latency, this host"] = (f"{rep.latency_ms['old']:.3f} ms -> {rep.latency_ms['new']:.3f} ms "
+                                          f"(median of {runs}, 1 thread; not a board figure)")
+        out.print(_kv_table(f"diff {old.name} -> {new.name}", rows))
+        t = Table(title="files")
+        for c in ("path", "role", "change", "old bytes", "new bytes"):
+            t.add_column(c, justify="right" if "bytes" in c else "left")
+        for f in rep.files:
+            t.add_row(cell(f.path), cell(f.role), cell(f.change), f"{f.old_bytes:,}" if f.old_bytes is not None else "–",
+                      f"{f.new_bytes:,}" if f.new_bytes is not None else "–")
+        out.print(t)
+        if rep.tensors:
+            t = Table(title=f"tensors ({len(rep.tensors)} of {len(rep.tensors) + rep.tensors_same} differ)")
+            for c in ("tensor", "change", "shape", "max |diff|"):
+                t.add_column(c, overflow="fold")
+            for x in rep.tensors[:40]:
+                t.add_row(cell(x.tensor), cell(x.change), cell("x".join(map(str, x.shape))),
+                          "–" if x.max_abs_diff is None else f"{x.max_abs_diff:.3g}")
+            out.print(t)
+            if len(rep.tensors) > 40:
+                out.print(f"... and {len(rep.tensors) - 40} more (--json lists all)", markup=False)
+    run_guarded(run)

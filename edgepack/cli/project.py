@@ -77,3 +77,38 @@ def check_name_from_folder(directory: Path, check: Any) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("init")(init_cmd)
+    register_doctor(app)
+
+
+def doctor_cmd(fleet: Optional[Path] = typer.Option(None, "--fleet", "-f", help="fleet file (default: the project's)"),
+               target: List[str] = typer.Option([], "--target", "-t", help="check this board profile too (repeat)"),
+               boards: bool = typer.Option(True, "--boards/--no-boards", help="ask each board for its Python, "
+                                           "numpy and runtimes"),
+               as_json: bool = JSON_OPT) -> None:
+    """Check the host, the project's targets and keys, the fleet file, known_hosts and the boards."""
+    from rich.table import Table
+
+    from ..doctor import doctor
+    from ._common import current_project, fleet_of, finish
+
+    def go() -> None:
+        proj = current_project()
+        fl = fleet_of(fleet) if (fleet or proj) else None
+        rep = doctor(project=proj, fleet=fl, targets=list(target) or None, ask_boards=boards)
+        if as_json:
+            dump(rep.to_json())
+        else:
+            t = Table(title=f"edgepack doctor: {len(rep.failures)} problem(s)")
+            for c in ("area", "check", "", "detail", "what to do"):
+                t.add_column(c, overflow="fold")
+            mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+            for c in rep.checks:
+                t.add_row(cell(c.area), cell(c.name), mark[c.status], cell(c.detail), cell(c.advice))
+            err.print(t)
+        finish(rep)
+
+    run_guarded(go)
+
+
+def register_doctor(app: typer.Typer) -> None:
+    app.command("doctor")(doctor_cmd)

@@ -64,250 +64,258 @@ def render_report(r, console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
+def _confirm(board: str, model: Path, output: Path, holdout, ev, r, seed: int, max_mismatch: int,
+             as_json: bool) -> dict:
+    """``--confirm-on``: the final model's figure on the board itself, beside the host's."""
+    from ..fleet.confirm import confirm_on_board
+    from ..quantize import split_eval
+    hold = holdout if holdout is not None else split_eval(ev, seed)[1]
+    if not as_json:
+        out.print(f"confirming on board {board} ({len(hold)} held-out samples) ...")
+    return confirm_on_board(board, model, output, hold, r.agreement, max_mismatch=max_mismatch).to_dict()
+
+
+def _check_choices(method: list[str], known, rounding: str) -> None:
+    from ..errors import DataError
+    bad = [m for m in method if m not in known]
+    if bad:
+        raise DataError(f"unknown calibration method(s) {bad}; choose from {list(known)}")
+    if rounding not in ("gptq", "nearest"):
+        raise DataError("--rounding must be gptq or nearest")
+
+
+def _as_tflite(a: dict) -> None:
+    """``quantize --format tflite``: the LiteRT path (edgepack/tflite) with the same options."""
+    from .tflite import quantize_tflite_cmd
+    keys = ("model", "target", "calib", "eval_", "output", "search", "max_drop", "calib_size", "preprocess",
+            "preprocess_hook", "labels", "threads", "max_evals", "as_json", "report", "carry_over", "full_integer")
+    return quantize_tflite_cmd(**{k: a[k] for k in keys})
+
+
+def quantize(
+    model: Path = typer.Argument(..., help="FP32 ONNX model (or a float .tflite with --format tflite)"),
+    target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
+    calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
+    fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
+                            "INT8 for LiteRT targets; needs scripts/setup-tflite.sh)"),
+    carry_over: Optional[Path] = typer.Option(None, "--carry-over", help="with --format tflite: an edgepack INT8 "
+                                              "ONNX model of MODEL whose search result is carried over "
+                                              "(default: run the ONNX search first)"),
+    full_integer: bool = typer.Option(False, "--full-integer", help="with --format tflite: no float op even "
+                                      "where the target could run one (the gate then refuses any)"),
+    eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="INT8 ONNX model to write (default: "
+                                          "MODEL-int8.onnx in the project's out folder)"),
+    search: Optional[Path] = typer.Option(None, "--search", help="data for ranking/selection; "
+                                          "default: half of --eval, the other half held out"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: target's)"),
+    calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
+    method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy, mse"),
+    rounding: str = typer.Option("gptq", "--rounding", help="weight rounding: gptq (advanced PTQ) or nearest"),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
+                                             "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
+    preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook", help="FILE.py:FUNC mapping an image path to an array"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="labels file (file,label) for --eval"),
+    threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
+    require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
+    max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
+    as_json: bool = JSON_OPT,
+    report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUTPUT with .json)"),
+    confirm_on: Optional[str] = typer.Option(None, "--confirm-on", help="board (e.g. rpi4-emu) that runs the final "
+                                             "model on the held-out samples; its figure is shown beside the host's"),
+    max_mismatch: int = typer.Option(2, "--max-mismatch", help="samples the board's figure may differ by"),
+) -> None:
+    """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
+    args = dict(locals())  # every option, for the LiteRT path
+    output_given = output
+
+    def go() -> None:
+        nonlocal output
+        from ..data import load_dataset
+        from ..errors import DataError
+        from ..modelinfo import load_model
+        from ..quantize import QuantizeOptions, quantize as run
+        from ..quantize.calibrate import ALL_METHODS, METHODS
+        from ..quantize.workflows import resolve_preprocessing, write_report
+        from ..targets import load_target
+
+        if fmt not in ("onnx", "tflite"):
+            raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
+        if fmt == "tflite":
+            return _as_tflite(args | {"output": output_path(output_given, f"{model.stem}-int8.tflite")})
+        tgt = load_target(target)
+        _check_choices(method, ALL_METHODS, rounding)
+        load_model(model)  # fail fast on a bad model, before data is opened
+        pp = resolve_preprocessing(model, preprocess, preprocess_hook)
+        cal = load_dataset(calib, pp)
+        ev = load_dataset(eval_, pp, labels_file=labels)
+        se = load_dataset(search, pp) if search else None
+        output = output_path(output_given, f"{model.stem}-int8.onnx")
+        opts = QuantizeOptions(max_drop=max_drop, calib_size=calib_size,
+                               methods=tuple(method) or METHODS, weight_rounding=rounding,
+                               latency_threads=tuple(threads), require_speedup=require_speedup,
+                               max_evals=max_evals)
+        with RichProgress(enabled=not as_json) as pg:
+            r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
+        if confirm_on:
+            r.board_confirmation = _confirm(confirm_on, model, output, ev if se is not None else None, ev, r,
+                                            opts.seed, max_mismatch, as_json)
+        rp = report or output.with_suffix(".json")
+        write_report(rp, r.to_json())
+        if as_json:
+            print(r.to_json())
+        else:
+            render_report(r, out)
+            out.print(f"wrote {output} and {rp}", markup=False, highlight=False)
+        finish(r)
+
+    run_guarded(go)
+
+
+def targets(as_json: bool = JSON_OPT) -> None:
+    """List the board profiles."""
+
+    def go() -> None:
+        from ..targets import list_targets, load_target
+
+        ts = [load_target(n) for n in list_targets()]
+        if as_json:
+            dump([{"name": t.name, "description": t.description, "ram_mb": t.ram_mb,
+                               "ota_budget_mb": t.ota_budget_mb, "float_allowed": t.float_allowed,
+                               "max_top1_drop": t.max_top1_drop} for t in ts])
+            return
+        tb = Table("target", "description", "RAM", "OTA budget", "float", "max drop")
+        for t in ts:
+            tb.add_row(t.name, t.description, f"{t.ram_mb} MB", f"{t.ota_budget_mb:g} MB",
+                       "yes" if t.float_allowed else "no", f"{t.max_top1_drop:g}")
+        out.print(tb)
+
+    run_guarded(go)
+
+
+def analyze(
+    model: Path = typer.Argument(..., help="FP32 ONNX model, or any .tflite"),
+    target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
+    calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
+    eval_: Path = typer.Option(..., "--eval", help="evaluation data (labels optional)"),
+    html: Optional[Path] = typer.Option(None, "--html", "-o", help="write a self-contained HTML page with plots"),
+    max_eval: int = typer.Option(256, "--max-eval", help="evaluation samples per measurement"),
+    calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
+    method: str = typer.Option("percentile", "--method", help="calibration method: minmax, percentile, entropy"),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
+                                             "size=224,resize=256,mean=127,std=128"),
+    preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook",
+                                                  help="FILE.py:FUNC mapping an image path to an array"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Structured quantization debugging report: calibration, per-layer sensitivity, outliers, placement."""
+
+    def go() -> None:
+        from ..data import load_dataset
+        from ..errors import DataError
+        from ..modelinfo import load_model
+        from ..quantize.analyze import analyze as run, to_html
+        from ..quantize.calibrate import METHODS
+        from ..quantize.workflows import resolve_preprocessing
+        from ..targets import load_target
+
+        if model.suffix.lower() == ".tflite":
+            from .tflite import analyze_tflite_cmd
+            return analyze_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, preprocess=preprocess,
+                                      preprocess_hook=preprocess_hook, max_eval=max_eval, as_json=as_json)
+        if method not in METHODS:
+            raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
+        tgt = load_target(target)
+        load_model(model)
+        pp = resolve_preprocessing(model, preprocess, preprocess_hook)
+        cal = load_dataset(calib, pp, limit=calib_size)
+        ev = load_dataset(eval_, pp)
+        page = output_path(html, "analyze.html") if html else None  # its folder exists before the work
+        with RichProgress(enabled=not as_json) as pg:
+            state = {"d": None}
+
+            def prog(desc: str, i: int, n: int) -> None:
+                if state["d"] != desc:
+                    pg.done()
+                    pg.start(desc, n)
+                    state["d"] = desc
+                pg.advance(1)
+
+            r = run(model, tgt, cal, ev, method=method, max_eval=max_eval, progress=prog)
+            pg.done()
+        if page:
+            tmp = page.with_name(f".{page.name}.tmp")
+            tmp.write_text(to_html(r))
+            tmp.replace(page)
+        if as_json:
+            dump(r.to_dict())
+            return
+        t = Table(title=f"edgepack analyze -> {r.target}", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("full INT8", f"{r.metric} drop {r.int8_drop:.2f} points, logits SQNR {r.int8_sqnr_db} dB "
+                  f"({r.eval_samples} samples)")
+        t.add_row("worst layers (alone)", "\n".join(escape(f"{l.name} [{l.role}]") + f" {l.alone_sqnr_db} dB, drop {l.alone_drop}"
+                                                    + (f", float gain {l.float_gain}" if l.float_gain is not None else "")
+                                                    for l in r.layers[:6]))
+        t.add_row("outliers", "\n".join(escape(f"{o.tensor} [{o.role}] {o.ratio}x") for o in r.outliers[:5]))
+        t.add_row("calibration size", ", ".join(f"{s['samples']}: {s['drop']}" for s in r.size_sweep))
+        t.add_row("calibration coverage", f"mean {r.coverage_mean_outside * 100:.3f} % of eval values outside")
+        p = r.placement
+        t.add_row("placement", f"{p.int8_nodes} INT8, {p.fallback_nodes} CPU fallback in {p.islands} island(s) "
+                  f"(~{p.estimated_transfer_ms} ms); MatMul/Gemm INT8 {p.matmul_gemm_int8}/{p.matmul_gemm_total}")
+        out.print(t)
+        for f in r.findings:
+            out.print(escape(f"- {f}"))
+        if page:
+            out.print(f"wrote {page}", markup=False, highlight=False)
+
+    run_guarded(go)
+
+
+def qat(
+    checkpoint: Path = typer.Argument(..., help="FP32 state_dict (.pt) of a Hugging Face sequence classifier"),
+    hf_dir: Path = typer.Option(..., "--hf-dir", help="model folder (config.json, tokenizer) the checkpoint fits"),
+    train: Path = typer.Option(..., "--train", help="tokenized training data .npz (input_ids, attention_mask, labels)"),
+    target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
+    calib: Path = typer.Option(..., "--calib", help="tokenized calibration data .npz for the INT8 export"),
+    eval_: Path = typer.Option(..., "--eval", help="tokenized held-out data .npz (final figures)"),
+    output: Path = typer.Option(..., "-o", "--output", help="INT8 QDQ ONNX model to write"),
+    search: Optional[Path] = typer.Option(None, "--search", help="data for selection (default: half of --eval)"),
+    epochs: float = typer.Option(1.0, "--epochs", help="fine-tuning epochs (fractions allowed)"),
+    lr: float = typer.Option(2e-5, "--lr", help="learning rate of the fine-tuning"),
+    calib_size: Optional[int] = typer.Option(128, "--calib-size", help="calibration samples for the export"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: "
+                                             "the target's)"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Quantization-aware fine-tuning, then INT8 export and held-out evaluation in ONNX Runtime."""
+
+    def go() -> None:
+        from ..data import load_dataset
+        from ..targets import load_target
+        from ..quantize.workflows import QatOptions, qat_then_ptq
+
+        tgt = load_target(target)
+        cal, ev = load_dataset(calib), load_dataset(eval_)
+        se = load_dataset(search) if search else None
+        with RichProgress(enabled=not as_json) as pg:
+            pg.start("QAT fine-tune", 1)
+            res = qat_then_ptq(checkpoint, hf_dir, train, tgt, cal, ev, output, search=se, progress=pg,
+                               on_qat_step=lambda i, n: pg.update(i, n),
+                               options=QatOptions(epochs=epochs, lr=lr, calib_size=calib_size, max_drop=max_drop))
+        if as_json:
+            dump(res.to_dict())
+        else:
+            qr = res.qat
+            out.print(f"QAT: {qr.steps} steps in {qr.seconds:.0f} s, loss {qr.train_loss_first:.3f} -> "
+                      f"{qr.train_loss_last:.3f}")
+            render_report(res.ptq, out)
+        finish(res)
+
+    run_guarded(go)
+
+
 def register(app: typer.Typer) -> None:
-    register_quantize(app)
-    register_analyze(app)
-    register_qat(app)
-
-
-def register_quantize(app: typer.Typer) -> None:
-    @app.command()
-    def quantize(
-        model: Path = typer.Argument(..., help="FP32 ONNX model (or a float .tflite with --format tflite)"),
-        target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
-        calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
-        fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
-                                "INT8 for LiteRT targets; needs scripts/setup-tflite.sh)"),
-        carry_over: Optional[Path] = typer.Option(None, "--carry-over", help="with --format tflite: an edgepack INT8 "
-                                                  "ONNX model of MODEL whose search result is carried over "
-                                                  "(default: run the ONNX search first)"),
-        full_integer: bool = typer.Option(False, "--full-integer", help="with --format tflite: no float op even "
-                                          "where the target could run one (the gate then refuses any)"),
-        eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
-        output: Optional[Path] = typer.Option(None, "-o", "--output", help="INT8 ONNX model to write (default: "
-                                              "MODEL-int8.onnx in the project's out folder)"),
-        search: Optional[Path] = typer.Option(None, "--search", help="data for ranking/selection; "
-                                              "default: half of --eval, the other half held out"),
-        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: target's)"),
-        calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
-        method: list[str] = typer.Option([], "--method", help="calibration method(s) to try: minmax, percentile, entropy, mse"),
-        rounding: str = typer.Option("gptq", "--rounding", help="weight rounding: gptq (advanced PTQ) or nearest"),
-        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
-                                                 "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
-        preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook", help="FILE.py:FUNC mapping an image path to an array"),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="labels file (file,label) for --eval"),
-        threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
-        require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
-        max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
-        as_json: bool = JSON_OPT,
-        report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUTPUT with .json)"),
-        confirm_on: Optional[str] = typer.Option(None, "--confirm-on", help="board (e.g. rpi4-emu) that runs the final "
-                                                 "model on the held-out samples; its figure is shown beside the host's"),
-        max_mismatch: int = typer.Option(2, "--max-mismatch", help="samples the board's figure may differ by"),
-    ) -> None:
-        """Quantize an FP32 ONNX model to INT8 for a target board within an accuracy budget."""
-        output_given = output
-
-        def go() -> None:
-            nonlocal output
-            from ..quantize.calibrate import ALL_METHODS, METHODS
-            from ..data import load_dataset
-            from ..errors import DataError
-            from ..modelinfo import load_model
-            from ..quantize.pipeline import QuantizeOptions, quantize as run
-            from ..targets import load_target
-            from ..quantize.workflows import resolve_preprocessing, write_report
-
-            if fmt not in ("onnx", "tflite"):
-                raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
-            if fmt == "tflite":
-                from .tflite import quantize_tflite_cmd
-                return quantize_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, output=output,
-                                           search=search, max_drop=max_drop, calib_size=calib_size,
-                                           preprocess=preprocess, preprocess_hook=preprocess_hook, labels=labels,
-                                           threads=threads, max_evals=max_evals, as_json=as_json, report=report,
-                                           carry_over=carry_over, full_integer=full_integer)
-            tgt = load_target(target)
-            bad = [m for m in method if m not in ALL_METHODS]
-            if bad:
-                raise DataError(f"unknown calibration method(s) {bad}; choose from {list(ALL_METHODS)}")
-            if rounding not in ("gptq", "nearest"):
-                raise DataError("--rounding must be gptq or nearest")
-            load_model(model)  # fail fast on a bad model, before data is opened
-            pp = resolve_preprocessing(model, preprocess, preprocess_hook)
-            cal = load_dataset(calib, pp)
-            ev = load_dataset(eval_, pp, labels_file=labels)
-            se = load_dataset(search, pp) if search else None
-            output = output_path(output_given, f"{model.stem}-int8.onnx")
-            opts = QuantizeOptions(max_drop=max_drop, calib_size=calib_size,
-                                   methods=tuple(method) or METHODS, weight_rounding=rounding,
-                                   latency_threads=tuple(threads), require_speedup=require_speedup,
-                                   max_evals=max_evals)
-            with RichProgress(enabled=not as_json) as pg:
-                r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
-            if confirm_on:
-                from ..fleet.confirm import confirm_on_board
-                from ..quantize.pipeline import split_eval
-                hold = ev if se is not None else split_eval(ev, opts.seed)[1]
-                if not as_json:
-                    out.print(f"confirming on board {confirm_on} ({len(hold)} held-out samples) ...")
-                r.board_confirmation = confirm_on_board(confirm_on, model, output, hold, r.agreement,
-                                                        max_mismatch=max_mismatch).to_dict()
-            rp = report or output.with_suffix(".json")
-            write_report(rp, r.to_json())
-            if as_json:
-                print(r.to_json())
-            else:
-                render_report(r, out)
-                out.print(f"wrote {output} and {rp}", markup=False, highlight=False)
-            finish(r)
-
-        run_guarded(go)
-
-    @app.command()
-    def targets(as_json: bool = JSON_OPT) -> None:
-        """List the board profiles."""
-
-        def go() -> None:
-            from ..targets import list_targets, load_target
-
-            ts = [load_target(n) for n in list_targets()]
-            if as_json:
-                dump([{"name": t.name, "description": t.description, "ram_mb": t.ram_mb,
-                                   "ota_budget_mb": t.ota_budget_mb, "float_allowed": t.float_allowed,
-                                   "max_top1_drop": t.max_top1_drop} for t in ts])
-                return
-            tb = Table("target", "description", "RAM", "OTA budget", "float", "max drop")
-            for t in ts:
-                tb.add_row(t.name, t.description, f"{t.ram_mb} MB", f"{t.ota_budget_mb:g} MB",
-                           "yes" if t.float_allowed else "no", f"{t.max_top1_drop:g}")
-            out.print(tb)
-
-        run_guarded(go)
-
-
-def register_analyze(app: typer.Typer) -> None:
-    @app.command()
-    def analyze(
-        model: Path = typer.Argument(..., help="FP32 ONNX model, or any .tflite"),
-        target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
-        calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
-        eval_: Path = typer.Option(..., "--eval", help="evaluation data (labels optional)"),
-        html: Optional[Path] = typer.Option(None, "--html", "-o", help="write a self-contained HTML page with plots"),
-        max_eval: int = typer.Option(256, "--max-eval", help="evaluation samples per measurement"),
-        calib_size: Optional[int] = typer.Option(None, "--calib-size", help="use the first N calibration samples"),
-        method: str = typer.Option("percentile", "--method", help="calibration method: minmax, percentile, entropy"),
-        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image preprocessing spec, e.g. "
-                                                 "size=224,resize=256,mean=127,std=128"),
-        preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook",
-                                                      help="FILE.py:FUNC mapping an image path to an array"),
-        as_json: bool = JSON_OPT,
-    ) -> None:
-        """Structured quantization debugging report: calibration, per-layer sensitivity, outliers, placement."""
-
-        def go() -> None:
-            from ..quantize.analyze import analyze as run, to_html
-            from ..quantize.calibrate import METHODS
-            from ..data import load_dataset
-            from ..errors import DataError
-            from ..modelinfo import load_model
-            from ..targets import load_target
-            from ..quantize.workflows import resolve_preprocessing
-
-            if model.suffix.lower() == ".tflite":
-                from .tflite import analyze_tflite_cmd
-                return analyze_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, preprocess=preprocess,
-                                          preprocess_hook=preprocess_hook, max_eval=max_eval, as_json=as_json)
-            if method not in METHODS:
-                raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
-            tgt = load_target(target)
-            load_model(model)
-            pp = resolve_preprocessing(model, preprocess, preprocess_hook)
-            cal = load_dataset(calib, pp, limit=calib_size)
-            ev = load_dataset(eval_, pp)
-            page = output_path(html, "analyze.html") if html else None  # its folder exists before the work
-            with RichProgress(enabled=not as_json) as pg:
-                state = {"d": None}
-
-                def prog(desc: str, i: int, n: int) -> None:
-                    if state["d"] != desc:
-                        pg.done()
-                        pg.start(desc, n)
-                        state["d"] = desc
-                    pg.advance(1)
-
-                r = run(model, tgt, cal, ev, method=method, max_eval=max_eval, progress=prog)
-                pg.done()
-            if page:
-                tmp = page.with_name(f".{page.name}.tmp")
-                tmp.write_text(to_html(r))
-                tmp.replace(page)
-            if as_json:
-                dump(r.to_dict())
-                return
-            t = Table(title=f"edgepack analyze -> {r.target}", show_header=False)
-            t.add_column(style="bold")
-            t.add_column()
-            t.add_row("full INT8", f"{r.metric} drop {r.int8_drop:.2f} points, logits SQNR {r.int8_sqnr_db} dB "
-                      f"({r.eval_samples} samples)")
-            t.add_row("worst layers (alone)", "\n".join(escape(f"{l.name} [{l.role}]") + f" {l.alone_sqnr_db} dB, drop {l.alone_drop}"
-                                                        + (f", float gain {l.float_gain}" if l.float_gain is not None else "")
-                                                        for l in r.layers[:6]))
-            t.add_row("outliers", "\n".join(escape(f"{o.tensor} [{o.role}] {o.ratio}x") for o in r.outliers[:5]))
-            t.add_row("calibration size", ", ".join(f"{s['samples']}: {s['drop']}" for s in r.size_sweep))
-            t.add_row("calibration coverage", f"mean {r.coverage_mean_outside * 100:.3f} % of eval values outside")
-            p = r.placement
-            t.add_row("placement", f"{p.int8_nodes} INT8, {p.fallback_nodes} CPU fallback in {p.islands} island(s) "
-                      f"(~{p.estimated_transfer_ms} ms); MatMul/Gemm INT8 {p.matmul_gemm_int8}/{p.matmul_gemm_total}")
-            out.print(t)
-            for f in r.findings:
-                out.print(escape(f"- {f}"))
-            if page:
-                out.print(f"wrote {page}", markup=False, highlight=False)
-
-        run_guarded(go)
-
-
-def register_qat(app: typer.Typer) -> None:
-    @app.command()
-    def qat(
-        checkpoint: Path = typer.Argument(..., help="FP32 state_dict (.pt) of a Hugging Face sequence classifier"),
-        hf_dir: Path = typer.Option(..., "--hf-dir", help="model folder (config.json, tokenizer) the checkpoint fits"),
-        train: Path = typer.Option(..., "--train", help="tokenized training data .npz (input_ids, attention_mask, labels)"),
-        target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
-        calib: Path = typer.Option(..., "--calib", help="tokenized calibration data .npz for the INT8 export"),
-        eval_: Path = typer.Option(..., "--eval", help="tokenized held-out data .npz (final figures)"),
-        output: Path = typer.Option(..., "-o", "--output", help="INT8 QDQ ONNX model to write"),
-        search: Optional[Path] = typer.Option(None, "--search", help="data for selection (default: half of --eval)"),
-        epochs: float = typer.Option(1.0, "--epochs", help="fine-tuning epochs (fractions allowed)"),
-        lr: float = typer.Option(2e-5, "--lr", help="learning rate of the fine-tuning"),
-        calib_size: Optional[int] = typer.Option(128, "--calib-size", help="calibration samples for the export"),
-        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: "
-                                                 "the target's)"),
-        as_json: bool = JSON_OPT,
-    ) -> None:
-        """Quantization-aware fine-tuning, then INT8 export and held-out evaluation in ONNX Runtime."""
-
-        def go() -> None:
-            from ..data import load_dataset
-            from ..targets import load_target
-            from ..quantize.workflows import QatOptions, qat_then_ptq
-
-            tgt = load_target(target)
-            cal, ev = load_dataset(calib), load_dataset(eval_)
-            se = load_dataset(search) if search else None
-            with RichProgress(enabled=not as_json) as pg:
-                pg.start("QAT fine-tune", 1)
-                res = qat_then_ptq(checkpoint, hf_dir, train, tgt, cal, ev, output, search=se, progress=pg,
-                                   on_qat_step=lambda i, n: pg.update(i, n),
-                                   options=QatOptions(epochs=epochs, lr=lr, calib_size=calib_size, max_drop=max_drop))
-            if as_json:
-                dump(res.to_dict())
-            else:
-                qr = res.qat
-                out.print(f"QAT: {qr.steps} steps in {qr.seconds:.0f} s, loss {qr.train_loss_first:.3f} -> "
-                          f"{qr.train_loss_last:.3f}")
-                render_report(res.ptq, out)
-            finish(res)
-
-        run_guarded(go)
+    for name, fn in (("quantize", quantize), ("targets", targets), ("analyze", analyze), ("qat", qat)):
+        app.command(name)(fn)

@@ -427,13 +427,34 @@ class _BoardPush:
 
 
 # --------------------------------------------------------------------------- the rollout
+def _roll_back_wave(done: list[BoardResult], jobs: dict[str, "_BoardPush"], name: str) -> None:
+    """The halting wave's committed boards go back to their previous release, each on its own."""
+    for d in done:
+        if d.result != COMMITTED:
+            continue
+        bp = jobs[d.board]
+        try:
+            bp.t.connect()
+            bp.rollback(f"rollout halted ({name})")
+        except Exception as e:  # one bad board must not skip the others' rollback
+            d.result = FAILED
+            d.error = f"halt rollback failed: {type(e).__name__}: {str(e)[:200]}"
+        finally:
+            try:
+                bp.t.close()
+            except Exception:
+                pass
+
+
 def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | None = None,
          policy: Policy | None = None, store: Store | None = None, on_event: Event | None = None,
-         raise_on_halt: bool = False, on_bytes: Callable[[str, int], None] | None = None) -> PushReport:
+         raise_on_halt: bool = False, on_bytes: Callable[[str, int], None] | None = None,
+         abort: Callable[[], str | None] | None = None) -> PushReport:
     """Roll ``release`` out to ``boards`` (default: the whole fleet) wave by wave.
 
     ``on_event`` gets wave_start / wave_end / halted dicts; ``on_bytes(board, n)`` the bytes sent so
-    far to a board (progress bars, fault injection in tests)."""
+    far to a board (progress bars, fault injection in tests); ``abort()`` is asked before each wave
+    after the first and halts the rollout when it returns a reason (``edgepack abort``)."""
     t0 = time.perf_counter()
     p = policy or Policy()
     rel = release if isinstance(release, Release) else load_release(release)
@@ -453,6 +474,11 @@ def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | N
     failures = 0
     for i, wave in enumerate(waves):
         name = "canary" if i == 0 and _count(p.canary, len(boards), "--canary") else f"wave {i}"
+        stop = abort() if abort is not None and i else None
+        if stop:
+            rep.halted, rep.halt_reason = True, f"aborted before {name}: {stop}"[:500]
+            emit({"event": "halted", "reason": rep.halt_reason})
+            break
         emit({"event": "wave_start", "wave": i, "name": name, "boards": [b.name for b in wave]})
         tw = time.perf_counter()
         jobs = {b.name: _BoardPush(b, fleet, rel, p, store, rid, i, on_bytes=on_bytes) for b in wave}
@@ -480,20 +506,7 @@ def push(release: Release | str | Path, fleet: Fleet, *, boards: list[Board] | N
                    else "no canary board committed the release (no canary result means no go)")
             rep.halt_reason = (f"{name}: {why}: " + "; ".join(f"{d.board}: {d.result}: {d.error}" for d in bad))[:500]
             if p.rollback_wave_on_halt:
-                for d in done:
-                    if d.result == COMMITTED:
-                        bp = jobs[d.board]
-                        try:
-                            bp.t.connect()
-                            bp.rollback(f"rollout halted ({name})")
-                        except Exception as e:  # one bad board must not skip the others' rollback
-                            d.result = FAILED
-                            d.error = f"halt rollback failed: {type(e).__name__}: {str(e)[:200]}"
-                        finally:
-                            try:
-                                bp.t.close()
-                            except Exception:
-                                pass
+                _roll_back_wave(done, jobs, name)
             emit({"event": "halted", "reason": rep.halt_reason})
             break
     rep.boards = [results[b.name] for b in boards]

@@ -1,162 +1,64 @@
-"""``edgepack report --html``: one self-contained HTML page from the fleet store.
+"""``edgepack report``: one self-contained HTML page from the fleet store (charts: edgepack.charts).
 
 No scripts, no fonts, no CDN: inline CSS and inline SVG only, so the page opens offline and can be
-mailed or archived as one file. Plots: p90 latency per board and release, top-1 drift over time,
-flagged regressions per board; tables: boards, rollouts, flags.
+mailed or archived as one file. What a reader needs to decide: every board of the fleet (a board
+never reached is listed as such, not left out), each rollout's real outcome (2 of 4 committed is
+"partial", not green), regressions including the rollbacks at push time, p90 latency per board and
+release against each board's budget, drift over time against the threshold, the rollout timeline
+by wave, and per board a drill-down (history, last error, the agent's own log).
 """
 from __future__ import annotations
 
 import datetime as dt
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .agent_client import agent_error
 from .thresholds import DEFAULT_MAX_DRIFT
+from ..charts import Raw, esc, fmt_bytes, grouped_bars, lines, page, pill, table
 from .store import Store
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+ROLLED_BACK = "rolled_back"
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+def _when(ts: Any) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if isinstance(ts, (int, float)) else "–"
 
 
-def _fmt(v: Any, nd: int = 3) -> str:
-    """A figure for a table cell, HTML-escaped: every value may come from a board."""
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return _e(f"{v:.{nd}f}")
-    return _e(v)
+def _rel(v: Any) -> str:
+    return f"r{v}" if isinstance(v, int) and not isinstance(v, bool) else "–"
 
 
-def _nice_max(v: float) -> float:
-    if v <= 0:
-        return 1.0
-    import math
-    e = 10 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5, 10):
-        if v <= m * e:
-            return m * e
-    return 10 * e
-
-
-def _axes(w: int, h: int, pad: dict[str, int], ymax: float, ylabel: str, ticks: int = 4) -> list[str]:
-    out = []
-    x0, y0, y1 = pad["l"], h - pad["b"], pad["t"]
-    for i in range(ticks + 1):
-        y = y0 - (y0 - y1) * i / ticks
-        v = ymax * i / ticks
-        out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{w - pad["r"]}" y2="{y:.1f}" class="grid"/>')
-        out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{v:.3g}</text>')
-    out.append(f'<line x1="{x0}" y1="{y0}" x2="{w - pad["r"]}" y2="{y0}" class="axis"/>')
-    out.append(f'<text x="14" y="{(y0 + y1) / 2:.0f}" transform="rotate(-90 14 {(y0 + y1) / 2:.0f})" '
-               f'text-anchor="middle" class="label">{_e(ylabel)}</text>')
-    return out
-
-
-def bar_chart(groups: list[str], series: list[str], values: dict[tuple[str, str], float], *, title: str,
-              ylabel: str, width: int = 860, height: int = 300, css_id: str = "chart") -> str:
-    """Grouped bars: one group per x label, one bar per series."""
-    pad = {"l": 60, "r": 150, "t": 30, "b": 60}
-    vmax = _nice_max(max(values.values(), default=0) * 1.05)
-    out = [f'<svg id="{css_id}" role="img" aria-label="{_e(title)}" viewBox="0 0 {width} {height}" width="{width}" '
-           f'height="{height}"><title>{_e(title)}</title>',
-           f'<text x="{width / 2}" y="18" text-anchor="middle" class="title">{_e(title)}</text>']
-    out += _axes(width, height, pad, vmax, ylabel)
-    pw = width - pad["l"] - pad["r"]
-    gw = pw / max(len(groups), 1)
-    bw = max(min(gw * 0.8 / max(len(series), 1), 40), 2)
-    y0, ph = height - pad["b"], height - pad["b"] - pad["t"]
-    for gi, g in enumerate(groups):
-        gx = pad["l"] + gi * gw + (gw - bw * len(series)) / 2
-        for si, s in enumerate(series):
-            v = values.get((g, s))
-            if v is None:
-                continue
-            bh = ph * v / vmax
-            out.append(f'<rect class="bar" x="{gx + si * bw:.1f}" y="{y0 - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" '
-                       f'fill="{PALETTE[si % len(PALETTE)]}"><title>{_e(g)} / {_e(s)}: {v:.4g}</title></rect>')
-        out.append(f'<text x="{pad["l"] + gi * gw + gw / 2:.1f}" y="{y0 + 14}" text-anchor="end" class="tick" '
-                   f'transform="rotate(-35 {pad["l"] + gi * gw + gw / 2:.1f} {y0 + 14})">{_e(g)}</text>')
-    for si, s in enumerate(series):
-        y = pad["t"] + 14 * si + 6
-        out.append(f'<rect x="{width - pad["r"] + 12}" y="{y - 8}" width="10" height="10" fill="{PALETTE[si % len(PALETTE)]}"/>'
-                   f'<text x="{width - pad["r"] + 26}" y="{y + 1}" class="tick">{_e(s)}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, ylabel: str, width: int = 860,
-               height: int = 300, css_id: str = "lines", threshold: float | None = None) -> str:
-    """x = time (epoch seconds), one polyline per series."""
-    pad = {"l": 60, "r": 150, "t": 30, "b": 50}
-    pts = [p for s in series.values() for p in s]
-    vmax = _nice_max(max([p[1] for p in pts] + [threshold or 0], default=0) * 1.1 or 0.05)
-    tmin = min((p[0] for p in pts), default=0.0)
-    tmax = max((p[0] for p in pts), default=1.0)
-    span = (tmax - tmin) or 1.0
-    pw, ph = width - pad["l"] - pad["r"], height - pad["t"] - pad["b"]
-    y0 = height - pad["b"]
-
-    def xy(t: float, v: float) -> tuple[float, float]:
-        return pad["l"] + pw * (t - tmin) / span, y0 - ph * v / vmax
-
-    out = [f'<svg id="{css_id}" role="img" aria-label="{_e(title)}" viewBox="0 0 {width} {height}" width="{width}" '
-           f'height="{height}"><title>{_e(title)}</title>',
-           f'<text x="{width / 2}" y="18" text-anchor="middle" class="title">{_e(title)}</text>']
-    out += _axes(width, height, pad, vmax, ylabel)
-    if threshold is not None:
-        _, ty = xy(tmin, threshold)
-        out.append(f'<line x1="{pad["l"]}" y1="{ty:.1f}" x2="{width - pad["r"]}" y2="{ty:.1f}" class="threshold"/>'
-                   f'<text x="{width - pad["r"] - 4}" y="{ty - 4:.1f}" text-anchor="end" class="tick">threshold {threshold:g}</text>')
-    for i, (name, s) in enumerate(sorted(series.items())):
-        c = PALETTE[i % len(PALETTE)]
-        s = sorted(s)
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(t, v) for t, v in s))
-        if len(s) > 1:
-            out.append(f'<polyline class="series" fill="none" stroke="{c}" stroke-width="2" points="{coords}"/>')
-        for t, v in s:
-            x, y = xy(t, v)
-            out.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{c}"><title>{_e(name)} '
-                       f'{dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")}: {v:.4g}</title></circle>')
-        yl = pad["t"] + 14 * i + 6
-        out.append(f'<rect x="{width - pad["r"] + 12}" y="{yl - 8}" width="10" height="10" fill="{c}"/>'
-                   f'<text x="{width - pad["r"] + 26}" y="{yl + 1}" class="tick">{_e(name)}</text>')
-    for t in (tmin, tmax):
-        x, _ = xy(t, 0)
-        out.append(f'<text x="{x:.1f}" y="{y0 + 16}" text-anchor="middle" class="tick">'
-                   f'{dt.datetime.fromtimestamp(t).strftime("%m-%d %H:%M:%S")}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1000px}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
-.bad{color:#b00020;font-weight:600}.ok{color:#1b7f2a}.muted{color:#777}
-svg{background:#fff;border:1px solid #eee;margin:6px 0}
-.grid{stroke:#eee}.axis{stroke:#888}.tick{font-size:11px;fill:#444}.label{font-size:12px;fill:#333}
-.title{font-size:14px;font-weight:600;fill:#222}.threshold{stroke:#b00020;stroke-dasharray:4 3}
-"""
+def _said(message: Any) -> str:
+    """A board's message as a reader should see it: the agent writes "release None" for a board that
+    had nothing installed before."""
+    return str(message).replace("to release None", "to no release (nothing was installed before)")
 
 
 @dataclass
 class ReportData:
     latency: dict[tuple[str, str], float]
     boards: list[str]
+    unreached: list[str]
     releases: list[str]
     drift: dict[str, list[tuple[float, float]]]
     flags: list[dict[str, Any]]
     rollouts: list[dict[str, Any]]
     status: list[dict[str, Any]]
+    push_rollbacks: list[dict[str, Any]]
+    budgets: dict[str, float]
 
 
-def collect(store: Store) -> ReportData:
+def _last_error(store: Store, board: str) -> str | None:
+    for r in store.history(board, limit=30):
+        e = r.data.get("error") if isinstance(r.data, dict) else None
+        if not r.ok and isinstance(e, dict):
+            return _said(f"{_when(r.ts)} {r.kind}: {e.get('type')}: {e.get('message')}")
+    return None
+
+
+def collect(store: Store, fleet: Any = None) -> ReportData:
     rows = store.all_rows()
     lat: dict[tuple[str, str], tuple[int, float]] = {}  # (board, release) -> (priority, p90): bench beats install trial
     drift: dict[str, list[tuple[float, float]]] = {}
@@ -168,7 +70,12 @@ def collect(store: Store) -> ReportData:
                 lat[k] = (pri, r.p90_ms)
         if r.drift is not None and r.kind in ("eval", "install"):
             drift.setdefault(r.board, []).append((r.ts, r.drift))
-    boards = store.boards()
+    known = store.boards()
+    fleet_boards = [b.name for b in fleet.boards] if fleet is not None else []
+    boards = fleet_boards + [b for b in known if b not in fleet_boards]
+    unreached = [b for b in fleet_boards if b not in known]
+    budgets = {b.name: float(b.latency_budget_ms) for b in (fleet.boards if fleet is not None else [])
+               if b.latency_budget_ms is not None}
     releases = sorted({k[1] for k in lat}, key=lambda s: int(s[1:]))
     status = []
     for b in boards:
@@ -180,68 +87,157 @@ def collect(store: Store) -> ReportData:
                        "last_install": (ins.data.get("status") or ("ok" if ins.ok else
                                         agent_error(ins.data).type)) if ins else None,
                        "p90_ms": bench.p90_ms if bench else (ins.p90_ms if ins else None),
-                       "drift": ev.drift if ev else (ins.drift if ins else None)})
-    return ReportData({k: v[1] for k, v in lat.items()}, boards, releases, drift, store.flags(), store.rollouts(), status)
+                       "drift": ev.drift if ev else (ins.drift if ins else None), "reached": b not in unreached})
+    rollouts = store.rollouts(50)
+    push_rb = []
+    for ro in rollouts:
+        rep = ro["report"] if isinstance(ro["report"], dict) else {}
+        for b in rep.get("boards", []) if isinstance(rep.get("boards"), list) else []:
+            if isinstance(b, dict) and b.get("result") == ROLLED_BACK:
+                push_rb.append({"ts": ro["ts"], "board": str(b.get("board")), "release": ro["release"],
+                                "kind": "rolled back at push", "value": b.get("drift"), "threshold": None,
+                                "message": _said(b.get("error") or "rolled back by the health gate")})
+    return ReportData({k: v[1] for k, v in lat.items()}, boards, unreached, releases, drift, store.flags(), rollouts,
+                      status, push_rb, budgets)
 
 
-def render_html(store: Store, out: str | Path, *, title: str = "edgepack fleet report", max_drift: float = DEFAULT_MAX_DRIFT) -> Path:
-    d = collect(store)
-    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-             f"<meta name='viewport' content='width=device-width'><style>{CSS}</style></head><body>",
-             f"<h1>{_e(title)}</h1><p class='muted'>generated {now} from {_e(store.path.name)}: "
-             f"{len(d.boards)} boards, {len(d.rollouts)} rollouts, {len(d.flags)} flagged regressions</p>"]
-    parts.append("<h2>Latency per board and release</h2>")
-    if d.latency:
-        parts.append(bar_chart(d.boards, d.releases, d.latency, title="p90 latency (ms) per board and release",
-                               ylabel="p90 ms", css_id="latency"))
-    else:
-        parts.append("<p class='muted'>no latency figures yet (push a release or run `edgepack fleet check`)</p>")
-    parts.append("<h2>Top-1 drift over time</h2>")
-    if d.drift:
-        parts.append(line_chart(d.drift, title="top-1 drift vs the host's reference", ylabel="1 - top-1 agreement",
-                                css_id="drift", threshold=max_drift))
-    else:
-        parts.append("<p class='muted'>no drift figures yet</p>")
-    parts.append("<h2>Flagged regressions</h2>")
-    if d.flags:
-        counts: dict[tuple[str, str], float] = {}
-        kinds = sorted({f["kind"] for f in d.flags})
-        fb = sorted({f["board"] for f in d.flags})
-        for f in d.flags:
-            counts[(f["board"], f["kind"])] = counts.get((f["board"], f["kind"]), 0) + 1
-        parts.append(bar_chart(fb, kinds, counts, title="flags per board", ylabel="count", css_id="flags", height=240))
-        parts.append("<table id='flag-table'><tr><th>when</th><th>board</th><th>release</th><th>kind</th><th>value</th>"
-                     "<th>threshold</th><th>message</th></tr>")
-        for f in d.flags[:100]:
-            parts.append(f"<tr class='bad'><td>{dt.datetime.fromtimestamp(f['ts']):%Y-%m-%d %H:%M}</td><td>{_e(f['board'])}</td>"
-                         f"<td>{_e(f['release'])}</td><td>{_e(f['kind'])}</td><td>{_fmt(f['value'])}</td>"
-                         f"<td>{_fmt(f['threshold'])}</td><td style='text-align:left'>{_e(f['message'])}</td></tr>")
-        parts.append("</table>")
-    else:
-        parts.append("<p class='ok' id='no-flags'>no regressions flagged</p>")
-    parts.append("<h2>Boards</h2><table id='boards'><tr><th>board</th><th>release</th><th>last install</th>"
-                 "<th>p90 ms</th><th>drift</th><th>last seen</th></tr>")
+def rollout_outcome(ro: dict[str, Any]) -> tuple[str, str]:
+    """(text, kind) of a rollout: complete only when every board committed or was already current."""
+    rep = ro["report"] if isinstance(ro["report"], dict) else {}
+    bs = [b for b in rep.get("boards", []) if isinstance(b, dict)] if isinstance(rep.get("boards"), list) else []
+    good = sum(b.get("result") in ("committed", "current") for b in bs)
+    if ro["halted"]:
+        return f"halted: {(ro['reason'] or '')[:160]}", "bad"
+    if not bs:
+        return "no boards", "muted"
+    if good == len(bs):
+        return f"complete: {good} of {len(bs)}", "ok"
+    return f"partial: {good} of {len(bs)} committed", "warn"
+
+
+def _overview(d: ReportData) -> str:
+    n_ok = sum(1 for s in d.status if s["reached"] and s["last_install"] in ("committed", "ok", None) and s["release"])
+    last = rollout_outcome(d.rollouts[0]) if d.rollouts else ("no rollout yet", "muted")
+    regress = len(d.flags) + len(d.push_rollbacks)
+    cells = [("boards", f"{len(d.boards)}", "muted"), ("running a release", f"{n_ok}", "ok" if n_ok else "muted"),
+             ("never reached", f"{len(d.unreached)}", "bad" if d.unreached else "ok"),
+             ("regressions", f"{regress}", "bad" if regress else "ok"), ("last rollout", last[0], last[1])]
+    return "<p id='overview'>" + " ".join(f"{esc(k)}: {pill(v, kind)}" for k, v, kind in cells) + "</p>"
+
+
+def _boards_section(store: Store, d: ReportData) -> list[str]:
+    rows, cls = [], []
     for s in d.status:
-        seen = dt.datetime.fromtimestamp(s["last_seen"]).strftime("%Y-%m-%d %H:%M") if s["last_seen"] else "–"
-        parts.append(f"<tr><td>{_e(s['board'])}</td><td>{_fmt(s['release'])}</td><td>{_e(s['last_install'] or '–')}</td>"
-                     f"<td>{_fmt(s['p90_ms'])}</td><td>{_fmt(s['drift'])}</td><td>{seen}</td></tr>")
-    parts.append("</table><h2>Rollouts</h2><table id='rollouts'><tr><th>#</th><th>when</th><th>release</th>"
-                 "<th>boards</th><th>committed</th><th>bytes sent</th><th>result</th></tr>")
-    for r in d.rollouts:
-        rep = r["report"] if isinstance(r["report"], dict) else {}
+        state = pill("never reached", "bad") if not s["reached"] else pill(s["last_install"] or "no install", "ok"
+                                                                          if s["last_install"] in ("committed", "ok")
+                                                                          else "warn")
+        rows.append((Raw(f"<a href='#board-{esc(s['board'])}'>{esc(s['board'])}</a>"), _rel(s["release"]), state,
+                     s["p90_ms"], d.budgets.get(s["board"]), s["drift"], _when(s["last_seen"])))
+        cls.append("" if s["reached"] else "bad")
+    out = ["<h2>Boards</h2>", table(("board", "release", "last install", "p90 ms", "budget ms", "drift", "last seen"),
+                                    rows, left=(0, 2), css_id="boards", classes=cls)]
+    for s in d.status:
+        b = s["board"]
+        hist = store.history(b, limit=15)
+        err = _last_error(store, b)
+        log = []
+        for r in hist:
+            h = r.data.get("history") if isinstance(r.data, dict) else None
+            if r.kind == "status" and isinstance(h, list) and h:
+                log = [x for x in h[-12:] if isinstance(x, dict)]
+                break
+        body = [f"<details id='board-{esc(b)}'><summary>{esc(b)}: {esc(_rel(s['release']))}"
+                f"{' (never reached)' if not s['reached'] else ''}</summary>"]
+        body.append(f"<p><strong>last error</strong>: {esc(err) if err else 'none'}</p>")
+        body.append(table(("when", "kind", "ok", "release", "p90 ms", "drift", "bytes"),
+                          [(_when(r.ts), r.kind, "yes" if r.ok else "no", _rel(r.release), r.p90_ms, r.drift,
+                            fmt_bytes(r.bytes)) for r in hist], left=(0, 1)) or "<p class='muted'>no reports</p>")
+        if log:
+            body.append("<h3>agent log (latest status)</h3><pre>" + esc("\n".join(
+                f"{x.get('ts') or x.get('time') or ''} {x.get('event') or x.get('action') or ''} "
+                f"{x.get('release') or ''} {x.get('reason') or x.get('message') or ''}".strip() for x in log)) + "</pre>")
+        body.append("</details>")
+        out.append("".join(body))
+    return out
+
+
+def _rollouts_section(d: ReportData) -> list[str]:
+    if not d.rollouts:
+        return ["<h2>Rollouts</h2><p class='muted'>no rollout yet</p>"]
+    rows, cls = [], []
+    for ro in d.rollouts:
+        rep = ro["report"] if isinstance(ro["report"], dict) else {}
         bs = [b for b in rep.get("boards", []) if isinstance(b, dict)] if isinstance(rep.get("boards"), list) else []
-        res = f"<span class='bad'>halted: {_e((r['reason'] or '')[:160])}</span>" if r["halted"] else "<span class='ok'>complete</span>"
-        parts.append(f"<tr><td>{_e(r['id'])}</td><td>{dt.datetime.fromtimestamp(r['ts']):%Y-%m-%d %H:%M}</td>"
-                     f"<td>{_e(r['release'])}</td><td>{len(bs)}</td><td>{sum(b.get('result') == 'committed' for b in bs)}</td>"
-                     f"<td>{_e(rep.get('bytes_sent', '–'))}</td><td style='text-align:left'>{res}</td></tr>")
-    parts.append("</table></body></html>\n")
+        text, kind = rollout_outcome(ro)
+        rows.append((ro["id"], _when(ro["ts"]), _rel(ro["release"]), len(bs),
+                     sum(b.get("result") == "committed" for b in bs), fmt_bytes(rep.get("bytes_sent")), pill(text, kind)))
+        cls.append({"bad": "bad", "warn": "warn"}.get(kind, ""))
+    out = ["<h2>Rollouts</h2>", table(("#", "when", "release", "boards", "committed", "sent", "result"), rows,
+                                      left=(6,), css_id="rollouts", classes=cls)]
+    latest = d.rollouts[0]
+    rep = latest["report"] if isinstance(latest["report"], dict) else {}
+    waves = [w for w in rep.get("waves", []) if isinstance(w, dict)] if isinstance(rep.get("waves"), list) else []
+    if waves:
+        groups = [str(w.get("name", f"wave {i}")) for i, w in enumerate(waves)]
+        vals = {}
+        for g, w in zip(groups, waves):
+            for k, label in (("committed", "committed"), ("current", "current"), ("rolled_back", "rolled back"),
+                             ("failed", "failed"), ("not_reached", "not reached")):
+                if isinstance(w.get(k), int) and w.get(k):
+                    vals[(g, label)] = w[k]
+        series = [s for s in ("committed", "current", "rolled back", "failed", "not reached")
+                  if any(k[1] == s for k in vals)]
+        out.append(grouped_bars(f"rollout #{latest['id']} ({_rel(latest['release'])}) by wave: boards per outcome",
+                                groups, series, vals, ylabel="boards", integer=True, height=240, css_id="timeline"))
+        out.append(table(("wave", "boards", "seconds", "sent", "failures so far"),
+                         [(g, w.get("boards"), w.get("seconds"), fmt_bytes(w.get("bytes_sent")), w.get("failures_so_far"))
+                          for g, w in zip(groups, waves)], css_id="waves"))
+    return out
+
+
+def render_html(store: Store, out: str | Path, *, title: str = "edgepack fleet report", max_drift: float = DEFAULT_MAX_DRIFT,
+                fleet: Any = None) -> Path:
+    """Write the report; ``fleet`` (the fleet file) adds the boards never reached and their budgets."""
+    d = collect(store, fleet)
+    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    regress = len(d.flags) + len(d.push_rollbacks)
+    sub = (f"generated {now} from {store.path.name}: {len(d.boards)} boards"
+           f"{f' ({len(d.unreached)} never reached)' if d.unreached else ''}, {len(d.rollouts)} rollouts, "
+           f"{regress} regressions")
+    s = [_overview(d), "<h2>Latency per board and release</h2>"]
+    s.append(grouped_bars("p90 latency (ms) per board and release; dashed: the board's latency budget", d.boards,
+                          d.releases, d.latency, ylabel="p90 ms", limits=d.budgets, limit_name="latency budget",
+                          css_id="latency")
+             or "<p class='muted'>no latency figures yet (push a release or run `edgepack fleet check`)</p>")
+    s.append("<h2>Top-1 drift over time</h2>")
+    s.append(lines("top-1 drift vs the host's reference outputs", d.drift, xlabel="time", ylabel="1 - top-1 agreement",
+                   limit=max_drift, limit_name="halt threshold", x_is_time=True, min_span=max_drift * 2, css_id="drift")
+             or "<p class='muted'>no drift figures yet</p>")
+    s.append("<h2>Regressions</h2>")
+    allf = d.flags + d.push_rollbacks
+    if allf:
+        counts: dict[tuple[str, str], float] = {}
+        for f in allf:
+            counts[(str(f["board"]), str(f["kind"]))] = counts.get((str(f["board"]), str(f["kind"])), 0) + 1
+        s.append(grouped_bars("regressions per board (fleet check flags and rollbacks at push time)",
+                              sorted({k[0] for k in counts}), sorted({k[1] for k in counts}), counts, ylabel="count",
+                              integer=True, height=240, css_id="flags"))
+        s.append(table(("when", "board", "release", "kind", "value", "threshold", "message"),
+                       [(_when(f["ts"]), f["board"], _rel(f["release"]), f["kind"], f["value"] if isinstance(
+                           f["value"], (int, float)) else None, f["threshold"] if isinstance(f["threshold"], (int, float))
+                         else None, f["message"]) for f in sorted(allf, key=lambda f: -(f["ts"] or 0))[:100]],
+                       left=(1, 3, 6), css_id="flag-table", classes=["bad"] * min(len(allf), 100)))
+    else:
+        s.append("<p class='ok' id='no-flags'>no regressions flagged</p>")
+    s += _rollouts_section(d)
+    s += _boards_section(store, d)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text("".join(parts))
+    tmp.write_text(page(title, sub, s))
     tmp.replace(out)
     return out
 
 
-__all__ = ["render_html", "collect", "bar_chart", "line_chart"]
+__all__ = ["render_html", "collect", "rollout_outcome", "ReportData"]
+

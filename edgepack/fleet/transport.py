@@ -206,9 +206,15 @@ class _Policy:
         import base64
         fps = "SHA256:" + base64.b64encode(fp).decode().rstrip("=")
         if not self.tofu:
+            host, port = hostname, 22
+            if hostname.startswith("[") and "]:" in hostname:  # paramiko's name for a non-22 port
+                host, _, p = hostname[1:].partition("]:")
+                port = int(p) if p.isdigit() else 22
+            scan = f"ssh-keyscan {f'-p {port} ' if port != 22 else ''}-t {key.get_name()} {host} >> {self.kh}"
             raise HostKeyRejected(
                 f"board {self.board.name} ({hostname}): host key {key.get_name()} {fps} is not in {self.kh}; "
-                f"verify it and add it (ssh-keyscan), or set trust_on_first_use = true in the fleet file")
+                f"check that fingerprint on the board (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), then add it: "
+                f"`{scan}` (or set trust_on_first_use = true in the fleet file)")
         with _KH_LOCK:
             client.get_host_keys().add(hostname, key.get_name(), key)
             self.kh.parent.mkdir(parents=True, exist_ok=True)

@@ -318,6 +318,63 @@ class DeltaReport:
     release: int
     files: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _initializer_names(p: Path) -> set[tuple[str, int]]:
+    """The graph's weights as (name, byte length): what a retrained or renamed model keeps."""
+    try:
+        return {(s.name, s.length) for s in onnx_tensor_spans(memoryview(p.read_bytes()))}
+    except Exception:  # not ONNX (or not parseable): no graph to match on
+        return set()
+
+
+def pair_files(new_files: list[Any], old_files: list[Any], d_new: Path, d_old: Path) -> dict[str, tuple[str, str]]:
+    """For each NEW file without a same-path file in OLD: the OLD file it corresponds to, matched by
+    role (the only unmatched OLD file of that role), then by graph (the ONNX file sharing the most
+    initializers by name and size). ``{new_path: (old_path, "role" | "graph")}``."""
+    old_paths = {f.path for f in old_files}
+    new_paths = {f.path for f in new_files}
+    free = [f for f in old_files if f.path not in new_paths]
+    out: dict[str, tuple[str, str]] = {}
+    for fe in (f for f in new_files if f.path not in old_paths):
+        cands = [o for o in free if o.role == fe.role and o.path not in {v[0] for v in out.values()}]
+        if len(cands) == 1:
+            out[fe.path] = (cands[0].path, "role")
+        elif len(cands) > 1 and fe.path.endswith(".onnx"):
+            mine = _initializer_names(d_new / fe.path)
+            scored = sorted(((len(mine & _initializer_names(d_old / o.path)), o.path) for o in cands), reverse=True)
+            if scored and scored[0][0] > 0 and (len(scored) == 1 or scored[0][0] > scored[1][0]):
+                out[fe.path] = (scored[0][1], "graph")
+    return out
+
+
+def _frame_for(fe: FileEntry, full: Frame, ofe: FileEntry | None, pair: tuple[str, str] | None, base_release: int,
+               d_old: Path, d_new: Path, tdp: Path, level: int) -> tuple[Frame, dict[str, Any], list[str]]:
+    """One file of the delta: a base copy, the smaller of its patches, or the full frame (and why)."""
+    if ofe is None:
+        row: dict[str, Any] = {"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length}
+        if pair is None:
+            return full, row, []
+        # boards find a delta's base file by its path in the bundle: a renamed file cannot be
+        # patched until the format carries a base path, so it is sent whole, and said so
+        old_path, by = pair
+        row.update(paired_with=old_path, paired_by=by)
+        return full, row, [f"{fe.path} corresponds to {old_path} of release {base_release} (matched by {by}) "
+                           f"but has another name, so it is sent whole; keep the file name across releases "
+                           f"(`edgepack bundle` carries a single model as NAME.onnx) to get a delta"]
+    base = dict(base_length=ofe.length, base_sha256=ofe.sha256)
+    if ofe.sha256 == fe.sha256:
+        e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=codecs.BASE_COPY,
+                      transport_length=0, transport_sha256=hashlib.sha256(b"").hexdigest(), **base)
+        return Frame(e, d_new / fe.path), {"path": fe.path, "encoding": codecs.BASE_COPY, "bytes": 0}, []
+    patch = tdp / f"{fe.path}.patch"
+    fd = make_file_delta(d_old / fe.path, d_new / fe.path, patch, level=level)
+    if fd.size < fe.transport_length:
+        e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=fd.encoding,
+                      transport_length=fd.size, transport_sha256=sha256_of_file(patch), **base)
+        return Frame(e, patch), {"path": fe.path, "encoding": fd.encoding, "bytes": fd.size, **fd.stats}, []
+    return full, {"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length, "delta_bytes": fd.size}, []
 
 
 def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str | Path, *, trust: TrustRoot,
@@ -346,35 +403,18 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
         reader.extract(ov, d_old)
         reader.extract(nv, d_new)
         old_files = {f.path: f for f in ov.files}
+        pairs = pair_files(list(nv.files), list(ov.files), d_new, d_old)
+        warnings = []
         frames: list[Frame] = []
         offset = nv.payload_offset
         rows = []
         for fe in nv.files:
             frame_off, offset = offset, offset + fe.transport_length
-            full = Frame(fe, Path(nv.path), frame_off)
-            ofe = old_files.get(fe.path)
-            if ofe is None:
-                frames.append(full)
-                rows.append({"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length})
-                continue
-            base = dict(base_length=ofe.length, base_sha256=ofe.sha256)
-            if ofe.sha256 == fe.sha256:
-                e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=codecs.BASE_COPY,
-                              transport_length=0, transport_sha256=hashlib.sha256(b"").hexdigest(), **base)
-                frames.append(Frame(e, d_new / fe.path))
-                rows.append({"path": fe.path, "encoding": codecs.BASE_COPY, "bytes": 0})
-                continue
-            patch = tdp / f"{fe.path}.patch"
-            fd = make_file_delta(d_old / fe.path, d_new / fe.path, patch, level=level)
-            if fd.size < fe.transport_length:
-                e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=fd.encoding,
-                              transport_length=fd.size, transport_sha256=sha256_of_file(patch), **base)
-                frames.append(Frame(e, patch))
-                rows.append({"path": fe.path, "encoding": fd.encoding, "bytes": fd.size, **fd.stats})
-            else:
-                frames.append(full)
-                rows.append({"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length,
-                             "delta_bytes": fd.size})
+            fr, row, warn = _frame_for(fe, Frame(fe, Path(nv.path), frame_off), old_files.get(fe.path),
+                                       pairs.get(fe.path), ov.release, d_old, d_new, tdp, level)
+            frames.append(fr)
+            rows.append(row)
+            warnings += warn
         m = nv.manifest
         manifest = make_manifest(kind="delta", model=m.model, release=m.release, version=m.version, targets=m.targets,
                                  created=now, expires=m.expires, min_agent_version=m.min_agent_version,
@@ -394,4 +434,5 @@ def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str |
         shutil.copyfile(tmp_out, part)
         durable.commit_file(part, out)
     return DeltaReport(path=out, fallback=fallback, bundle_bytes=size, full_bundle_bytes=full_size,
-                       base_release=ov.release, release=nv.release, files=rows, seconds=time.perf_counter() - t0)
+                       base_release=ov.release, release=nv.release, files=rows, seconds=time.perf_counter() - t0,
+                       warnings=warnings)

@@ -30,7 +30,6 @@ from .calibrate import _exposing_session, activation_tensors, collect
 from ..data import Dataset
 from .evaluate import compare, predict, session
 from ..modelinfo import WEIGHT_OPS, check_samples, load_model
-from ..plots import bar_chart, line_chart, page, table
 from .qdq import QDQBuilder, preprocess_model
 from ..targets import Target
 
@@ -80,6 +79,7 @@ class Placement:
     estimated_transfer_ms: float
     matmul_gemm_int8: int
     matmul_gemm_total: int
+    nodes: list[dict] = field(default_factory=list)  # per op in graph order: name, op, output, dtype, unit
 
 
 @dataclass
@@ -100,6 +100,8 @@ class AnalysisReport:
     placement: Placement
     findings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    fp32_size_bytes: int | None = None
+    int8_size_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +139,7 @@ def placement_of(qdq: onnx.ModelProto, target: Target) -> Placement:
     inits = {i.name for i in qdq.graph.initializer}
     graph_out = {o.name for o in qdq.graph.output}
     fallback, int8 = [], 0
+    nodes: list[dict] = []
     for n in qdq.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
             continue
@@ -145,8 +148,12 @@ def placement_of(qdq: onnx.ModelProto, target: Target) -> Placement:
         q_out = all(o in graph_out or all(c.op_type == "QuantizeLinear" for c in consumers.get(o, [])) for o in n.output)
         if q_in and q_out and (ops is None or n.op_type in ops):
             int8 += 1
+            unit, dtype = (acc.kind.upper() if acc else (cpu.kind.upper() if cpu else "CPU")), "int8"
         else:
             fallback.append(n)
+            unit, dtype = "CPU" if acc else (cpu.kind.upper() if cpu else "CPU"), "float"
+        nodes.append({"name": n.name, "op": n.op_type, "output": n.output[0] if n.output else "", "dtype": dtype,
+                      "unit": unit})
     fb_names = {n.name for n in fallback}
     # islands: connected components of fallback nodes (through any tensor path of QDQ pairs)
     parent = {n: n for n in fb_names}
@@ -181,7 +188,7 @@ def placement_of(qdq: onnx.ModelProto, target: Target) -> Placement:
     mm_q = [n for n in mm if n.name not in fb_names]
     mm_int = [n for n in qdq.graph.node if n.op_type in ("MatMulInteger", "QLinearMatMul", "QGemm")]
     return Placement(int8, len(fallback), dict(sorted(counts.items(), key=lambda kv: -kv[1])), islands,
-                     round(cost, 3), len(mm_q) + len(mm_int), len(mm) + len(mm_int))
+                     round(cost, 3), len(mm_q) + len(mm_int), len(mm) + len(mm_int), nodes)
 
 
 def analyze(model_path: str | Path, target: Target, calib: Dataset, evaluation: Dataset, *,
@@ -310,36 +317,13 @@ def analyze(model_path: str | Path, target: Target, calib: Dataset, evaluation: 
                             f"{worst.alone_sqnr_db} dB, drop {worst.alone_drop} points")
         return AnalysisReport(str(info.path), target.name, base.metric, base.fp32_top1, round(base.drop, 3),
                               round(base.output_sqnr_db, 2), len(ev), cov[:15], round(mean_out, 6), size_sweep,
-                              layers, tensor_sqnr, outl[:15], pl, findings, round(time.perf_counter() - t0, 1))
+                              layers, tensor_sqnr, outl[:15], pl, findings, round(time.perf_counter() - t0, 1),
+                              fp32_size_bytes=info.size_bytes, int8_size_bytes=Path(full).stat().st_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def to_html(r: AnalysisReport) -> str:
-    secs = [f"<p>model <code>{r.model}</code> for <b>{r.target}</b>; full INT8 ({r.metric}) drop "
-            f"<b>{r.int8_drop:.2f}</b> points, logits SQNR {r.int8_sqnr_db} dB on {r.eval_samples} samples.</p>",
-            "<h2>Findings</h2><ul>" + "".join(f"<li>{f}</li>" for f in r.findings) + "</ul>",
-            "<h2>Per-layer sensitivity</h2>",
-            bar_chart("logits noise when only this layer is INT8 (higher = worse), 60 - SQNR dB",
-                      [f"{l.name} [{l.role}]" for l in r.layers[:30]], [max(0.0, 60 - l.alone_sqnr_db) for l in r.layers[:30]]),
-            table(["layer", "op", "role", "alone SQNR dB", "alone drop", "gain if kept float"],
-                  [(l.name, l.op, l.role, l.alone_sqnr_db, l.alone_drop, l.float_gain if l.float_gain is not None else "")
-                   for l in r.layers[:30]]),
-            line_chart("SQNR of every tensor in the full INT8 model", list(range(len(r.tensor_sqnr))),
-                       {"SQNR dB": [t["sqnr_db"] for t in r.tensor_sqnr]}, xlabel="tensor (graph order)", ylabel="dB"),
-            "<h2>Activation outliers per channel</h2>",
-            bar_chart("largest / median channel range", [f"{o.tensor} [{o.role}]" for o in r.outliers],
-                      [o.ratio for o in r.outliers], unit="x"),
-            "<h2>Calibration data</h2>",
-            line_chart("quantized model vs calibration set size", [s["samples"] for s in r.size_sweep],
-                       {"drop (points)": [s["drop"] for s in r.size_sweep]}, xlabel="calibration samples", ylabel="drop"),
-            table(["tensor", "calibrated range", "evaluation range", "evaluation values outside"],
-                  [(c.tensor, f"{c.calib_range[0]:.3g}..{c.calib_range[1]:.3g}",
-                    f"{c.eval_range[0]:.3g}..{c.eval_range[1]:.3g}", f"{c.outside_fraction * 100:.3f} %")
-                   for c in r.coverage_worst]),
-            "<h2>Placement on the target</h2>",
-            table(["INT8 nodes", "CPU fallback nodes", "islands", "transfer cost ms", "MatMul/Gemm in INT8"],
-                  [(r.placement.int8_nodes, r.placement.fallback_nodes, r.placement.islands,
-                    r.placement.estimated_transfer_ms, f"{r.placement.matmul_gemm_int8}/{r.placement.matmul_gemm_total}")]),
-            table(["fallback op", "count"], list(r.placement.fallback_ops.items()))]
-    return page(f"edgepack analyze: {Path(r.model).name} on {r.target}", secs)
+    """The analysis as one self-contained page (edgepack.quantize.analyze_html; charts: edgepack.charts)."""
+    from .analyze_html import render
+    return render(r)

@@ -87,4 +87,24 @@ def qat_then_ptq(checkpoint: str | Path, hf_dir: str | Path, train: str | Path, 
     return res
 
 
-__all__ = ["resolve_preprocessing", "write_report", "QatOptions", "QatResult", "qat_then_ptq"]
+
+
+def stable_model_names(models: list[Path], name: str, folder: Path) -> list[Path]:
+    """One model is carried in the bundle as ``NAME.onnx`` whatever its file is called here, so the
+    next release's delta finds its base (boards match a delta's base file by its path in the bundle;
+    ``model-v2.onnx`` against ``model.onnx`` would otherwise be sent whole). The file is linked (or
+    copied) into ``folder`` under that name."""
+    import os
+    import shutil
+    if len(models) != 1 or Path(models[0]).stem == name or not Path(models[0]).is_file():
+        return list(models)
+    src = Path(models[0])
+    dst = Path(folder) / f"{name}{src.suffix}"
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return [dst]
+
+
+__all__ = ["resolve_preprocessing", "write_report", "QatOptions", "QatResult", "qat_then_ptq", "stable_model_names"]
