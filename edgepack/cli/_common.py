@@ -193,3 +193,10 @@ def output_path(given: Any, default_name: str) -> Any:
     except OSError as e:
         raise UsageError(f"cannot create the output folder {p.parent}: {e.strerror}; choose another -o") from None
     return p
+
+
+# Model formats other than ONNX, by the command module that handles them (cli/tflite.py registers
+# ``tflite``): ``quantize --format NAME`` and ``analyze MODEL.SUFFIX`` dispatch here, so the
+# quantize commands name no other command module.
+QUANTIZE_FORMATS: dict[str, Callable[..., Any]] = {}
+ANALYZE_SUFFIXES: dict[str, Callable[..., Any]] = {}

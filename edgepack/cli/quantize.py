@@ -86,10 +86,10 @@ def _check_choices(method: list[str], known, rounding: str) -> None:
 
 def _as_tflite(a: dict) -> None:
     """``quantize --format tflite``: the LiteRT path (edgepack/tflite) with the same options."""
-    from .tflite import quantize_tflite_cmd
+    from ._common import QUANTIZE_FORMATS
     keys = ("model", "target", "calib", "eval_", "output", "search", "max_drop", "calib_size", "preprocess",
             "preprocess_hook", "labels", "threads", "max_evals", "as_json", "report", "carry_over", "full_integer")
-    return quantize_tflite_cmd(**{k: a[k] for k in keys})
+    return QUANTIZE_FORMATS["tflite"](**{k: a[k] for k in keys})
 
 
 def quantize(
@@ -220,8 +220,8 @@ def analyze(
         from ..targets import load_target
 
         if model.suffix.lower() == ".tflite":
-            from .tflite import analyze_tflite_cmd
-            return analyze_tflite_cmd(model=model, target=target, calib=calib, eval_=eval_, preprocess=preprocess,
+            from ._common import ANALYZE_SUFFIXES
+            return ANALYZE_SUFFIXES[".tflite"](model=model, target=target, calib=calib, eval_=eval_, preprocess=preprocess,
                                       preprocess_hook=preprocess_hook, max_eval=max_eval, as_json=as_json)
         if method not in METHODS:
             raise DataError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")

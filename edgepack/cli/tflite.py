@@ -138,7 +138,9 @@ def analyze_tflite_cmd(*, model: Path, target: str, calib: Optional[Path], eval_
 
 
 def register(app: typer.Typer) -> None:
-    from ._common import run_guarded
+    from ._common import ANALYZE_SUFFIXES, QUANTIZE_FORMATS, run_guarded
+    QUANTIZE_FORMATS["tflite"] = quantize_tflite_cmd
+    ANALYZE_SUFFIXES[".tflite"] = analyze_tflite_cmd
 
     @app.command("tflite-info")
     def tflite_info(model: Path = typer.Argument(..., help=".tflite model"),
