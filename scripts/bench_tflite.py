@@ -113,7 +113,7 @@ def agent_bench(model: Path, runtime: str, threads: int, runs: int = 50) -> dict
 
 
 def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_args: list[str], rounds: int,
-                work: Path, target: str, max_drop: float) -> dict:
+                work: Path, target: str, max_drop: float, onnx_int8: Path | None = None) -> dict:
     from edgepack.tflite import read_tflite
     from edgepack.tflite.convert import quantize_float_tflite
     from edgepack.tflite.from_onnx import onnx_to_float_tflite
@@ -122,9 +122,19 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     res: dict = {"model": name, "target": target, "fp32_bytes": model.stat().st_size, "rows": []}
     common = [str(model), "--target", target, "--calib", str(calib["path"]), "--calib-size", str(calib["n"]),
               "--search", str(search), "--eval", str(ev["path"]), "--max-drop", str(max_drop), *pp_args]
-    log(f"{name}: edgepack quantize (ONNX)")
-    onnx_out = work / f"{name}-edgepack.onnx"
-    wall, rss, rep_o = cli([*common, "-o", str(onnx_out), "--threads", "1"])
+    if onnx_int8 is None:
+        log(f"{name}: edgepack quantize (ONNX)")
+        onnx_out = work / f"{name}-edgepack.onnx"
+        wall, rss, rep_o = cli([*common, "-o", str(onnx_out), "--threads", "1"])
+    else:  # an edgepack INT8 model made before (e.g. by scripts/main.sh): judged here on the same images
+        onnx_out = onnx_int8
+        ref0 = predict(session(model), ev["ds"])
+        c_ex = compare(ref0, predict(session(onnx_out, optimize=False), ev["ds"]), ev["ds"].labels)
+        c_host = compare(ref0, predict(session(onnx_out), ev["ds"]), ev["ds"].labels)
+        rep_o = {"agreement": round(c_ex.agreement, 2), "host_kernel_agreement": round(c_host.agreement, 2),
+                 "drop_points": round(c_ex.drop, 3), "fp32_top1": c_ex.fp32_top1, "int8_top1": c_ex.int8_top1,
+                 "float_layers": None, "calibration_method": None, "numerics": "exact (QDQ unfused)",
+                 "source": str(onnx_int8)}
     res["onnx_report"] = {k: rep_o.get(k) for k in ("agreement", "host_kernel_agreement", "drop_points", "fp32_top1",
                                                     "int8_top1", "float_layers", "calibration_method", "numerics")}
     log(f"{name}: edgepack quantize --format tflite --carry-over")
@@ -146,8 +156,12 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
                                                           "note": f"{run.quantizer}; bias repair on {run.bias_fixes} layer(s)"}
     log(f"{name}: TF Lite's full-integer quantizer (defaults)")
     p = work / f"{name}-tf-legacy.tflite"
-    peers["TF Lite calibrate_and_quantize (defaults)"] = {"path": p, "seconds": round(tf_legacy_quantizer(float_tfl, x, p), 1),
-                                                          "note": "tf.lite post-training full-integer quantizer, via ai-edge-litert"}
+    try:
+        peers["TF Lite calibrate_and_quantize (defaults)"] = {
+            "path": p, "seconds": round(tf_legacy_quantizer(float_tfl, x, p), 1),
+            "note": "tf.lite post-training full-integer quantizer, via ai-edge-litert"}
+    except RuntimeError as e:  # recorded, as any peer failure
+        peers["TF Lite calibrate_and_quantize (defaults)"] = {"path": None, "error": str(e).splitlines()[0][:300]}
     log(f"{name}: TensorFlow converter default quantizer (MLIR)")
     p = work / f"{name}-tf-mlir.tflite"
     info = tf_mlir_quantizer(float_tfl, work / "calib.npy", p)
@@ -202,6 +216,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", choices=["fashion", "efficientnet"], default=None)
+    ap.add_argument("--onnx-int8", type=Path, help="EfficientNet: reuse this edgepack INT8 ONNX model (e.g. "
+                    "out/efficientnet-lite0-int8.onnx from scripts/main.sh) instead of running the ONNX search")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "tflite.json"))
     a = ap.parse_args()
     out = Path(a.output)
@@ -212,7 +228,7 @@ def main() -> int:
                            "host_int8": str(host_int8()), "ai-edge-litert": md.version("ai-edge-litert"),
                            "onnxruntime": md.version("onnxruntime"),
                            "shared": "2 cores shared with other jobs: latency is interleaved medians; compare ratios"},
-               "command": "python scripts/bench_tflite.py" + (f" --only {a.only}" if a.only else ""),
+               "command": "python " + " ".join(sys.argv),
                "date": time.strftime("%Y-%m-%d"), "models": []}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
@@ -224,7 +240,7 @@ def main() -> int:
                 "efficientnet-lite0", asset("models/efficientnet-lite0.onnx"),
                 {"path": calib, "n": 100, "ds": load_dataset(calib, pp)}, calib,
                 {"path": asset("images/natural-eval"), "ds": load_dataset(asset("images/natural-eval"), pp)},
-                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0))
+                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8))
             out.write_text(json.dumps(results, indent=2, default=str))
         if a.only in (None, "fashion"):
             calib = asset("fashion-mnist/calib-x.npz")
