@@ -90,7 +90,7 @@ def _short(label: str, max_chars: int) -> str:
 
 def _svg(width: int, height: int, title: str, body: Iterable[str], css_id: str = "") -> str:
     ident = f' id="{esc(css_id)}"' if css_id else ""
-    return (f'<svg xmlns="http://www.w3.org/2000/svg"{ident} class="chart" width="{width}" height="{height}" '
+    return (f'<svg{ident} class="chart" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>'
             + "".join(body) + "</svg>")
 

@@ -253,7 +253,7 @@ def _has_images(p: Path) -> bool:
 
 def _load_image_dir(p: Path, preprocess: PreprocessFn | None, labels_file) -> Dataset:
     if not _has_images(p):
-        raise DataError(f"data {p}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) nor class "
+        raise DataError(f"data {p}: contains no samples: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) nor class "
                         "subfolders of them; point at the folder with the images, or give a .npy/.npz file")
     if preprocess is None:
         raise DataError(f"data {p} holds images but no preprocessing is declared: pass --preprocess "

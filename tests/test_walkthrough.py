@@ -121,7 +121,7 @@ def test_abort_halts_a_push_before_its_next_wave(tmp_path):
     from edgepack.fleet import Fleet, Policy, push
     from edgepack.fleet.control import abort_requested, request_abort
 
-    r = ep(["init", "proj", "-t", "x86-vnni"], tmp_path)
+    r = ep(["init", "proj", "-t", "rpi4-2gb"], tmp_path)  # the default local board's profile
     assert r.returncode == 0, r.stderr
     proj = tmp_path / "proj"
     data_for(proj)
