@@ -296,11 +296,11 @@ def render(onnx_json: str, w8a8_json: str) -> str:
     if Path(onnx_json).is_file():
         d = json.loads(Path(onnx_json).read_text())
         ref = next((v["ppl"] for k, v in d["variants"].items() if k.startswith("reference") and "ppl" in v), None)
-        lines += ["| variant | ppl | vs ref | size MB | RSS after decode MB | peak RSS with ppl pass MB | prefill tok/s | decode tok/s |",
+        lines += ["| variant | ppl | vs ref | size MB | RSS after decode MiB | peak RSS with ppl pass MiB | prefill tok/s | decode tok/s |",
                   "|---|---|---|---|---|---|---|---|"]
         mem = ["", "Memory model (edgepack.llm.memory: file size + KV cache at prompt+new tokens + activations of "
                "the prompt's prefill + the measured runtime baseline) against the RSS after decode:", "",
-               "| variant | model MB | measured MB | measured / model |", "|---|---|---|---|"]
+               "| variant | model MiB | measured MiB | measured / model |", "|---|---|---|---|"]
         for k, v in d["variants"].items():
             if "error" in v:
                 lines.append(f"| {k} | failed: {v['error'][:120]} | | | | | | |")
