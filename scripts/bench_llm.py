@@ -287,19 +287,37 @@ def _envelope(a, body):
 def render(onnx_json: str, w8a8_json: str) -> str:
     """Markdown tables for docs/BENCHMARKS.md from the two JSON files (whatever they hold)."""
     lines = []
+    cfg = None
+    try:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(str(hf_dir()))
+    except Exception:  # noqa: BLE001 - the memory column is left out without the asset
+        pass
     if Path(onnx_json).is_file():
         d = json.loads(Path(onnx_json).read_text())
         ref = next((v["ppl"] for k, v in d["variants"].items() if k.startswith("reference") and "ppl" in v), None)
-        lines += ["| variant | ppl | vs ref | size MB | RSS after decode MB | peak RSS with ppl pass MB | prefill tok/s | decode tok/s |",
+        lines += ["| variant | ppl | vs ref | size MB | RSS after decode MiB | peak RSS with ppl pass MiB | prefill tok/s | decode tok/s |",
                   "|---|---|---|---|---|---|---|---|"]
+        mem = ["", "Memory model (edgepack.llm.memory: file size + KV cache at prompt+new tokens + activations of "
+               "the prompt's prefill + the measured runtime baseline) against the RSS after decode:", "",
+               "| variant | model MiB | measured MiB | measured / model |", "|---|---|---|---|"]
         for k, v in d["variants"].items():
             if "error" in v:
                 lines.append(f"| {k} | failed: {v['error'][:120]} | | | | | | |")
                 continue
+            if cfg is not None and "decode_peak_rss_bytes" in v:
+                from edgepack.llm.memory import estimate
+                kvb = 2 if "FP16" in k else 4
+                ctx = d.get("decode_context") or 80
+                e = estimate(cfg, v["size_bytes"], ctx, prefill=64, kv_bytes=kvb, runtime_bytes=v["runtime_rss_bytes"])
+                mem.append(f"| {k} | {e.total / 2**20:.0f} | {v['decode_peak_rss_bytes'] / 2**20:.0f} | "
+                           f"{v['decode_peak_rss_bytes'] / e.total:.2f} |")
             rel = f"{(v['ppl'] / ref - 1) * 100:+.1f} %" if ref else ""
             drss = f"{v['decode_peak_rss_bytes'] / 2**20:.0f}" if "decode_peak_rss_bytes" in v else "not measured"
             lines.append(f"| {k} | {v['ppl']:.2f} | {rel} | {v['size_bytes'] / 1e6:.0f} | {drss} | "
                          f"{v['peak_rss_bytes'] / 2**20:.0f} | {v['prefill_tok_s']:.1f} | {v['decode_tok_s']:.2f} |")
+        if len(mem) > 5:
+            lines += mem
     if Path(w8a8_json).is_file():
         d = json.loads(Path(w8a8_json).read_text())
         ref = next((v["ppl"] for k, v in d["variants"].items() if k.startswith("reference")), None)
