@@ -48,7 +48,7 @@ def export_cmd(output: Path = typer.Option(..., "-o", help="output folder (model
                precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 | int4 (builder's weight-only)"),
                hf_dir: Optional[Path] = typer.Option(None, help="safetensors folder (default: the SmolLM2 asset)"),
                verify_tokens: int = typer.Option(64, help="tokens to verify against PyTorch (0: skip)"),
-               json_out: bool = typer.Option(False, "--json")):
+               json_out: bool = typer.Option(False, "--json", help="print the result as JSON")):
     """Export to ONNX with a KV cache and verify prefill and decode against PyTorch."""
     def go():
         import numpy as np
@@ -69,8 +69,10 @@ def export_cmd(output: Path = typer.Option(..., "-o", help="output folder (model
 
 @llm_app.command("quantize-weights")
 def weights_cmd(model: Path = typer.Argument(..., help="FP32 model.onnx from `edgepack llm export`"),
-                output: Path = typer.Option(..., "-o"),
-                bits: int = typer.Option(4), block_size: int = typer.Option(32), algo: str = typer.Option("rtn"),
+                output: Path = typer.Option(..., "-o", help="quantized model.onnx to write"),
+                bits: int = typer.Option(4, help="weight bits: 4 or 8"),
+                block_size: int = typer.Option(32, help="weights per quantization block"),
+                algo: str = typer.Option("rtn", help="rtn | hqq | k_quant (ONNX Runtime's MatMulNBits quantizers)"),
                 head_bits: int = typer.Option(8, help="lm_head bits (0: float)"),
                 embed_bits: int = typer.Option(8, help="embedding bits (0: float)")):
     """Weight-only INT8/INT4 (MatMulNBits) with INT8 embeddings and lm_head."""
@@ -99,11 +101,11 @@ def ppl_cmd(model: Path = typer.Argument(..., help="model.onnx (builder layout)"
 
 
 @llm_app.command("plan")
-def plan_cmd(target: str = typer.Option("hybrid-npu-int8-cpu-fp16", "--target"),
+def plan_cmd(target: str = typer.Option("hybrid-npu-int8-cpu-fp16", "--target", "-t", help="board profile"),
              hf_dir: Optional[Path] = typer.Option(None, help="model config folder (default: the SmolLM2 asset)"),
              promote: Optional[Path] = typer.Option(None, help="JSON list of matmuls to move off npu-a8w8, "
                                                               "most sensitive first (bench_llm.py writes it)"),
-             context: int = typer.Option(512), output: Optional[Path] = typer.Option(None, "-o", help="plan JSON")):
+             context: int = typer.Option(512, help="context length the plan is costed at"), output: Optional[Path] = typer.Option(None, "-o", help="plan JSON")):
     """Per-op NPU-INT8 / CPU-FP16 placement with partitions and an estimated board throughput."""
     def go():
         from ..errors import DataError
@@ -132,8 +134,8 @@ def plan_cmd(target: str = typer.Option("hybrid-npu-int8-cpu-fp16", "--target"),
 
 @llm_app.command("memory")
 def memory_cmd(weights_mb: float = typer.Option(..., help="model file size, MB"),
-               target: str = typer.Option("hybrid-npu-int8-cpu-fp16", "--target"),
-               hf_dir: Optional[Path] = typer.Option(None), kv_bytes: int = typer.Option(2, help="2: FP16, 1: INT8 KV"),
+               target: str = typer.Option("hybrid-npu-int8-cpu-fp16", "--target", "-t", help="board profile"),
+               hf_dir: Optional[Path] = typer.Option(None, help="model config folder (default: the SmolLM2 asset)"), kv_bytes: int = typer.Option(2, help="2: FP16, 1: INT8 KV"),
                runtime_mb: float = typer.Option(60.0, help="process baseline before the model (measured by bench_llm)")):
     """Which context lengths fit the board's model RAM budget (weights + KV cache + activations)."""
     def go():

@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
     def tflite_info(model: Path = typer.Argument(..., help=".tflite model"),
                     target: Optional[str] = typer.Option(None, "--target", "-t", help="also run the full-integer gate for this board"),
                     tensors: bool = typer.Option(False, "--tensors", help="every tensor's scales and zero points"),
-                    as_json: bool = typer.Option(False, "--json")) -> None:
+                    as_json: bool = typer.Option(False, "--json", help="print the parameters as JSON")) -> None:
         """Quantization parameters (scales, zero points, axis), op dtypes and float ops of any .tflite,
         read through LiteRT's own flatbuffer schema. With --target, exit 4 if that board runs INT8
         only and a float op remains."""
