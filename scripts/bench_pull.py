@@ -204,7 +204,7 @@ def bench_releases(d: Path, hidden: int = 1024):
     and a bad release 3 whose golden outputs are another model's (its trial fails on every board).
     The model file keeps one name across releases, so the delta is per tensor, not the whole file."""
     from device_agent.trust import TrustRoot
-    from edgepack.delta import make_delta_bundle
+    from edgepack.ota.delta import make_delta_bundle
     from pull_helpers import Releases, bundle, golden_for, make_onnx, make_pki, write_trust
     pki = make_pki(d / "pki")
     root, _ = write_trust(pki)

@@ -26,7 +26,7 @@ BOARD_PUBLIC = {
 
 # Rooms of the host, lowest first. A room may import the shared modules and the rooms listed for it.
 SHARED = {"edgepack", "edgepack.errors", "edgepack.data", "edgepack.modelinfo", "edgepack.targets", "edgepack.assets",
-          "edgepack.plots", "edgepack.charts"}
+          "edgepack.charts"}
 ROOMS = {  # room -> rooms it may import (besides SHARED and the board's public modules)
     "edgepack.quantize": set(),
     "edgepack.llm": {"edgepack.quantize"},      # scenario 3: export, weight-only, W8A8, placement for LLMs

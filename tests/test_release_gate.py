@@ -1,5 +1,5 @@
 """The quantize report rides in the signed bundle, and push refuses a budget-missing release
-unless the operator accepts it explicitly (edgepack.release_gate; issue 11, "Budgets enforced
+unless the operator accepts it explicitly (edgepack.ota.release_gate; issue 11, "Budgets enforced
 downstream"). Real bundles, the real local board agent, the real CLI."""
 from __future__ import annotations
 

@@ -66,9 +66,16 @@ def test_a_wheel_install_finds_the_board_profiles(tmp_path):
     import zipfile
     from pathlib import Path
 
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
+    # build from a copy of the sources: setuptools writes build/ into the tree it builds, and a stale
+    # build/lib would leak old modules into the wheel
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "out", ".edgepack",
+                                                            "bench-results", "__pycache__", "*.egg-info", "docs"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=600)
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("edgepack-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -222,7 +222,7 @@ def build_bundle(out: str | Path, *, models: Sequence[str | Path], name: str, re
             gp = Path(golden)
             check_golden(gp)
             items.append(("golden.npz", "golden", gp))
-        if quantize_report is not None:  # carried for `push`'s budget gate (edgepack.release_gate)
+        if quantize_report is not None:  # carried for `push`'s budget gate (edgepack.ota.release_gate)
             from .release_gate import REPORT_NAME, REPORT_ROLE, check_report
             check_report(quantize_report)
             items.append((REPORT_NAME, REPORT_ROLE, Path(quantize_report)))

@@ -64,7 +64,7 @@ class Target:
     latency_ms: float
     model_ram_mb: int
     quant: QuantPolicy = field(default_factory=QuantPolicy)
-    int8_arithmetic: str = "exact"        # how the board's INT8 kernels compute (edgepack.numerics)
+    int8_arithmetic: str = "exact"        # how the board's INT8 kernels compute (edgepack.quantize.numerics)
     path: Path | None = None
 
     @property
