@@ -40,15 +40,16 @@ from .errors import (AgentTooOld, BaseMismatch, ExpiredError, HashMismatch, Leng
 from .trust import MANIFEST_TYPE, TrustRoot
 from .wire import codecs
 from .wire.encoding import format_time, parse_json, sha256_hex
-from .wire.header import MAGIC, BundleHeader, read_header
+from .wire.header import read_header
 from .wire.limits import LIMITS
 from .wire.manifest import FORMAT_VERSION, FileEntry, Manifest, parse_manifest, version_tuple
 from .wire.streams import CHUNK, FrameReader, read_exact, zstd_stream
 
 STAGING_PREFIX = ".edgepack-partial-"
 
-__all__ = ["open_bundle", "verify_payloads", "extract", "read_header", "VerifiedManifest", "FileEntry",
-           "BundleHeader", "MAGIC", "FORMAT_VERSION", "AGENT_VERSION"]
+# the container header (MAGIC, read_header) is device_agent.wire's: import it from there
+__all__ = ["open_bundle", "verify_payloads", "extract", "VerifiedManifest", "FileEntry",
+           "FORMAT_VERSION", "AGENT_VERSION"]
 
 
 @dataclass(frozen=True)

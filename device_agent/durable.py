@@ -176,13 +176,10 @@ def atomic_write(path: str | Path, data: bytes, *, mode: int | None = None) -> N
                 f.write(data[i:i + WRITE_CHUNK])
                 f.flush()
                 boundary(f"write {path.name}[{i // WRITE_CHUNK}]")
-            boundary(f"fsync {path.name}")
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)
         raise _write_error(e, str(path)) from None
-    fsync_dir(path.parent)
+    commit_file(tmp, path)  # the same fsync / rename / fsync-dir tail as the streaming writers
 
 
 def write_new(path: str | Path, data: bytes, *, mode: int = 0o600) -> None:

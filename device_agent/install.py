@@ -249,7 +249,7 @@ class Agent(Recovery):
             self._abandon_write(st, new, e)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"disk full while writing release {vm.release} into slot {new}; the partial "
-                               f"slot was removed and release {self._release_of(old)} stays active") from None
+                               f"slot was removed and {self._kept(old)} stays active") from None
             raise
         t_write = time.perf_counter() - t0
         peak_before = peak_rss_mb()
@@ -283,12 +283,13 @@ class Agent(Recovery):
         except (OSError, DiskFull, StateCorrupt) as e:
             self._undo_switch(old, vm.release, e)
             if isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
-                raise DiskFull(f"disk full during the trial of release {vm.release}; it was not committed, release "
-                               f"{self._release_of(old)} stays active: free space on the board") from None
+                raise DiskFull(f"disk full during the trial of release {vm.release}; it was not committed, "
+                               f"{self._kept(old)} stays active: free space on the board") from None
             raise
         rep = InstallReport(status="rolled_back", seconds=time.perf_counter() - t0, **base)
-        err = HealthCheckFailed(f"release {vm.release} failed its trial ({reason}); rolled back to "
-                                f"release {self._release_of(old)}")
+        err = HealthCheckFailed(f"release {vm.release} failed its trial ({reason}); " + (
+            f"rolled back to release {self._release_of(old)}" if self._release_of(old) is not None
+            else "removed it: this was the board's first install, so no release is active"))
         err.report = rep  # type: ignore[attr-defined]
         raise err
 
@@ -307,6 +308,11 @@ class Agent(Recovery):
                 self.sd.save(st)
         except Exception:
             pass
+
+    def _kept(self, slot: str | None) -> str:
+        """How a message names what stays active: a first install keeps no release at all."""
+        rel = self._release_of(slot)
+        return f"release {rel}" if rel is not None else "no release (the board's first install)"
 
     def _release_of(self, slot: str | None) -> int | None:
         info = self.slots.info(slot) if slot else None

@@ -237,7 +237,7 @@ def trust_cases(w: World) -> list[Case]:
     out = []
 
     def raw(name: str, tb: bytes) -> None:
-        from device_agent.bundle import MAGIC
+        from device_agent.wire import MAGIC
         from device_agent.trust import MANIFEST_TYPE
         mb = canonical_json(m)
         sb = canonical_json([w.pki.release[0].sign(MANIFEST_TYPE, mb)])

@@ -114,7 +114,7 @@ def assemble(out: Path, *, trust: dict, manifest: dict | bytes, signers, frames:
     """Write a container with arbitrary (possibly hostile, but properly signed) content."""
     import struct
     from device_agent.wire.encoding import canonical_json
-    from device_agent.bundle import MAGIC
+    from device_agent.wire import MAGIC
     from device_agent.trust import MANIFEST_TYPE
     mbytes = manifest if isinstance(manifest, bytes) else canonical_json(manifest)
     sigs = canonical_json([s.sign(doc_type or MANIFEST_TYPE, mbytes) for s in signers])

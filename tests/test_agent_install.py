@@ -67,6 +67,15 @@ def test_wrong_outputs_roll_back_with_reason(tmp_path, pki, rel):
     assert active_ok(tmp_path / "board")[0] == 5
 
 
+def test_a_failed_first_install_says_no_release_is_active(tmp_path, pki, rel):
+    """A first install whose trial fails has nothing to roll back to: the message says so, not "None"."""
+    a = init_board(tmp_path / "board", pki, trial_in_process=True)
+    with pytest.raises(HealthCheckFailed, match="first install, so no release is active") as ei:
+        a.install(rel["r3_wrong"])
+    assert "None" not in str(ei.value)
+    assert a.sd.load().active is None
+
+
 def test_unloadable_model_rolls_back_in_child_process(tmp_path, pki, rel):
     """Default trial mode: a child process, so a model that breaks the runtime cannot kill the agent."""
     a = init_board(tmp_path / "board", pki)

@@ -114,7 +114,7 @@ def test_wrong_key_claims_listed_key_id(env, tmp_path):
     data = p.read_bytes().replace(b"[]", canonical_json([sig]), 1)
     import struct
     # rebuild properly: write the signature section by hand
-    from device_agent.bundle import MAGIC
+    from device_agent.wire import MAGIC
     tb, mb, sb = canonical_json(hdr.trust), canonical_json(m), canonical_json([sig])
     p.write_bytes(MAGIC + struct.pack(">HH", 1, 0) + b"".join(struct.pack(">I", len(s)) + s for s in (tb, mb, sb))
                   + b"".join(fr))

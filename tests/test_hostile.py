@@ -23,7 +23,8 @@ from agent_helpers import ROOT, TARGET, active_ok, bundle, golden_for, init_boar
 from device_agent.wire.encoding import canonical_json
 from device_agent.durable import utc_now
 from device_agent.agent_errors import (DiskFull, HealthCheckFailed, StateCorrupt, UsageError)
-from device_agent.bundle import MAGIC, open_bundle
+from device_agent.bundle import open_bundle
+from device_agent.wire import MAGIC
 from device_agent.errors import (MalformedBundle, NotABundle, NotYetValid, ReleaseStepTooLarge, RevokedKey,
                                  RollbackError, TargetMismatch, ThresholdNotMet)
 from device_agent.install import Agent

@@ -31,8 +31,8 @@ def _rel(v: Any) -> str:
 
 
 def _said(message: Any) -> str:
-    """A board's message as a reader should see it: the agent writes "release None" for a board that
-    had nothing installed before."""
+    """A board's message as a reader should see it: agents before December 2026 wrote "release None"
+    for a board that had nothing installed before, and boards in the field still run them."""
     return str(message).replace("to release None", "to no release (nothing was installed before)")
 
 

@@ -64,7 +64,7 @@ def bundled_report(bundle: str | Path) -> dict[str, Any] | None:
     Read from the header and that one payload (transport and content hashes checked against
     the manifest), without the trust root: push's policy check, not the boards' verification.
     """
-    from device_agent.bundle import read_header
+    from device_agent.wire import read_header
     from device_agent.wire.encoding import parse_json, safe_text
     from device_agent.durable import open_regular
     from device_agent.wire.manifest import parse_manifest
