@@ -62,6 +62,7 @@ class QuantizeOptions:
     calib_size: int | None = None          # None: every calibration sample
     weight_rounding: str = "gptq"          # "gptq" (advanced PTQ) or "nearest"
     max_evals: int = 10                    # full evaluations, the final held-out one included
+    plain_baselines: bool = True           # also judge plain ORT per-tensor and per-channel INT8 (2 more)
     latency_threads: tuple[int, ...] = (1, 2)
     require_speedup: bool = False          # refuse (BudgetNotMet) when INT8 is not faster
     batch_size: int = 16
@@ -312,9 +313,10 @@ def _report(s: Search, chosen: CandidateResult, output: Path, final: Comparison,
         drop_points=round(final.drop, 3), agreement=round(final.agreement, 3),
         output_sqnr_db=round(final.output_sqnr_db, 2), mcnemar_p=final.mcnemar_p,
         holdout_samples=final.n, search_samples=len(s.data), calibration_method=chosen.method,
-        calibration_samples=len(s.calib), weight_rounding=s.opt.weight_rounding, variant=chosen.variant,
+        calibration_samples=len(s.calib), variant=chosen.variant,
+        weight_rounding="nearest" if chosen.variant.startswith("plain") else s.opt.weight_rounding,
         npu_eligible=chosen.npu_eligible,
-        activation_dtype=target.quant.activation_dtype, per_channel=target.quant.per_channel,
+        activation_dtype=target.quant.activation_dtype, per_channel=s.variants[chosen.variant][0].per_channel,
         candidates=s.candidates,
         sensitive_layers=[{"name": r.name, "op": r.op, "injected_nsr": r.score, "sqnr_db": round(r.sqnr_db, 2)}
                           for r in s.ranking[:10]],
