@@ -133,3 +133,30 @@ def test_mse_range_weighs_magnitudes():
     assert 2.0 < hi < 60.0 and -55.0 < lo < -2.0
     assert cal.ranges("mse")["small"][1] < 6.0 and cal.ranges("minmax")["small"][1] == pytest.approx(6.0)
     assert cal.ranges("mse")["piled"][1] > 5.0
+
+
+def test_real_digits_cnn_never_larger_than_a_simpler_variant(tmp_path, assets, monkeypatch):
+    """The digits CNN (real MNIST digits, scripts/assets.py digits): float layers are forced into
+    the search (run even though all-INT8 already meets the budget), as happens when a noisy
+    search split misses it. The chosen model must still be an all-INT8 one of the smallest size
+    among those meeting the budget, and the plain ORT baselines must be in the table."""
+    from dataclasses import replace
+
+    from edgepack.quantize.remedies import REGISTRY as reg
+
+    monkeypatch.setitem(reg, "float-layers", replace(reg["float-layers"], always=True))
+    calib = load_dataset(assets("digits/calib-x.npz"))
+    search = load_dataset(assets("digits/search-x.npz"), limit=400)
+    test = load_dataset(assets("digits/test-x.npz"), limit=400)
+    rep = quantize(assets("models/digits-cnn.onnx"), load_target("rpi4-2gb"), calib, test, tmp_path / "d.onnx",
+                   search=search, options=QuantizeOptions(weight_rounding="nearest", latency_threads=(1,),
+                                                          methods=("minmax", "percentile")))
+    assert "float-layers" in rep.remedies_tried
+    floats = [c for c in rep.candidates if c.float_layers]
+    assert floats and all(c.size_bytes > 1.001 * min(x.size_bytes for x in rep.candidates) for c in floats)
+    assert {c.name for c in rep.candidates} >= {"int8/plain per-tensor", "int8/plain per-channel"}
+    meeting = [c for c in rep.candidates if c.search_drop <= rep.budget_points]
+    assert any(not c.float_layers for c in meeting)
+    assert not rep.float_layers and not rep.float_activations, rep.to_json()
+    assert rep.int8_size_bytes <= 1.02 * min(c.size_bytes for c in meeting)
+    assert rep.size_ratio >= 3.0 and rep.budget_met

@@ -34,7 +34,7 @@ from ..data import Dataset
 from ..errors import BudgetNotMet, DataError
 from .evaluate import Comparison, compare, predict, session
 from .latency import compare_latency
-from ..modelinfo import ModelInfo, check_samples, load_model
+from ..modelinfo import ModelInfo, check_same_dtypes, check_samples, load_model
 from .numerics import host_int8, host_session
 from .qdq import preprocess_model
 from .remedies import CandidateResult, Search, run as run_remedies
@@ -233,11 +233,13 @@ def _check_inputs(model_path: str | Path, calib: Dataset, evaluation: Dataset, s
         calib = calib.subset(np.arange(min(opt.calib_size, len(calib))), calib.name)
     if len(calib) == 0:
         raise DataError("calibration set is empty")
+    dtypes = {}
     for ds, what in ((calib, "calibration"), (evaluation, "evaluation"), (search, "search")):
         if ds is not None:
             if len(ds) == 0:
                 raise DataError(f"{what} set is empty")
-            check_samples(info, ds, what)
+            dtypes[what] = check_samples(info, ds, what)
+    check_same_dtypes(dtypes)
     if search is None:
         search, holdout = split_eval(evaluation, opt.seed)
     else:
