@@ -258,7 +258,11 @@ def _held_out(s: Search, path: Path, holdout: Dataset, ref_hold: np.ndarray) -> 
     if host.arithmetic != s.target.int8_arithmetic:
         s.warnings.append(f"this host ({host.label}) computes INT8 unlike {s.target.name} "
                           f"({s.target.int8_arithmetic}): figures are the board's arithmetic; this host's own "
-                          f"kernels give {host_final.agreement:.1f} % agreement")
+                          f"kernels give {host_final.agreement:.1f} % agreement; its latency is a host proxy, "
+                          f"not {s.target.name}'s")
+    elif s.target.arch != host.machine:
+        s.warnings.append(f"latency was measured on this {host.machine} host: a host proxy, not {s.target.name}'s "
+                          f"({s.target.arch}) figure")
     if final.drop > s.budget:
         s.warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
                           f"points > {s.budget:g} allowed")
