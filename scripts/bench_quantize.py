@@ -73,13 +73,26 @@ def latency(models: dict[str, Path], sample, threads: int, rounds: int, per_roun
     return {k: {"median_ms": v.median_ms, "p90_ms": v.p90_ms, "runs": v.runs} for k, v in stats.items()}
 
 
+def judge_sessions(edgepack_model: Path, ort_model: Path, tgt) -> dict:
+    """The sessions every figure of a row comes from: ``edgepack`` is the target's arithmetic
+    (edgepack.quantize.numerics.board_session), never this host's kernels unless they are the
+    target's; the ``*_host_kernels`` figures are this host's fused kernels, reported beside them.
+    (Reading a board figure off this host's saturating kernels is how the Fashion CNN once
+    "lost 3.4 points in every candidate": tests/test_small_cnns.py.)"""
+    from edgepack.quantize.numerics import board_session
+
+    return {"edgepack": board_session(edgepack_model, tgt.int8_arithmetic, weight_bits=tgt.weight_bits),
+            "edgepack_host_kernels": session(edgepack_model),
+            "ort_default_exact": session(ort_model, optimize=False),
+            "ort_default_host_kernels": session(ort_model)}
+
+
 def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work: Path,
                 target: str = "rpi4-2gb") -> dict:
     """edgepack for ``target`` and plain ORT defaults on the same data. Every model is judged
     twice: as the target computes (its declared ``int8_arithmetic``: exact int8 arithmetic is the
     QDQ graph run unfused) and on this host's own fused kernels, which on an AVX2 host without
     VNNI saturate u8 x s8 pair sums; a board figure read off this host's kernels is wrong."""
-    from edgepack.quantize.numerics import board_session
     from edgepack.targets import load_target
 
     tgt = load_target(target)
@@ -98,10 +111,7 @@ def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work
            "ort_default": {"bytes": out_o.stat().st_size, "quantize_seconds": round(ort_s, 1)},
            "eval": []}
     fp = session(model)
-    judges = {"edgepack": board_session(out_e, tgt.int8_arithmetic, weight_bits=tgt.weight_bits),
-              "edgepack_host_kernels": session(out_e),
-              "ort_default_exact": session(out_o, optimize=False),
-              "ort_default_host_kernels": session(out_o)}
+    judges = judge_sessions(out_e, out_o, tgt)
     for ev in evals:
         ds = ev["ds"]
         ref = predict(fp, ds)
