@@ -61,7 +61,7 @@ class QuantizeOptions:
     methods: tuple[str, ...] = METHODS
     calib_size: int | None = None          # None: every calibration sample
     weight_rounding: str = "gptq"          # "gptq" (advanced PTQ) or "nearest"
-    max_evals: int = 10                    # full evaluations, the final held-out one included
+    max_evals: int = 10                    # full evaluations, the final held-out one included (+ the baselines)
     plain_baselines: bool = True           # also judge plain ORT per-tensor and per-channel INT8 (2 more)
     latency_threads: tuple[int, ...] = (1, 2)
     require_speedup: bool = False          # refuse (BudgetNotMet) when INT8 is not faster
