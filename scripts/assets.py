@@ -558,7 +558,7 @@ def build_llm(base: Path) -> None:
 OPT_IN = {"llm": build_llm}
 
 
-CORE = ["images", "fashion", "efficientnet", "fashion-cnn"]
+CORE = ["images", "fashion", "efficientnet", "fashion-cnn", "digits"]   # digits: tests/test_remedies.py
 
 
 def main(argv: list[str] | None = None) -> int:
