@@ -99,6 +99,7 @@ class Dataset:
     loader: Callable[[int], "np.ndarray | dict[str, np.ndarray]"]
     size: int
     labels: np.ndarray | None = None
+    in_memory: bool = False      # arrays (.npy/.npz): every sample is cheap to check before any work
 
     def __len__(self) -> int:
         return self.size
@@ -124,7 +125,7 @@ class Dataset:
         indices = np.asarray(indices, dtype=np.int64)
         base = self.loader
         return Dataset(name or self.name, lambda i: base(int(indices[i])), len(indices),
-                       None if self.labels is None else self.labels[indices])
+                       None if self.labels is None else self.labels[indices], self.in_memory)
 
 
 PreprocessFn = Callable[[Path], np.ndarray]
@@ -208,7 +209,7 @@ def _load_arrays(p: Path) -> Dataset:
                 if y is not None and len(y) != n.pop():
                     raise DataError(f"{p}: {len(y)} labels for {len(next(iter(arrs.values())))} samples")
                 size = len(next(iter(arrs.values())))
-                return Dataset(p.name, lambda i: {k: np.asarray(a[i]) for k, a in arrs.items()}, size, y)
+                return Dataset(p.name, lambda i: {k: np.asarray(a[i]) for k, a in arrs.items()}, size, y, True)
             if key is None:
                 raise DataError(f"{p}: no inputs array (name it 'inputs' or 'x'); found {z.files}")
             x = z[key]
@@ -218,7 +219,7 @@ def _load_arrays(p: Path) -> Dataset:
         raise DataError(f"{p}: inputs must have a sample axis, got a scalar")
     if y is not None and len(y) != len(x):
         raise DataError(f"{p}: {len(y)} labels for {len(x)} samples")
-    return Dataset(p.name, lambda i: np.asarray(x[i]), len(x), y)
+    return Dataset(p.name, lambda i: np.asarray(x[i]), len(x), y, True)
 
 
 def _read_labels_file(f: Path, names: list[str] | None) -> np.ndarray:

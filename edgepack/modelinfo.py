@@ -26,6 +26,7 @@ class ModelInfo:
     ops: Counter
     size_bytes: int
     metadata: dict
+    input_dtypes: dict[str, str] = None   # numpy dtype name per input ("float32", "int64", ...)
 
     @property
     def input_name(self) -> str:
@@ -63,12 +64,15 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelInfo:
         raise ModelError(f"{p}: the graph has no inputs")
     kinds = {}
     shapes = {}
+    dtypes = {}
     for i in inputs:
         et = i.type.tensor_type.elem_type
         if et in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             kinds[i.name] = "f"
+            dtypes[i.name] = "float32" if et == onnx.TensorProto.FLOAT else "float16"
         elif et in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
             kinds[i.name] = "i"
+            dtypes[i.name] = "int64" if et == onnx.TensorProto.INT64 else "int32"
         else:
             raise ModelError(f"{p}: input {i.name!r} has element type {et}; expected float or integer ids")
         shapes[i.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
@@ -78,7 +82,7 @@ def load_model(path: str | Path, *, allow_quantized: bool = False) -> ModelInfo:
         if not n.name:
             n.name = f"{n.op_type}_{id(n) & 0xFFFFFF:x}"
     return ModelInfo(p, m, [i.name for i in inputs], shapes, kinds, m.graph.output[0].name, ops,
-                     p.stat().st_size, meta)
+                     p.stat().st_size, meta, dtypes)
 
 
 def check_sample_shape(info: ModelInfo, sample, what: str) -> None:
@@ -104,12 +108,45 @@ def check_sample_shape(info: ModelInfo, sample, what: str) -> None:
         if info.input_kinds[name] == "f" and kind in "iu":
             raise DataError(f"{what} input {name!r} has integer dtype {np.asarray(arr).dtype} but the model takes "
                             "floats: store the preprocessed float values (or declare --preprocess for images)")
+        want_dt = (info.input_dtypes or {}).get(name)
+        if kind in "iu" and want_dt and np.asarray(arr).dtype != np.dtype(want_dt):
+            raise DataError(f"{what} input {name!r} has dtype {np.asarray(arr).dtype} but the model input takes "
+                            f"{want_dt}: store the arrays as {want_dt}")
         if kind == "f" and not np.isfinite(arr).all():
             raise DataError(f"{what} input {name!r} holds NaN or Inf values: clean the data before quantizing")
 
 
-def check_samples(info: ModelInfo, data, what: str, limit: int = 64) -> None:
-    """Shape, dtype and finiteness of the first ``limit`` samples, before any work starts: a NaN
-    or a wrong dtype deep in a data set must not cost a whole calibration run."""
-    for i in range(min(len(data), limit)):
-        check_sample_shape(info, data.loader(i), what)
+def _dtypes(sample) -> dict[str, str]:
+    return {k: str(np.asarray(v).dtype) for k, v in (sample.items() if isinstance(sample, dict) else [("", sample)])}
+
+
+def check_samples(info: ModelInfo, data, what: str, limit: int = 64) -> dict[str, str]:
+    """Shape, dtype and finiteness before any work starts: a NaN or a wrong dtype deep in a data
+    set must not cost a whole calibration run. Arrays in memory are checked whole (cheap); image
+    folders on their first ``limit`` samples (each one is a decode). Returns the samples' dtypes."""
+    n = len(data) if getattr(data, "in_memory", False) else min(len(data), limit)
+    first = None
+    for i in range(n):
+        sample = data.loader(i)
+        check_sample_shape(info, sample, what)
+        dt = _dtypes(sample)
+        if first is None:
+            first = dt
+        elif dt != first:
+            raise DataError(f"{what} sample {i} has dtype {_fmt(dt)} but sample 0 has {_fmt(first)}: "
+                            "give every sample the same dtype")
+    return first or {}
+
+
+def check_same_dtypes(checked: dict[str, dict[str, str]]) -> None:
+    """Every split (calibration, search, evaluation) carries the same dtypes: a split in another
+    dtype was preprocessed another way, and its figures would not describe the others."""
+    items = [(w, d) for w, d in checked.items() if d]
+    for w, d in items[1:]:
+        if d != items[0][1]:
+            raise DataError(f"{w} data has dtype {_fmt(d)} but {items[0][0]} data has {_fmt(items[0][1])}: "
+                            "preprocess every split the same way")
+
+
+def _fmt(d: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" if k else v for k, v in d.items())

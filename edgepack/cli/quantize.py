@@ -118,7 +118,8 @@ def quantize(
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels file (file,label) for --eval"),
     threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
     require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
-    max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
+    max_evals: int = typer.Option(10, "--max-evals",
+                                  help="full evaluations the remedies may spend (the 2 plain baselines come on top)"),
     as_json: bool = JSON_OPT,
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUTPUT with .json)"),
     confirm_on: Optional[str] = typer.Option(None, "--confirm-on", help="board (e.g. rpi4-emu) that runs the final "

@@ -34,7 +34,7 @@ from ..data import Dataset
 from ..errors import BudgetNotMet, DataError
 from .evaluate import Comparison, compare, predict, session
 from .latency import compare_latency
-from ..modelinfo import ModelInfo, check_samples, load_model
+from ..modelinfo import ModelInfo, check_same_dtypes, check_samples, load_model
 from .numerics import host_int8, host_session
 from .qdq import preprocess_model
 from .remedies import CandidateResult, Search, run as run_remedies
@@ -61,7 +61,8 @@ class QuantizeOptions:
     methods: tuple[str, ...] = METHODS
     calib_size: int | None = None          # None: every calibration sample
     weight_rounding: str = "gptq"          # "gptq" (advanced PTQ) or "nearest"
-    max_evals: int = 10                    # full evaluations, the final held-out one included
+    max_evals: int = 10                    # full evaluations, the final held-out one included (+ the baselines)
+    plain_baselines: bool = True           # also judge plain ORT per-tensor and per-channel INT8 (2 more)
     latency_threads: tuple[int, ...] = (1, 2)
     require_speedup: bool = False          # refuse (BudgetNotMet) when INT8 is not faster
     batch_size: int = 16
@@ -232,11 +233,13 @@ def _check_inputs(model_path: str | Path, calib: Dataset, evaluation: Dataset, s
         calib = calib.subset(np.arange(min(opt.calib_size, len(calib))), calib.name)
     if len(calib) == 0:
         raise DataError("calibration set is empty")
+    dtypes = {}
     for ds, what in ((calib, "calibration"), (evaluation, "evaluation"), (search, "search")):
         if ds is not None:
             if len(ds) == 0:
                 raise DataError(f"{what} set is empty")
-            check_samples(info, ds, what)
+            dtypes[what] = check_samples(info, ds, what)
+    check_same_dtypes(dtypes)
     if search is None:
         search, holdout = split_eval(evaluation, opt.seed)
     else:
@@ -255,7 +258,11 @@ def _held_out(s: Search, path: Path, holdout: Dataset, ref_hold: np.ndarray) -> 
     if host.arithmetic != s.target.int8_arithmetic:
         s.warnings.append(f"this host ({host.label}) computes INT8 unlike {s.target.name} "
                           f"({s.target.int8_arithmetic}): figures are the board's arithmetic; this host's own "
-                          f"kernels give {host_final.agreement:.1f} % agreement")
+                          f"kernels give {host_final.agreement:.1f} % agreement; its latency is a host proxy, "
+                          f"not {s.target.name}'s")
+    elif s.target.arch != host.machine:
+        s.warnings.append(f"latency was measured on this {host.machine} host: a host proxy, not {s.target.name}'s "
+                          f"({s.target.arch}) figure")
     if final.drop > s.budget:
         s.warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
                           f"points > {s.budget:g} allowed")
@@ -312,9 +319,10 @@ def _report(s: Search, chosen: CandidateResult, output: Path, final: Comparison,
         drop_points=round(final.drop, 3), agreement=round(final.agreement, 3),
         output_sqnr_db=round(final.output_sqnr_db, 2), mcnemar_p=final.mcnemar_p,
         holdout_samples=final.n, search_samples=len(s.data), calibration_method=chosen.method,
-        calibration_samples=len(s.calib), weight_rounding=s.opt.weight_rounding, variant=chosen.variant,
+        calibration_samples=len(s.calib), variant=chosen.variant,
+        weight_rounding="nearest" if chosen.variant.startswith("plain") else s.opt.weight_rounding,
         npu_eligible=chosen.npu_eligible,
-        activation_dtype=target.quant.activation_dtype, per_channel=target.quant.per_channel,
+        activation_dtype=target.quant.activation_dtype, per_channel=s.variants[chosen.variant][0].per_channel,
         candidates=s.candidates,
         sensitive_layers=[{"name": r.name, "op": r.op, "injected_nsr": r.score, "sqnr_db": round(r.sqnr_db, 2)}
                           for r in s.ranking[:10]],

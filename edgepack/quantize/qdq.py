@@ -51,9 +51,11 @@ class QDQBuilder:
     """Builds QDQ candidates from one pre-processed model and one calibration."""
 
     def __init__(self, pre_path: Path, calib: Calibration, target: Target, work: Path,
-                 overrides: dict | None):
+                 overrides: dict | None, *, per_channel: bool | None = None):
         self.pre_path, self.calib, self.target, self.work = pre_path, calib, target, work
         self.overrides = overrides or {}
+        # None: the target's choice; False/True: the plain per-tensor/per-channel baselines
+        self.per_channel = target.quant.per_channel if per_channel is None else per_channel
         self.n = 0
 
     def build_dynamic(self) -> Path:
@@ -63,7 +65,7 @@ class QDQBuilder:
         self.n += 1
         out = self.work / f"cand-{self.n}.onnx"
         with quiet_ort():
-            quantize_dynamic(str(self.pre_path), str(out), per_channel=self.target.quant.per_channel,
+            quantize_dynamic(str(self.pre_path), str(out), per_channel=self.per_channel,
                              reduce_range=self.target.weight_bits < 8,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return out
@@ -94,7 +96,7 @@ class QDQBuilder:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         quantize_static(str(self.pre_path), str(out), calibration_data_reader=None,
-                        quant_format=QuantFormat.QDQ, per_channel=self.target.quant.per_channel,
+                        quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
                         reduce_range=self.target.weight_bits < 8,  # 7-bit weights: no u8 x s8 saturation
                         activation_type=act, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(float_layers), nodes_to_quantize=list(only or []),

@@ -47,7 +47,7 @@ class CandidateResult:
     search_drop: float
     search_agreement: float
     output_sqnr_db: float
-    variant: str = "base"            # base | smoothquant
+    variant: str = "base"            # base | smoothquant | plain-per-tensor | plain-per-channel
     size_bytes: int = 0
     latency_ms: float = 0.0          # batch 1, 1 thread, this CPU (quick median)
     seconds: float = 0.0             # time spent producing and measuring it
@@ -88,10 +88,13 @@ class Search:
     activation_ranking: list = field(default_factory=list)   # actprec.ActivationScore, worst first
 
     # ------------------------------------------------------------------ budget and state
+    baseline_evals: int = 0              # the plain per-tensor/per-channel baselines (not in max_evals)
+
     @property
     def limit(self) -> int:
-        """Evaluations the search may spend: one of ``max_evals`` is kept for the held-out figure."""
-        return max(1, self.opt.max_evals - 1)
+        """Evaluations the search may spend: one of ``max_evals`` is kept for the held-out figure;
+        the plain baselines come on top, so they never take an evaluation from a remedy."""
+        return max(1, self.opt.max_evals - 1) + self.baseline_evals
 
     @property
     def left(self) -> int:
@@ -180,20 +183,41 @@ class Search:
     def choose(self) -> CandidateResult:
         """The smallest, then fastest, allowed candidate within the OTA budget that meets the
         accuracy budget; else the most accurate one that fits; oversize only if nothing fits.
-        A candidate slower than FP32 in its quick latency rounds is chosen only when no faster
-        one exists (float activations can cost more than they save on a CPU)."""
+
+        Among those that meet the budget, a candidate with float parts is never chosen over a
+        simpler one (fewer float layers and activations) that also meets it and is smaller or
+        faster (issue 11: "never a variant larger or slower than a simpler one"). Only then is a
+        candidate slower than FP32 in its quick rounds passed over for a faster one: on a tiny
+        model every all-INT8 candidate may be slower than FP32, and a float-layer one "faster"
+        by noise must not win with 3x the bytes. Without a candidate that meets the budget,
+        the most accurate one faster than FP32 wins (float activations can cost more than they
+        save on a CPU)."""
         allowed = [c for c in self.candidates if self.allowed(c)] or self.candidates[:1]
         fits = [c for c in allowed if c.size_bytes <= self.target.ota_budget_mb * 1e6] or allowed
-        fits = [c for c in fits if c.faster_than_fp32] or fits
         meeting = [c for c in fits if c.search_drop <= self.budget]
         if not meeting and any(c.search_drop <= self.budget for c in allowed):
             self.warnings.append(f"the only candidates within the accuracy budget are larger than {self.target.name}'s "
                                  f"OTA budget ({self.target.ota_budget_mb:g} MB); the best one that fits was kept")
         if meeting:
-            smallest = min(c.size_bytes for c in meeting)
-            near = [c for c in meeting if c.size_bytes <= smallest * 1.01]   # same size within 1 %
-            return min(near, key=lambda c: (len(c.float_layers) + len(c.float_activations), c.latency_ms))
+            simplest = [c for c in meeting if not any(_dominates(s, c) for s in meeting)]
+            simplest = [c for c in simplest if c.faster_than_fp32] or simplest
+            smallest = min(c.size_bytes for c in simplest)
+            near = [c for c in simplest if c.size_bytes <= smallest * 1.01]   # same size within 1 %
+            return min(near, key=lambda c: (_float_parts(c), c.latency_ms))
+        fits = [c for c in fits if c.faster_than_fp32] or fits
         return min(fits, key=lambda c: (c.search_drop, -c.output_sqnr_db))
+
+
+def _float_parts(c: CandidateResult) -> tuple[int, int]:
+    """How far from all-INT8: float layers (bytes and milliseconds) weigh before float
+    activations (milliseconds only)."""
+    return len(c.float_layers), len(c.float_activations)
+
+
+def _dominates(simple: CandidateResult, c: CandidateResult) -> bool:
+    """``simple`` is simpler than ``c`` and ``c`` is larger (beyond 0.1 %) or not faster than it."""
+    return (_float_parts(simple) < _float_parts(c)
+            and (c.size_bytes > simple.size_bytes * 1.001 or c.latency_ms >= simple.latency_ms))
 
 
 # ---------------------------------------------------------------------- the registry
@@ -245,6 +269,29 @@ def _calibration(s: Search) -> None:
         if s.left <= 0:
             break
         s.evaluate("base", method, [], f"int8/{method}", remedy="calibration")
+
+
+def _plain_applies(s: Search) -> bool:
+    return bool(getattr(s.opt, "plain_baselines", True)) and "base" in s.variants
+
+
+@remedy("plain", 0, "plain ONNX Runtime INT8 as baselines: MinMax ranges, round-to-nearest weights, "
+        "per-tensor and per-channel (a simpler variant the search must beat, not only match)",
+        _plain_applies, always=True)
+def _plain(s: Search) -> None:
+    """The recipes a user gets from ``quantize_static`` without edgepack, on the same calibration
+    (no second calibration pass): a model that does as well with these must not come out larger
+    or slower. They come on top of ``max_evals`` (``Search.baseline_evals``)."""
+    base = s.variants["base"][0]
+    pre = s.work / "pre.onnx"
+    for per_channel, label in ((False, "per-tensor"), (True, "per-channel")):
+        variant = f"plain-{label}"
+        vdir = s.work / variant
+        vdir.mkdir(exist_ok=True)
+        s.variants[variant] = (QDQBuilder(pre if pre.exists() else base.pre_path, base.calib, s.target, vdir,
+                                          None, per_channel=per_channel), 0.0)
+        s.baseline_evals += 1
+        s.evaluate(variant, "minmax", [], f"int8/plain {label}", remedy="plain")
 
 
 def _dynamic_applies(s: Search) -> bool:
@@ -340,11 +387,10 @@ def _float_layers(s: Search) -> None:
     s.ranking = rank_layers(onnx.load(str(s.variants[base.variant][0].pre_path)),
                             onnx.load(str(s.paths[base.name])), feeds)
     where = "float" if s.target.float_allowed else "on CPU"
-    suffix = "+smoothquant" if base.variant != "base" else ""
     lo, hi, k = 0, None, 1   # largest k known to miss, smallest k known to meet
     while s.left > 0 and k <= len(s.ranking):
         c = s.evaluate(base.variant, base.method, [r.name for r in s.ranking[:k]],
-                       f"int8/{base.method}{suffix}+{k} {where}", remedy="float-layers")
+                       f"{base.name}+{k} {where}", remedy="float-layers")
         if c.search_drop <= s.budget:
             hi = k
         else:
