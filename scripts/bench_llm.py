@@ -31,7 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from edgepack.llm.assets import hf_dir, text  # noqa: E402
-from edgepack.llm.perplexity import PROTOCOL, perplexity, tokenize_corpus  # noqa: E402
+from edgepack.llm.perplexity import PROTOCOL, PerplexityProtocol, tokenize_corpus  # noqa: E402
+from edgepack.llm.perplexity import perplexity as _perplexity  # noqa: E402
+
+# EDGEPACK_BENCH_TOKENS: the same protocol on fewer tokens (a saturated machine); the worker
+# processes inherit it, so every row of one run, llama.cpp included, uses the same protocol
+if os.environ.get("EDGEPACK_BENCH_TOKENS"):
+    PROTOCOL = PerplexityProtocol(tokens=int(os.environ["EDGEPACK_BENCH_TOKENS"]))
+
+
+def perplexity(fn, ids, protocol=None):
+    return _perplexity(fn, ids, protocol or PROTOCOL)
 
 OUT = ROOT / "out" / "llm"
 
@@ -47,7 +57,7 @@ def _tok():
 
 
 def protocol_ids():
-    return tokenize_corpus(_tok(), text(PROTOCOL.corpus))
+    return tokenize_corpus(_tok(), text(PROTOCOL.corpus), PROTOCOL)
 
 
 def side_windows(name: str, n: int, length: int) -> list[np.ndarray]:
@@ -317,7 +327,7 @@ def _measure(a, rows: dict, label: str, path: Path, kind: str, ids: list, ppl_co
         log(f"kept from the interrupted run: {label}")
         return
     log(f"measure {label}")
-    r = run_worker({"model": str(path), "ids": ids, "prompt": a.prompt, "new": a.new, "threads": 2,
+    r = run_worker({"model": str(path), "ids": ids, "prompt": a.prompt, "new": a.new, "threads": a.threads,
                     "repeats": a.repeats, "ppl_config": ppl_config})
     if ppl_config:
         r["ppl_session_config"] = ppl_config
@@ -392,7 +402,7 @@ def llama_rows(a, ids: list, rows: dict, save) -> None:
             if r.returncode != 0:
                 rows[label] = {"kind": "peer", "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
                 continue
-        spec = {"model": str(path), "ids": ids, "prompt": a.prompt, "new": a.new, "threads": 2, "repeats": a.repeats,
+        spec = {"model": str(path), "ids": ids, "prompt": a.prompt, "new": a.new, "threads": a.threads, "repeats": a.repeats,
                 "protocol": {k: v for k, v in PROTOCOL.to_dict().items() if k != "id"}}
         spec_file = d / "spec.json"
         spec_file.write_text(json.dumps(spec))
@@ -453,7 +463,7 @@ def w8a8_rows(a, ids_np, rows: dict, save, res: dict) -> None:
     from edgepack.llm.qdq import write_w8a8_onnx
     from edgepack.targets import load_target
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     calib = side_windows("austen-emma", a.calib_windows, a.calib_len)
     select = side_windows("austen-persuasion", a.select_windows, PROTOCOL.context)
     res["calibration"] = f"austen-emma, {a.calib_windows} x {a.calib_len} tokens"
@@ -473,7 +483,8 @@ def w8a8_rows(a, ids_np, rows: dict, save, res: dict) -> None:
         if label in torch_rows:
             return
         t = time.perf_counter()
-        torch_rows[label] = {"ppl": eval_ppl(m), "selection_ppl": sel_ppl(m), **extra,
+        ev = {"ppl": eval_ppl(m)} if a.torch_eval else {}
+        torch_rows[label] = {**ev, "selection_ppl": sel_ppl(m), **extra,
                              "seconds": round(time.perf_counter() - t, 1)}
         log(f"torch {label}: {torch_rows[label]}")
         save()
@@ -658,9 +669,13 @@ def render(onnx_json: str, w8a8_json: str) -> str:
     return "\n".join(lines)
 
 
-def render_all(path: str) -> str:
-    """Markdown for docs/BENCHMARKS.md from one ``bench_llm.py all`` JSON."""
-    d = json.loads(Path(path).read_text())
+def render_all(*paths: str) -> str:
+    """Markdown for docs/BENCHMARKS.md from ``bench_llm.py all`` JSON files (merged in order)."""
+    d = {}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        rows0 = {**d.get("variants", {}), **part.get("variants", {})}
+        d = {**d, **part, "variants": rows0}
     rows = d["variants"]
     ref = next((v["ppl"] for k, v in rows.items() if k.startswith("reference") and "ppl" in v), None)
     mb = lambda b: f"{b / 2**20:.0f}" if b else ""  # noqa: E731
@@ -703,8 +718,8 @@ def render_all(path: str) -> str:
         out += ["", "| fake quantization in PyTorch (same protocol) | ppl | vs ref | selection ppl (Persuasion) | vs ref |",
                 "|---|---|---|---|---|"]
         for k, v in t.items():
-            out.append(f"| {k} | {v['ppl']:.2f} | {(v['ppl'] / tref - 1) * 100:+.1f} % | {v['selection_ppl']:.2f} | "
-                       f"{(v['selection_ppl'] / sref - 1) * 100:+.1f} % |")
+            e = f"{v['ppl']:.2f} | {(v['ppl'] / tref - 1) * 100:+.1f} %" if "ppl" in v and tref else " | "
+            out.append(f"| {k} | {e} | {v['selection_ppl']:.2f} | {(v['selection_ppl'] / sref - 1) * 100:+.1f} % |")
     if d.get("search"):
         out += ["", "Planner probes (selection text, budget "
                 f"{d['search'].get('limit', 0):.2f} = +{d.get('budget', 0.03) * 100:.0f} % of {d['search']['ref_selection_ppl']:.2f}):", ""]
@@ -715,7 +730,7 @@ def render_all(path: str) -> str:
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "render":
-        print(render_all(sys.argv[2]) if len(sys.argv) == 3 else render(sys.argv[2], sys.argv[3]))
+        print(render(sys.argv[2], sys.argv[3]) if sys.argv[2].endswith("bench-onnx.json") else render_all(*sys.argv[2:]))
         return 0
     if len(sys.argv) > 2 and sys.argv[1] == "_worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
@@ -726,6 +741,8 @@ def main():
     ap.add_argument("--weight-only", default="w8-rtn-b32-shared,w4-rtn-b32-shared,w4-hqq-b64-shared",
                     help="all: weight-only variants (names in weight_only_variants)")
     ap.add_argument("--llama-types", default="Q8_0,Q4_K_M,Q4_1", help="all: llama.cpp types (Q4_1: the stored file)")
+    ap.add_argument("--threads", type=int, default=2, help="all: threads of every runtime (ORT, torch, llama.cpp)")
+    ap.add_argument("--torch-eval", action="store_true", help="all: also the evaluation perplexity of the torch rows")
     ap.add_argument("--select-windows", type=int, default=4, help="all: selection windows of Persuasion")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--prompt", type=int, default=128)
