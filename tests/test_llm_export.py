@@ -147,3 +147,35 @@ def test_mixed_w4_keeps_chosen_matmuls_at_int8(tiny):
     assert {b for k, b in bits.items() if "down_proj" in k} == {8}
     assert {b for k, b in bits.items() if "down_proj" not in k and "lm_head" not in k} == {4}
     assert sum("down_proj" in k for k in bits) == 2
+
+
+def test_rotation_is_exact_and_the_qdq_onnx_computes_the_fake_quantized_model(tiny):
+    """down_proj rotation changes nothing in float; the ONNX written by edgepack.llm.qdq (A8 QDQ,
+    A16 grid, CPU FP16, rotation) gives the logits of the PyTorch fake quantization it mirrors."""
+    import copy
+
+    from edgepack.llm import w8a8
+    from edgepack.llm.export import OnnxLM, torch_logits
+    from edgepack.llm.qdq import write_w8a8_onnx
+
+    r = w8a8.rotation(12)
+    assert np.allclose(r @ r.T, np.eye(12), atol=1e-12)
+    model, ids = tiny["torch"], tiny["ids"][None]
+    rot = w8a8.rotate_down(model)
+    ref = torch_logits(model, ids)
+    assert np.abs(torch_logits(rot, ids) - ref).max() < 1e-4 * np.abs(ref).max()
+    stats = w8a8.calibrate(rot, [ids])
+    modes = {"layers.0.mlp.down_proj": "npu-a16w8", "layers.1.self_attn.o_proj": "cpu-fp16"}
+    fq = copy.deepcopy(rot)
+    w8a8.fake_quantize(fq, stats, w8a8.W8A8Options(modes=modes, lm_head="cpu-fp16"))
+    want = torch_logits(fq, ids)
+    dst = tiny["root"] / "w8a8" / "model.onnx"
+    count = write_w8a8_onnx(tiny["onnx"], dst, stats.tensor_max, modes, down_rotation=w8a8.rotation(model.config.intermediate_size))
+    assert count == {"npu-a8w8": 8, "npu-a16w8": 1, "cpu-fp16": 2}
+    m = onnx.load(str(dst), load_external_data=False)
+    ops = {n.op_type for n in m.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Round"} <= ops
+    # as written (the fused u8s8 kernels of ONNX Runtime on AVX2 without VNNI saturate: not the NPU's arithmetic)
+    got = OnnxLM(dst, config={"session.disable_quant_qdq": "1"}).logits(ids)
+    assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95

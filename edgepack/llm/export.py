@@ -116,12 +116,16 @@ def model_size_bytes(onnx_path: str | Path) -> int:
 class OnnxLM:
     """A builder-layout ONNX decoder on plain ONNX Runtime: full-window logits, prefill, decode."""
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, config: dict | None = None):
+        """``config``: ONNX Runtime session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``
+        (run QDQ models as written, without the CPU's fused integer kernels)."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        for k, v in (config or {}).items():
+            so.add_session_config_entry(k, str(v))
         so.log_severity_level = 3
         self.path = Path(onnx_path)
         self.sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])

@@ -98,8 +98,10 @@ class Op:
         return self.kind in MATMUL_KINDS
 
 
-def decoder_ops(config, context: int = 512) -> list[Op]:
-    """The per-token op list of a LLaMA-class config (decode step at ``context`` cached tokens)."""
+def decoder_ops(config, context: int = 512, rotate_down: bool = False) -> list[Op]:
+    """The per-token op list of a LLaMA-class config (decode step at ``context`` cached tokens).
+    ``rotate_down``: the down_proj inputs are rotated first (edgepack.llm.w8a8.rotate_down), a
+    fast transform on the CPU (n log n operations) right after SiLU*mul."""
     h, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads, kvh = config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or h // heads
@@ -127,6 +129,8 @@ def decoder_ops(config, context: int = 512) -> list[Op]:
         mm(i, "gate_proj", h, inter)
         mm(i, "up_proj", h, inter)
         other(i, "act_mul", "act", 2 * inter, 6 * inter)
+        if rotate_down:
+            other(i, "down_rotation", "rotate", inter * max(1, (inter & -inter).bit_length()), 4 * inter)
         mm(i, "down_proj", inter, h)
         other(i, "residual_mlp", "add", h, 6 * h)
     ops.append(Op("norm", "norm", h, 0, 4 * h, -1))

@@ -10,6 +10,11 @@ tensor leaves most channels with a handful of levels. Remedies, each an option h
   folded exactly into the producer: the RMSNorm weight for q/k/v and gate/up, ``up_proj``'s
   output rows for ``down_proj`` (the SwiGLU product is linear in ``up``), ``v_proj``'s output
   rows for ``o_proj`` (attention is linear in V; scales shared across a GQA group).
+- A rotation of the ``down_proj`` inputs (``rotate_down``, QuaRot / SpinQuant class): ``x W^T =
+  (x R)(W R)^T`` for an orthogonal R, exact in float; R spreads a massive channel over all
+  channels so one static scale fits. R = kron(DCT-II(m), Hadamard(2^k) / sqrt(2^k)) with
+  m * 2^k = intermediate size (1536 = 3 x 512 on SmolLM2): a fast transform on the board's CPU
+  (O(n log n), between the SiLU*mul and the NPU call, no extra partition).
 - 16-bit activations for chosen matmuls (Qualcomm-style W8A16 on NPUs that have it).
 - CPU FP16 for chosen matmuls (weights and inputs rounded to float16).
 
@@ -124,6 +129,37 @@ def calibrate(model, windows: list[np.ndarray], names: list[str] | None = None) 
     return ActStats(amax={n: amax[n].numpy() for n in names}, tensor_max=tmax,
                     median_abs={n: float(np.median(amax[n].numpy())) for n in names},
                     a8_rel_err={n: (err_num[n] / max(err_den[n], 1e-30)) ** 0.5 for n in names})
+
+
+def rotation(n: int) -> np.ndarray:
+    """Orthogonal [n, n]: kron(orthonormal DCT-II of size m, normalized Sylvester Hadamard of size
+    2^k), n = m * 2^k with m odd (the largest power of two that divides n)."""
+    k = n & -n
+    m = n // k
+    h = np.ones((1, 1))
+    while h.shape[0] < k:
+        h = np.block([[h, h], [h, -h]])
+    h /= np.sqrt(k)
+    i = np.arange(m)
+    d = np.cos(np.pi * (i[None, :] + 0.5) * i[:, None] / m) * np.sqrt(2.0 / m)
+    d[0] /= np.sqrt(2.0)
+    return np.kron(d.T, h)
+
+
+def rotate_down(model):
+    """A copy of ``model`` whose ``down_proj`` weights are ``W R`` and whose ``down_proj`` inputs
+    are multiplied by R at run time (a pre-hook): the same function in float arithmetic."""
+    import torch
+
+    m = copy.deepcopy(model)
+    r = torch.from_numpy(rotation(m.config.intermediate_size)).float()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            d = layer.mlp.down_proj
+            d.weight.copy_(d.weight @ r)
+            d.register_forward_pre_hook(lambda _m, inp: (inp[0] @ r,))
+    m._edgepack_rotation = r
+    return m
 
 
 def smooth(model, stats: ActStats, alpha: float):

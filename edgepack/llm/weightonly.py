@@ -37,6 +37,7 @@ class WeightOnlyOptions:
     embed_bits: int | None = 8        # None: keep the embedding table in float
     accuracy_level: int = 4           # MatMulNBits computes with int8 activations on CPU (fastest)
     int8_matmuls: tuple = ()          # name substrings of body MatMuls kept at INT8 (e.g. "down_proj")
+    share_tied: bool = True           # tied table: the embedding Gather reads lm_head's INT8 blocks
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -128,10 +129,26 @@ def quantize_weight_only(src: str | Path, dst: str | Path, options: WeightOnlyOp
                                            accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",))
         model = _quantize(model, c, nodes_to_include=keep8)
     if has_head and options.lm_head_bits:
-        c = m.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=True, bits=options.lm_head_bits,
+        c = m.DefaultWeightOnlyQuantConfig(block_size=max(32, options.block_size), is_symmetric=True, bits=options.lm_head_bits,
                                            accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",))
         model = _quantize(model, c, nodes_to_include=[LM_HEAD])
-    embed = quantize_embedding(model, options.embed_bits, options.block_size) if options.embed_bits else None
+    embed = None
+    if untied and has_head and options.share_tied and options.lm_head_bits == 8 and options.embed_bits == 8:
+        embed = share_head_with_embedding(model)
+    if embed is None and options.embed_bits:
+        embed = quantize_embedding(model, options.embed_bits, options.block_size)
+    save_model(model, dst, src.parent)
+    ops = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"options": options.to_dict(), "untied_embeddings": untied, "embedding": embed, "ops": ops}
+
+
+def save_model(model, dst: Path, side_files_from: Path | None = None) -> None:
+    """Write ``model`` with one external data file named after ``dst``, atomically; copy the
+    builder's side files (genai config, tokenizer) from the source folder."""
+    import onnx
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.stem}-", suffix=".onnx")
     os.close(fd)
@@ -148,13 +165,64 @@ def quantize_weight_only(src: str | Path, dst: str | Path, options: WeightOnlyOp
     onnx.save(m2, tmp)
     os.replace(Path(tmp).parent / data, dst.parent / final_data)
     os.replace(tmp, dst)
+    src = side_files_from
     for f in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (src.parent / f).is_file() and src.parent != dst.parent:
-            (dst.parent / f).write_bytes((src.parent / f).read_bytes())
-    ops = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"options": options.to_dict(), "untied_embeddings": untied, "embedding": embed, "ops": ops}
+        if src is not None and (src / f).is_file() and src != dst.parent:
+            (dst.parent / f).write_bytes((src / f).read_bytes())
+
+
+def share_head_with_embedding(model) -> str | None:
+    """Tied embeddings, one INT8 copy: the embedding Gather reads the rows of ``lm_head``'s
+    8-bit ``MatMulNBits`` blocks (B is [V, H/block, block] uint8: row v is embedding row v)
+    and de-quantizes only the gathered rows, ``(q - zero) * scale``. Saves the second [V, H]
+    INT8 table (28 MB on SmolLM2-135M). Returns None when the layout is not the expected one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name), None)
+    if head is None:
+        return None
+    attrs = {a.name: a.i for a in head.attribute}
+    if attrs.get("bits") != 8 or head.input[1] not in inits or head.input[2] not in inits:
+        return None
+    k, n, blk = attrs["K"], attrs["N"], attrs["block_size"]
+    gather = next((g for g in model.graph.node if g.op_type == "Gather" and g.input[0] in inits
+                   and list(inits[g.input[0]].dims) == [n, k]), None)
+    if gather is None or list(inits[head.input[1]].dims) != [n, k // blk, blk]:
+        return None
+    if len(head.input) > 3 and head.input[3]:
+        return None                       # an asymmetric head: not the layout written here
+    # re-round the head's blocks with scale = amax / 127 (ORT's 8-bit symmetric RTN uses amax / 128
+    # and clips the largest positive weight of each block by a whole step): both readers of the
+    # one table then see at most half a step of error
+    base = gather.input[0]
+    w = numpy_helper.to_array(inits[base]).astype(np.float32).reshape(n, k // blk, blk)
+    scales = (np.maximum(np.abs(w).max(-1, keepdims=True), 1e-12) / 127.0).astype(np.float32)
+    q = (np.clip(np.round(w / scales), -127, 127) + 128).astype(np.uint8)
+    for name, arr in ((head.input[1], q), (head.input[2], scales.reshape(list(inits[head.input[2]].dims)))):
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.append(numpy_helper.from_array(arr, name))
+    zp = np.float32(128.0)                # MatMulNBits' implied zero point for 8 bits: 2^(bits-1)
+    model.graph.initializer.remove(inits[base])
+    extra = [numpy_helper.from_array(scales, f"{base}_head_scale"),
+             numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{base}_shape")]
+    zname = f"{base}_head_zero"
+    extra.append(numpy_helper.from_array(np.asarray(zp, np.float32), zname))
+    model.graph.initializer.extend(extra)
+    out, ids, g = gather.output[0], gather.input[1], gather.name
+    idx = list(model.graph.node).index(gather)
+    new = [
+        helper.make_node("Gather", [head.input[1], ids], [f"{out}_q"], name=f"{g}_q", axis=0),
+        helper.make_node("Gather", [f"{base}_head_scale", ids], [f"{out}_s"], name=f"{g}_s", axis=0),
+        helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{g}_cast", to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{out}_f", zname], [f"{out}_c"], name=f"{g}_zero"),
+        helper.make_node("Mul", [f"{out}_c", f"{out}_s"], [f"{out}_dq"], name=f"{g}_dq"),
+        helper.make_node("Reshape", [f"{out}_dq", f"{base}_shape"], [out], name=f"{g}_reshape"),
+    ]
+    model.graph.node.remove(gather)
+    for j, node in enumerate(new):
+        model.graph.node.insert(idx + j, node)
+    return f"{g}: shares {head.name}'s int8 blocks of {blk} ({n}x{k})"
 
 
 def quantize_embedding(model, bits: int, block: int) -> str | None:
