@@ -56,12 +56,38 @@ def cli(args: list[str]) -> tuple[float, float, dict]:
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, json.loads(r.stdout)
 
 
+TF_LEGACY = r'''
+import sys, time, numpy as np, tensorflow as tf
+from tensorflow.lite.python.optimize import calibrator
+src, cal, out = sys.argv[1:4]
+x = np.load(cal)
+t = time.perf_counter()
+c = calibrator.Calibrator(open(src, "rb").read())
+q = c.calibrate_and_quantize(lambda: ([x[i:i + 1]] for i in range(len(x))), tf.int8, tf.int8, False, tf.int8, tf.int32)
+open(out, "wb").write(q)
+print(time.perf_counter() - t, tf.__version__)
+'''
+
+
 def tf_legacy_quantizer(float_tfl: Path, calib: np.ndarray, out: Path) -> float:
     """TensorFlow Lite's own full-integer post-training quantizer with its defaults (int8 I/O,
-    per-channel, int32 bias): tf.lite's Calibrator.calibrate_and_quantize, shipped in ai-edge-litert."""
+    per-channel, int32 bias): tf.lite's Calibrator.calibrate_and_quantize, from TensorFlow 2.20 in
+    .venv-tflite-peer. (The copy bundled in ai-edge-litert 2.x fails on this model while
+    calibrating: `reduce.cc:598 optimized_ops::Mean ... Node number 58 (MEAN) failed to invoke`, and
+    segfaults without an explicit input shape; TensorFlow's own build runs it.) Falls back to
+    ai-edge-litert's copy when the peer environment is missing."""
+    py = ROOT / ".venv-tflite-peer" / "bin" / "python"
+    t = time.perf_counter()
+    if py.is_file():
+        npy = out.with_suffix(".calib.npy")
+        np.save(npy, calib)
+        r = subprocess.run([str(py), "-c", TF_LEGACY, str(float_tfl), str(npy), str(out)], capture_output=True,
+                           text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
+        if r.returncode != 0:
+            raise RuntimeError((r.stderr.strip().splitlines() or ["?"])[-1][:300])
+        return time.perf_counter() - t
     from ai_edge_litert import _pywrap_tensorflow_lite_calibration_wrapper as w
 
-    t = time.perf_counter()
     c = w.CalibrationWrapper(float_tfl.read_bytes(), [], [])
     c.Prepare([[1, *calib.shape[1:]]])
     for i in range(len(calib)):
@@ -168,7 +194,7 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     try:
         peers["TF Lite calibrate_and_quantize (defaults)"] = {
             "path": p, "seconds": round(tf_legacy_quantizer(float_tfl, x, p), 1),
-            "note": "tf.lite post-training full-integer quantizer, via ai-edge-litert"}
+            "note": "tf.lite post-training full-integer quantizer (Calibrator.calibrate_and_quantize, TensorFlow 2.20)"}
     except RuntimeError as e:  # recorded, as any peer failure
         peers["TF Lite calibrate_and_quantize (defaults)"] = {"path": None, "error": str(e).splitlines()[0][:300]}
     log(f"{name}: TensorFlow converter default quantizer (MLIR)")
