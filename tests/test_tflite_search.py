@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgepack.tflite import read_tflite
-from edgepack.tflite.floatacts import float_island, islands
+from edgepack.tflite.floatacts import float_cost, float_island, islands, within_cost
 from edgepack.tflite.from_onnx import onnx_to_float_tflite
 from test_tflite_quantize import needs_converter
 
@@ -37,6 +37,9 @@ def test_island_is_the_writer_and_every_reader(float_tfl):
     assert isl[1] == info.tensors[info.ops[1].outputs[0]].name
     assert float_island(info, "no such tensor") == []
     assert islands(info, [conv1, conv1]) == tuple(isl)  # each op once
+    # the island's float weights: conv1's 8x1x3x3 and conv2's 8x8x3x3 at 4 bytes instead of 1
+    assert float_cost(info, [conv1]) == 3 * (8 * 9 + 64 * 9)
+    assert within_cost(info, [conv1], 3 * (8 * 9 + 64 * 9)) == [conv1] and within_cost(info, [conv1], 100) == []
 
 
 def test_percentile_and_mse_ranges_clip_inside_min_max(float_tfl):

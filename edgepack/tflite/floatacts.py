@@ -85,4 +85,30 @@ def islands(info: TfliteInfo, tensors: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-__all__ = ["activation_noise", "float_island", "islands"]
+def float_cost(info: TfliteInfo, tensors: list[str]) -> int:
+    """Bytes the islands of ``tensors`` add over INT8 (``info``: the float model): their ops'
+    float32 weights at 4 bytes instead of 1, biases at 4 as before."""
+    outs = set(islands(info, tensors))
+    seen: set[int] = set()
+    extra = 0
+    for o in info.ops:
+        if o.outputs and info.tensors[o.outputs[0]].name in outs:
+            for i in o.inputs[1:2]:  # the weight operand; biases cost the same in int32
+                t = info.tensors[i] if i >= 0 else None
+                if t is not None and t.constant and t.index not in seen:
+                    seen.add(t.index)
+                    extra += 3 * int(np.prod(t.shape))
+    return extra
+
+
+def within_cost(info: TfliteInfo, ranked: list[str], max_bytes: int) -> list[str]:
+    """The ranked tensors, in order, whose islands fit together in ``max_bytes`` over INT8: a
+    board that runs float still has a size budget (an island around a late expand conv costs MBs)."""
+    keep: list[str] = []
+    for t in ranked:
+        if float_cost(info, keep + [t]) <= max_bytes:
+            keep.append(t)
+    return keep
+
+
+__all__ = ["activation_noise", "float_island", "islands", "float_cost", "within_cost"]

@@ -45,6 +45,7 @@ class TfliteOptions:
     calib_size: int | None = None
     max_evals: int = 12                      # candidates judged on the selection split
     float_steps: tuple[int, ...] = (1, 2, 4, 8)  # islands kept float per step of the float search
+    max_float_bytes: int = 262_144           # what float islands may add over INT8 in all
     latency_threads: tuple[int, ...] = (1, 2)
     latency_rounds: int = 5
     sensitivity_samples: int = 4
@@ -187,7 +188,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
     """Quantize ``model`` (FP32 ONNX or float .tflite) to a full-integer ``.tflite`` for ``target``."""
     from ..quantize.pipeline import split_eval
     from .convert import quantize_variants
-    from .floatacts import islands
+    from .floatacts import islands, within_cost
     from .from_onnx import onnx_to_float_tflite
     from .gate import check_full_integer, float_findings
     from .inspect import read_tflite
@@ -306,6 +307,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             log("ranking ops by the signal they lose")
             ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)
                       if n not in best.float_ops]
+            ranked = within_cost(finfo, ranked, o.max_float_bytes)
             steps = [k for k in o.float_steps if k <= len(ranked)][:o.max_evals - len(cands)]
             keeps = [list(islands(finfo, best.float_ops + ranked[:k])) for k in steps]
             if keeps:
