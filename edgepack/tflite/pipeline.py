@@ -285,7 +285,11 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                     regrid(path, float_tfl, choose_ranges(samples, rule), path)
                 name = ("edgepack ONNX search, carried over" if carry else calibration) + (
                     f" + {len(keep)} float op(s)" if keep else "") + note
-                c = compare(ref_s, predict_tflite(path, search), search.labels)
+                try:
+                    c = compare(ref_s, predict_tflite(path, search), search.labels)
+                except (RuntimeError, ValueError) as e:  # LiteRT refused this candidate: say so, judge the rest
+                    warnings.append(f"candidate {name} does not run in LiteRT: {str(e).splitlines()[0][:200]}")
+                    continue
                 cand = TfliteCandidate(name=name, calibration=calibration, float_ops=list(keep),
                                        search_drop=round(c.drop, 3), search_agreement=round(c.agreement, 2),
                                        size_bytes=path.stat().st_size,

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 RULES = ("percentile", "mse")
+# int8 kernels that move values without rescaling (XNNPACK refuses MAX_POOL_2D otherwise)
+SAME_GRID = ("RESHAPE", "MAX_POOL_2D", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "SLICE",
+             "STRIDED_SLICE", "GATHER", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "BATCH_TO_SPACE_ND", "SPACE_TO_BATCH_ND")
 
 
 def activation_samples(float_tfl: str | Path, x: np.ndarray, *, per_sample: int = 4096,
@@ -95,7 +98,7 @@ def regrid(int8_tfl: str | Path, float_tfl: str | Path, ranges: dict[str, tuple[
     tied = set(g.inputs)
     for op in g.operators:
         oc = m.operatorCodes[op.opcodeIndex]
-        if names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "") in ("RESHAPE", "QUANTIZE", "DEQUANTIZE"):
+        if names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "") in SAME_GRID + ("QUANTIZE", "DEQUANTIZE"):
             tied.update(op.outputs)
     n = 0
     for i, t in enumerate(g.tensors):
@@ -106,9 +109,9 @@ def regrid(int8_tfl: str | Path, float_tfl: str | Path, ranges: dict[str, tuple[
         s, z = _grid(*ranges[name])
         t.quantization.scale, t.quantization.zeroPoint = [float(s)], [int(z)]
         n += 1
-    for op in g.operators:  # RESHAPE copies bytes: its output keeps its input's grid
+    for op in g.operators:  # these copy or pick int8 values: LiteRT wants the output on the input's grid
         oc = m.operatorCodes[op.opcodeIndex]
-        if names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "") == "RESHAPE":
+        if names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "") in SAME_GRID:
             qi, qo = g.tensors[op.inputs[0]].quantization, g.tensors[op.outputs[0]].quantization
             if qi is not None and qo is not None and g.tensors[op.outputs[0]].type == S.TensorType.INT8:
                 qo.scale, qo.zeroPoint = list(qi.scale), list(qi.zeroPoint)
