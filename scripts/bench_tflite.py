@@ -49,7 +49,10 @@ def log(m: str) -> None:
 
 def cli(args: list[str]) -> tuple[float, float, dict]:
     t = time.perf_counter()
-    r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "quantize", *args, "--json"], capture_output=True, text=True)
+    # this checkout's edgepack, whatever the venv's own install points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "quantize", *args, "--json"], capture_output=True, text=True,
+                       env=env)
     wall = time.perf_counter() - t
     if r.returncode not in (0, 4):
         raise SystemExit(f"edgepack quantize failed: {r.stderr.strip()[-2000:]}")
