@@ -49,19 +49,48 @@ def log(m: str) -> None:
 
 def cli(args: list[str]) -> tuple[float, float, dict]:
     t = time.perf_counter()
-    r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "quantize", *args, "--json"], capture_output=True, text=True)
+    # this checkout's edgepack, whatever the venv's own install points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "quantize", *args, "--json"], capture_output=True, text=True,
+                       env=env)
     wall = time.perf_counter() - t
     if r.returncode not in (0, 4):
         raise SystemExit(f"edgepack quantize failed: {r.stderr.strip()[-2000:]}")
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, json.loads(r.stdout)
 
 
+TF_LEGACY = r'''
+import sys, time, numpy as np, tensorflow as tf
+from tensorflow.lite.python.optimize import calibrator
+src, cal, out = sys.argv[1:4]
+x = np.load(cal)
+t = time.perf_counter()
+c = calibrator.Calibrator(open(src, "rb").read())
+q = c.calibrate_and_quantize(lambda: ([x[i:i + 1]] for i in range(len(x))), tf.int8, tf.int8, False, tf.int8, tf.int32)
+open(out, "wb").write(q)
+print(time.perf_counter() - t, tf.__version__)
+'''
+
+
 def tf_legacy_quantizer(float_tfl: Path, calib: np.ndarray, out: Path) -> float:
     """TensorFlow Lite's own full-integer post-training quantizer with its defaults (int8 I/O,
-    per-channel, int32 bias): tf.lite's Calibrator.calibrate_and_quantize, shipped in ai-edge-litert."""
+    per-channel, int32 bias): tf.lite's Calibrator.calibrate_and_quantize, from TensorFlow 2.20 in
+    .venv-tflite-peer. (The copy bundled in ai-edge-litert 2.x fails on this model while
+    calibrating: `reduce.cc:598 optimized_ops::Mean ... Node number 58 (MEAN) failed to invoke`, and
+    segfaults without an explicit input shape; TensorFlow's own build runs it.) Falls back to
+    ai-edge-litert's copy when the peer environment is missing."""
+    py = ROOT / ".venv-tflite-peer" / "bin" / "python"
+    t = time.perf_counter()
+    if py.is_file():
+        npy = out.with_suffix(".calib.npy")
+        np.save(npy, calib)
+        r = subprocess.run([str(py), "-c", TF_LEGACY, str(float_tfl), str(npy), str(out)], capture_output=True,
+                           text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
+        if r.returncode != 0:
+            raise RuntimeError((r.stderr.strip().splitlines() or ["?"])[-1][:300])
+        return time.perf_counter() - t
     from ai_edge_litert import _pywrap_tensorflow_lite_calibration_wrapper as w
 
-    t = time.perf_counter()
     c = w.CalibrationWrapper(float_tfl.read_bytes(), [], [])
     c.Prepare([[1, *calib.shape[1:]]])
     for i in range(len(calib)):
@@ -113,7 +142,8 @@ def agent_bench(model: Path, runtime: str, threads: int, runs: int = 50) -> dict
 
 
 def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_args: list[str], rounds: int,
-                work: Path, target: str, max_drop: float, onnx_int8: Path | None = None) -> dict:
+                work: Path, target: str, max_drop: float, onnx_int8: Path | None = None,
+                full_integer_run: bool = False) -> dict:
     from edgepack.tflite import read_tflite
     from edgepack.tflite.convert import quantize_float_tflite
     from edgepack.tflite.from_onnx import onnx_to_float_tflite
@@ -137,12 +167,20 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
                  "source": str(onnx_int8)}
     res["onnx_report"] = {k: rep_o.get(k) for k in ("agreement", "host_kernel_agreement", "drop_points", "fp32_top1",
                                                     "int8_top1", "float_layers", "calibration_method", "numerics")}
-    log(f"{name}: edgepack quantize --format tflite --carry-over")
+    log(f"{name}: edgepack quantize --format tflite --carry-over (the search, float islands allowed on {target})")
     tfl_out = work / f"{name}-edgepack.tflite"
     wall_t, rss_t, rep_t = cli([*common, "-o", str(tfl_out), "--format", "tflite", "--carry-over", str(onnx_out),
-                                "--threads", "1", "--max-evals", "6", "--full-integer"])
+                                "--threads", "1"])
     res["tflite_report"] = {k: v for k, v in rep_t.items() if k not in ("io",)}
     res["tflite_report"]["quantize_seconds"], res["tflite_report"]["peak_rss_mb"] = round(wall_t, 1), round(rss_t, 1)
+    fi_out = None
+    if full_integer_run:  # what an INT8-only board gets: the same search, no float op (min/max + carried over)
+        log(f"{name}: edgepack quantize --format tflite --carry-over --full-integer")
+        fi_out = work / f"{name}-edgepack-fullint.tflite"
+        wall_f, _, rep_f = cli([*common, "-o", str(fi_out), "--format", "tflite", "--carry-over", str(onnx_out),
+                                "--threads", "1", "--full-integer", "--max-evals", "1"])
+        res["tflite_full_integer_report"] = {k: v for k, v in rep_f.items() if k not in ("io",)}
+        res["tflite_full_integer_report"]["quantize_seconds"] = round(wall_f, 1)
 
     float_tfl = onnx_to_float_tflite(model, work / f"{name}-float.tflite")
     x = calibration_array(calib["ds"].subset(np.arange(calib["n"])), tuple(read_tflite(float_tfl).inputs[0].shape[1:]))
@@ -159,7 +197,7 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     try:
         peers["TF Lite calibrate_and_quantize (defaults)"] = {
             "path": p, "seconds": round(tf_legacy_quantizer(float_tfl, x, p), 1),
-            "note": "tf.lite post-training full-integer quantizer, via ai-edge-litert"}
+            "note": "tf.lite post-training full-integer quantizer (Calibrator.calibrate_and_quantize, TensorFlow 2.20)"}
     except RuntimeError as e:  # recorded, as any peer failure
         peers["TF Lite calibrate_and_quantize (defaults)"] = {"path": None, "error": str(e).splitlines()[0][:300]}
     log(f"{name}: TensorFlow converter default quantizer (MLIR)")
@@ -184,7 +222,10 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
         return r
 
     log(f"{name}: held-out evaluation of every .tflite ({len(ds)} samples)")
-    res["rows"].append(row("edgepack --format tflite", tfl_out))
+    res["rows"].append(row(f"edgepack --format tflite ({target}: float islands allowed)", tfl_out,
+                           float_islands=rep_t.get("float_ops")))
+    if fi_out is not None:
+        res["rows"].append(row("edgepack --format tflite --full-integer (as for an INT8-only board)", fi_out))
     for label, d in peers.items():
         res["rows"].append(row(label, d.get("path"), **{k: v for k, v in d.items() if k != "path"}))
     res["rows"].append({"name": "edgepack ONNX INT8 (exact int8 arithmetic, as the board)", "bytes": onnx_out.stat().st_size,
@@ -197,10 +238,12 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     sample = ds.loader(0)
     res["latency"] = {}
     models = {"litert_int8": tfl_out, "litert_float": float_tfl, "ort_int8": onnx_out, "ort_fp32": model}
+    if fi_out is not None:
+        models["litert_int8_full_integer"] = fi_out
     for th in (1, 2):
         st = interleaved_any(models, sample, threads=th, rounds=rounds, per_round=20)
         lat = {k: {"median_ms": round(v.median_ms, 3), "p90_ms": round(v.p90_ms, 3), "runs": v.runs} for k, v in st.items()}
-        for k in ("litert_int8", "litert_float", "ort_int8"):
+        for k in [m for m in models if m != "ort_fp32"]:
             lat[f"{k}_vs_ort_fp32"] = round(st[k].median_ms / st["ort_fp32"].median_ms, 3)
         lat["litert_int8_vs_ort_int8"] = round(st["litert_int8"].median_ms / st["ort_int8"].median_ms, 3)
         res["latency"][f"threads_{th}"] = lat
@@ -225,7 +268,7 @@ def main() -> int:
     from edgepack.quantize.numerics import host_int8
     import importlib.metadata as md
     results = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
-                           "host_int8": str(host_int8()), "ai-edge-litert": md.version("ai-edge-litert"),
+                           "host_int8": str(host_int8()), "int8_instructions": _int8_flags(), "ai-edge-litert": md.version("ai-edge-litert"),
                            "onnxruntime": md.version("onnxruntime"),
                            "shared": "2 cores shared with other jobs: latency is interleaved medians; compare ratios"},
                "command": "python " + " ".join(sys.argv),
@@ -240,7 +283,7 @@ def main() -> int:
                 "efficientnet-lite0", asset("models/efficientnet-lite0.onnx"),
                 {"path": calib, "n": 100, "ds": load_dataset(calib, pp)}, calib,
                 {"path": asset("images/natural-eval"), "ds": load_dataset(asset("images/natural-eval"), pp)},
-                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8))
+                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8, full_integer_run=True))
             out.write_text(json.dumps(results, indent=2, default=str))
         if a.only in (None, "fashion"):
             calib = asset("fashion-mnist/calib-x.npz")
@@ -252,6 +295,16 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out}")
     return 0
+
+
+def _int8_flags() -> str:
+    """The host's INT8 dot-product instructions, from /proc/cpuinfo (AVX2 without VNNI here)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return ", ".join(have) + ("" if any("vnni" in f for f in have) else " (no VNNI: int8 dot products via vpmaddubsw)")
 
 
 def _cpu() -> str:

@@ -72,6 +72,17 @@ def quantize_float_tflite(float_tflite: str | Path, calib: np.ndarray, out: str 
     ``calib`` holds the representative samples in the model's input layout, batch axis first.
     ``keep_float`` names the output tensors of the ops left in float.
     """
+    return quantize_variants(float_tflite, calib, [(Path(out), tuple(keep_float))], calibration=calibration,
+                             threads=threads, timeout_s=timeout_s)[0]
+
+
+def quantize_variants(float_tflite: str | Path, calib: np.ndarray, variants: list[tuple[Path, tuple[str, ...]]], *,
+                      calibration: str = "minmax", threads: int = 1, timeout_s: float = 3600,
+                      float_mode: str = "float") -> list[QuantizerRun]:
+    """Several quantizations of ``float_tflite`` from one calibration: each ``(out, keep_float)`` is
+    written with those ops left in float (calibration is most of the quantizer's time).
+    ``float_mode="weight-only"`` keeps their weights int8, dequantized in the graph: float compute
+    at INT8's size."""
     from .inspect import read_tflite
     from ai_edge_litert import interpreter as tfl
 
@@ -84,13 +95,15 @@ def quantize_float_tflite(float_tflite: str | Path, calib: np.ndarray, out: str 
     key = next(iter(sig))
     if len(sig[key]["inputs"]) != 1:
         raise ModelError(f"{float_tflite}: full-integer quantization here takes single-input models")
-    out = Path(out)
     with tempfile.TemporaryDirectory(prefix="edgepack-aeq-") as td:
         np.save(Path(td) / "calib.npy", np.ascontiguousarray(calib, np.float32))
-        raw = Path(td) / "raw.tflite"
-        req = {"float": str(float_tflite), "calib": str(Path(td) / "calib.npy"), "out": str(raw),
+        raws = [Path(td) / f"raw{i}.tflite" for i in range(len(variants))]
+        vs = [{"out": str(r), "keep_float": [_scope_regex(k) for k in keep], "mode": float_mode}
+              for r, (_, keep) in zip(raws, variants)]
+        req = {"float": str(float_tflite), "calib": str(Path(td) / "calib.npy"), "out": vs[0]["out"],
                "signature": key, "input": sig[key]["inputs"][0], "calibration": calibration,
-               "keep_float": [_scope_regex(k) for k in keep_float], "threads": threads}
+               "keep_float": vs[0]["keep_float"], "variants": vs,
+               "threads": threads}
         (Path(td) / "req.json").write_text(json.dumps(req))
         try:
             # -P: the tool sits beside inspect.py, which must not shadow the stdlib module there
@@ -106,11 +119,14 @@ def quantize_float_tflite(float_tflite: str | Path, calib: np.ndarray, out: str 
         except (ValueError, IndexError):
             raise ConverterFailed("LiteRT's quantizer gave no report (is .venv-tflite complete? "
                                   f"re-run `{SETUP}`)") from None
-        fixes = fit_bias_scales(raw, float_tflite, out)
-    read_tflite(out)  # what was written parses
-    return QuantizerRun(seconds=float(rep.get("seconds", 0)), quantizer=str(rep.get("quantizer", "")),
-                        bias_fixes=len(fixes), bias_channels=sum(f.channels for f in fixes))
+        runs = []
+        for raw, (out, _) in zip(raws, variants):
+            fixes = fit_bias_scales(raw, float_tflite, out)
+            read_tflite(out)  # what was written parses
+            runs.append(QuantizerRun(seconds=float(rep.get("seconds", 0)), quantizer=str(rep.get("quantizer", "")),
+                                     bias_fixes=len(fixes), bias_channels=sum(f.channels for f in fixes)))
+    return runs
 
 
-__all__ = ["quantize_float_tflite", "converter_python", "ConverterMissing", "ConverterFailed", "QuantizerRun",
+__all__ = ["quantize_float_tflite", "quantize_variants", "converter_python", "ConverterMissing", "ConverterFailed", "QuantizerRun",
            "CALIBRATIONS"]

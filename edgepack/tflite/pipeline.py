@@ -5,10 +5,14 @@ The steps, each measured:
 1. the FP32 model becomes a float ``.tflite`` (an ONNX model through :mod:`.from_onnx`; a float
    ``.tflite`` is taken as it is) and its float outputs are checked against the source's;
 2. LiteRT's quantizer (:mod:`.convert`, a subprocess tool) makes full-integer candidates, one per
-   calibration rule, each judged on the selection split in LiteRT with XNNPACK, whose int8 kernels
+   calibration rule (its min/max and moving average; percentile and MSE ranges re-gridded by
+   :mod:`.ranges`; edgepack's ONNX search carried over, :mod:`.transplant`), each judged on the selection split in LiteRT with XNNPACK, whose int8 kernels
    are exact (int32 accumulation), so the host's figure is the board's;
-3. if the best one still misses the budget and the target allows float, the ops that lose the
-   most signal (per-op SQNR on a few selection samples) are kept in float, fewest first;
+3. if the best one still misses the budget and the target allows float, the tensors written by
+   the ops that lose the most signal (per-op SQNR on a few selection samples) are kept in float
+   with their producer and readers (:mod:`.floatacts`: keeping one op float still quantizes its
+   output), in growing sets from one quantizer calibration, each judged in LiteRT; the fewest
+   that meet the budget win, else the best on the selection split;
 4. the full-integer gate (:mod:`.gate`) refuses float ops where the target runs INT8 only;
 5. final figures on held-out data never used for selection; size; latency against the float
    ``.tflite`` at each thread count (interleaved medians); golden data for the board's health check.
@@ -37,9 +41,11 @@ from ..quantize.evaluate import compare
 @dataclass(frozen=True, kw_only=True)
 class TfliteOptions:
     max_drop: float | None = None            # points; None: the target's budget
-    calibrations: tuple[str, ...] = ("minmax", "moving-average")
+    calibrations: tuple[str, ...] = ("minmax", "moving-average", "percentile", "mse")  # see CALIBRATION_RULES
     calib_size: int | None = None
-    max_evals: int = 8                       # quantizer runs judged on the selection split
+    max_evals: int = 12                      # candidates judged on the selection split
+    float_steps: tuple[int, ...] = (1, 2, 4, 8)  # islands kept float per step of the float search
+    max_float_bytes: int = 262_144           # what float islands may add over INT8 in all
     latency_threads: tuple[int, ...] = (1, 2)
     latency_rounds: int = 5
     sensitivity_samples: int = 4
@@ -104,6 +110,11 @@ class TfliteQuantizeReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=float)
+
+
+# LiteRT's quantizer's own calibration, or its min/max model re-gridded by edgepack (.ranges)
+CALIBRATION_RULES = {"minmax": ("minmax", None), "moving-average": ("moving-average", None),
+                     "percentile": ("minmax", "percentile"), "mse": ("minmax", "mse")}
 
 
 def litert_capable(target) -> bool:
@@ -176,10 +187,12 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                     log=lambda m: None) -> TfliteQuantizeReport:
     """Quantize ``model`` (FP32 ONNX or float .tflite) to a full-integer ``.tflite`` for ``target``."""
     from ..quantize.pipeline import split_eval
-    from .convert import quantize_float_tflite
+    from .convert import quantize_variants
+    from .floatacts import islands, within_cost
     from .from_onnx import onnx_to_float_tflite
     from .gate import check_full_integer, float_findings
     from .inspect import read_tflite
+    from .ranges import activation_samples, choose_ranges, regrid
     from .run import calibration_array, interleaved_any, predict_tflite
     from .transplant import float_layer_tensors, transplant
 
@@ -237,48 +250,75 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         if model.suffix.lower() == ".onnx" and (o.qdq_model or o.onnx_search):
             qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(model, target, cal, search, hold, work, budget, log)
             qdq_float = _qdq_float_layers(qdq)
-            qdq_keep = float_layer_tensors(model, qdq_float) if allow_float else []
+            # a float layer of the ONNX model reads and writes float there: in a .tflite, its island
+            qdq_keep = list(islands(finfo, float_layer_tensors(model, qdq_float))) if allow_float else []
 
-        def attempt(calibration: str, keep: list[str], carry: bool = False, note: str = "") -> TfliteCandidate:
-            name = ("edgepack ONNX search, carried over" if carry else calibration) + (
-                f" + {len(keep)} float op(s)" if keep else "") + note
-            path = work / f"cand{len(cands)}.tflite"
-            log(f"candidate {name}")
+        samples: dict = {}
+        raw: dict[tuple[str, tuple[str, ...]], tuple[Path, Any]] = {}
+
+        def attempt_many(calibration: str, keeps: list[list[str]], carry: bool = False, note: str = "") -> list[TfliteCandidate]:
+            """One quantizer calibration, one candidate per float set in ``keeps``, each judged in LiteRT."""
+            qcal, rule = CALIBRATION_RULES[calibration]
+            paths = [work / f"cand{len(cands) + i}.tflite" for i in range(len(keeps))]
             t = time.perf_counter()
-            run = quantize_float_tflite(float_tfl, x, path, calibration=calibration, keep_float=tuple(keep), threads=2)
-            if carry:
-                tr = transplant(path, model, qdq, path, float_tflite=float_tfl)
-                if tr.kept:
-                    warnings.append(f"carried over from the ONNX model except: {'; '.join(tr.kept[:4])}")
-            c = compare(ref_s, predict_tflite(path, search), search.labels)
-            cand = TfliteCandidate(name=name, calibration=calibration, float_ops=list(keep),
-                                   search_drop=round(c.drop, 3), search_agreement=round(c.agreement, 2),
-                                   size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - t, 1))
-            cands.append(cand)
-            files[name], runs[name] = path, run
-            return cand
+            log(f"candidates {calibration}{' (carried over)' if carry else ''}: {len(keeps)}")
+            todo = [tuple(k) for k in dict.fromkeys(map(tuple, keeps)) if (qcal, tuple(k)) not in raw]
+            if todo:  # the quantizer's own output, kept: other rules re-grid or carry over from it
+                outs = [work / f"raw{len(raw) + i}.tflite" for i in range(len(todo))]
+                for k, pth, run in zip(todo, outs, quantize_variants(float_tfl, x, list(zip(outs, todo)),
+                                                                     calibration=qcal, threads=2)):
+                    raw[(qcal, k)] = (pth, run)
+            rs = []
+            for pth, k in zip(paths, keeps):
+                shutil.copyfile(raw[(qcal, tuple(k))][0], pth)
+                rs.append(raw[(qcal, tuple(k))][1])
+            if rule and not samples:
+                samples.update(activation_samples(float_tfl, x))
+            out = []
+            for path, keep, run in zip(paths, keeps, rs):
+                if carry:
+                    tr = transplant(path, model, qdq, path, float_tflite=float_tfl)
+                    lost = [k for k in tr.kept if "float in the ONNX model" not in k]
+                    if lost:
+                        warnings.append(f"carried over from the ONNX model except: {'; '.join(lost[:4])}")
+                elif rule:
+                    regrid(path, float_tfl, choose_ranges(samples, rule), path)
+                name = ("edgepack ONNX search, carried over" if carry else calibration) + (
+                    f" + {len(keep)} float op(s)" if keep else "") + note
+                try:
+                    c = compare(ref_s, predict_tflite(path, search), search.labels)
+                except (RuntimeError, ValueError) as e:  # LiteRT refused this candidate: say so, judge the rest
+                    warnings.append(f"candidate {name} does not run in LiteRT: {str(e).splitlines()[0][:200]}")
+                    continue
+                cand = TfliteCandidate(name=name, calibration=calibration, float_ops=list(keep),
+                                       search_drop=round(c.drop, 3), search_agreement=round(c.agreement, 2),
+                                       size_bytes=path.stat().st_size,
+                                       seconds=round((time.perf_counter() - t) / len(keeps), 1))
+                cands.append(cand)
+                files[name], runs[name] = path, run
+                out.append(cand)
+            return out
 
         for cm in o.calibrations[:o.max_evals]:
-            attempt(cm, [])
+            if cm not in CALIBRATION_RULES:
+                raise ModelError(f"unknown calibration {cm!r}; choose from {', '.join(CALIBRATION_RULES)}")
+            attempt_many(cm, [[]])
         if qdq is not None:
-            full = " (its float layers quantized)" if qdq_float and not qdq_keep else ""
-            attempt("minmax", qdq_keep, carry=True, note=full)
-            if qdq_keep:
-                attempt("minmax", [], carry=True, note=" (its float layers quantized)")  # the same, full integer
+            keeps = [[]] + ([qdq_keep] if qdq_keep else [])
+            attempt_many("minmax", keeps, carry=True, note=" (its float layers quantized)" if qdq_float else "")
         best = min(cands, key=lambda c: (c.search_drop, c.size_bytes))
         if best.search_drop > budget and allow_float and len(cands) < o.max_evals:
             log("ranking ops by the signal they lose")
-            ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)]
-            carry = best.name.startswith("edgepack ONNX")
-            k = 1
-            while len(cands) < o.max_evals and k <= len(ranked):
-                c = attempt(best.calibration, list(dict.fromkeys(best.float_ops + ranked[:k])), carry=carry)
-                if c.search_drop <= budget:
-                    break
-                k *= 2
+            ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)
+                      if n not in best.float_ops]
+            ranked = within_cost(finfo, ranked, o.max_float_bytes)
+            steps = [k for k in o.float_steps if k <= len(ranked)][:o.max_evals - len(cands)]
+            keeps = [list(islands(finfo, best.float_ops + ranked[:k])) for k in steps]
+            if keeps:
+                attempt_many(best.calibration, keeps, carry=best.name.startswith("edgepack ONNX"))
             met = [c for c in cands if c.search_drop <= budget]
-            best = min(met, key=lambda c: (c.size_bytes, c.search_drop)) if met else min(
-                cands, key=lambda c: (c.search_drop, c.size_bytes))
+            best = min(met, key=lambda c: (len(c.float_ops), c.size_bytes)) if met else min(
+                cands, key=lambda c: (c.search_drop, len(c.float_ops), c.size_bytes))
         chosen = files[best.name]
         info = read_tflite(chosen)
         check_full_integer(info, target, required=o.full_integer)  # INT8-only board: refuse, nothing written

@@ -161,7 +161,7 @@ def _rescale_biases(m, f, rep: TransplantReport) -> None:
             continue
         want = float(x.quantization.scale[0]) * np.asarray(w.quantization.scale, np.float64)
         have = np.asarray(b.quantization.scale, np.float64)
-        if have.shape == want.shape and np.allclose(have, want, rtol=1e-5):
+        if have.shape == want.shape and np.allclose(have, want, rtol=1e-6, atol=0):
             continue
         src = fb.get(b.name)
         bf = _arr(f, src, np.float32) if src is not None else None

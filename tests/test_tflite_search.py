@@ -1,0 +1,114 @@
+"""The LiteRT-side search: float islands (a tensor is float only when its writer and readers are),
+percentile/MSE ranges written into the quantizer's INT8 model, several variants from one
+calibration, and the search keeping float only where the target allows it. Real LiteRT, tiny CNN."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgepack.tflite import read_tflite
+from edgepack.tflite.floatacts import float_cost, float_island, islands, within_cost
+from edgepack.tflite.from_onnx import onnx_to_float_tflite
+from test_tflite_quantize import needs_converter
+
+
+@pytest.fixture
+def float_tfl(tmp_path, tiny_model):
+    return onnx_to_float_tflite(tiny_model, tmp_path / "tiny-float.tflite")
+
+
+def _calib(float_tfl, n=24):
+    shape = read_tflite(float_tfl).inputs[0].shape[1:]
+    return np.random.default_rng(0).normal(0, 1, (n, *shape)).astype(np.float32)
+
+
+def _qerr(v, lo, hi):
+    from edgepack.tflite.ranges import _grid
+
+    s, z = _grid(lo, hi)
+    return float((((np.clip(np.round(v / s) + z, -128, 127) - z) * s - v) ** 2).mean())
+
+
+def test_island_is_the_writer_and_every_reader(float_tfl):
+    info = read_tflite(float_tfl)
+    conv1 = info.tensors[info.ops[0].outputs[0]].name
+    isl = float_island(info, conv1)
+    assert isl[0] == conv1 and len(isl) == 2  # conv1 writes it, conv2 reads it
+    assert isl[1] == info.tensors[info.ops[1].outputs[0]].name
+    assert float_island(info, "no such tensor") == []
+    assert islands(info, [conv1, conv1]) == tuple(isl)  # each op once
+    # the island's float weights: conv1's 8x1x3x3 and conv2's 8x8x3x3 at 4 bytes instead of 1
+    assert float_cost(info, [conv1]) == 3 * (8 * 9 + 64 * 9)
+    assert within_cost(info, [conv1], 3 * (8 * 9 + 64 * 9)) == [conv1] and within_cost(info, [conv1], 100) == []
+
+
+def test_percentile_and_mse_ranges_clip_inside_min_max(float_tfl):
+    from edgepack.tflite.ranges import activation_samples, choose_ranges
+
+    smp = activation_samples(float_tfl, _calib(float_tfl))
+    assert smp, "no activation recorded"
+    for rule in ("percentile", "mse"):
+        rg = choose_ranges(smp, rule)
+        for name, (lo, hi) in rg.items():
+            _, mn, mx = smp[name]
+            assert min(mn, 0) - 1e-6 <= lo <= 0 <= hi <= mx + 1e-6
+        if rule == "percentile":
+            assert any(hi < smp[n][2] - 1e-6 for n, (_, hi) in rg.items()), "percentile clipped nothing"
+        else:  # never worse than min/max on the stored values: it is one of the clippings tried
+            for name, (lo, hi) in rg.items():
+                v, mn, mx = smp[name]
+                assert _qerr(v, lo, hi) <= _qerr(v, mn, mx) * (1 + 1e-4)
+    with pytest.raises(ValueError, match="unknown range rule"):
+        choose_ranges(smp, "median")
+
+
+@needs_converter
+def test_variants_share_one_calibration_and_regrid_keeps_bias_scales(tmp_path, float_tfl):
+    from edgepack.tflite.convert import quantize_variants
+    from edgepack.tflite.ranges import activation_samples, choose_ranges, regrid
+    from edgepack.tflite.run import TfliteRunner
+
+    info = read_tflite(float_tfl)
+    conv1 = info.tensors[info.ops[0].outputs[0]].name
+    x = _calib(float_tfl)
+    full, mixed = tmp_path / "full.tflite", tmp_path / "mixed.tflite"
+    quantize_variants(float_tfl, x, [(full, ()), (mixed, islands(info, [conv1]))], calibration="minmax")
+    fi, mi = read_tflite(full), read_tflite(mixed)
+    assert fi.full_integer and not mi.full_integer
+    assert conv1 in {mi.tensors[i].name for o in mi.float_ops for i in o.outputs}
+    assert {o.op for o in mi.ops} >= {"QUANTIZE", "DEQUANTIZE"}  # the island's edges
+
+    out = tmp_path / "pct.tflite"
+    rg = choose_ranges(activation_samples(float_tfl, x), "percentile")
+    assert regrid(full, float_tfl, rg, out) > 0
+    ri = read_tflite(out)
+    changed = [t for t, u in zip(ri.tensors, fi.tensors) if t.scales != u.scales and not t.constant]
+    assert changed
+    for o in ri.ops:  # LiteRT's kernels take bias scale = input scale x weight scale
+        if o.op in ("CONV_2D", "FULLY_CONNECTED") and len(o.inputs) > 2:
+            xs, w, b = (ri.tensors[i] for i in o.inputs[:3])
+            np.testing.assert_allclose(b.scales, xs.scales[0] * np.asarray(w.scales), rtol=1e-5)
+    r = TfliteRunner(out)
+    y = r(r.prepare(x[0].transpose(2, 0, 1)))
+    assert np.isfinite(y).all() and y.shape == (4,)
+
+
+@needs_converter
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("target, float_expected", [("rpi4-2gb", True), ("phone-npu-int8", False)])
+def test_search_keeps_float_only_where_the_target_allows(tmp_path, tiny_model, tiny_data, target, float_expected):
+    from edgepack.data import load_dataset
+    from edgepack.targets import load_target
+    from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
+
+    calib, ev = (load_dataset(p) for p in tiny_data)
+    opts = TfliteOptions(max_drop=-1.0, calibrations=("minmax",), onnx_search=False, latency_threads=(1,),
+                         latency_rounds=1, golden_samples=2, float_steps=(1, 2))  # an unreachable budget
+    r = quantize_tflite(tiny_model, load_target(target), calib, ev, tmp_path / "m.tflite", options=opts)
+    floated = [c for c in r.candidates if c.float_ops]
+    assert bool(floated) is float_expected
+    if float_expected:  # two growing island sets, from one calibration
+        assert len({tuple(c.float_ops) for c in floated}) == 2
+        assert len(floated[0].float_ops) < len(floated[1].float_ops)
+    else:
+        assert r.full_integer and r.float_ops == []
