@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--methods", default="percentile,mse")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default="", help="folder to keep the QDQ models in")
+    ap.add_argument("--compensation", default="local", choices=("local", "network"))
+    ap.add_argument("--compensate", type=int, default=0, help="input-compensation passes after the first "
+                    "method's model (rounding.optimize_weight_rounding(quantized=...))")
     a = ap.parse_args()
     model = asset("models/efficientnet-lite0.onnx")
     pp = resolve_preprocessing(model)
@@ -99,11 +102,24 @@ def main() -> None:
         b = QDQBuilder(rpath, cal, target, vdir, overrides)
         prep_s = time.perf_counter() - t0
         log(f"{vname}: prepared in {prep_s:.0f}s (float variant agreement {f_hold:.2f} %) {note}")
-        for method in a.methods.split(","):
+        jobs = [(mth, 0) for mth in a.methods.split(",")] + [(a.methods.split(",")[0], k + 1) for k in range(a.compensate)]
+        prev = None
+        for method, comp in jobs:
             t1 = time.perf_counter()
+            if comp:
+                rounded, overrides, rrep = optimize_weight_rounding(m, batches, bits=target.weight_bits, method=rounding,
+                                                                    quantized=onnx.load(str(prev)), compensation=a.compensation)
+                rpath = vdir / f"rounded-comp{comp}.onnx"
+                onnx.save(rounded, str(rpath))
+                b = QDQBuilder(rpath, cal, target, vdir, overrides)
             q = b.build(method, [])
+            if not comp and prev is None:
+                prev = q
+            elif comp:
+                prev = q
             js = session(q, a.threads, optimize=False)
-            row = {"variant": vname, "method": method, "rounding": rounding, "equalize": note,
+            row = {"variant": vname + (f"+{a.compensation}-comp{comp}" if comp else ""), "method": method, "rounding": rounding,
+                   "equalize": note, "compensation_passes": comp,
                    "float_variant_hold_agreement": f_hold, "size_bytes": q.stat().st_size,
                    "prepare_s": round(prep_s, 1)}
             for k, d in (("search", search), ("hold", hold), ("imnet", imnet)):
@@ -116,7 +132,7 @@ def main() -> None:
             row["eval_s"] = round(time.perf_counter() - t1, 1)
             row["model"] = str(q)
             res["rows"].append(row)
-            log(f"{vname}/{method}: search {row['search']['agreement']:.2f} hold {row['hold']['agreement']:.2f} "
+            log(f"{row['variant']}/{method}: search {row['search']['agreement']:.2f} hold {row['hold']['agreement']:.2f} "
                 f"({row['hold']['agree_n']}/176, {row['hold']['sqnr_db']} dB) imnet top1 {row['imnet']['top1']}")
             out.write_text(json.dumps(res, indent=2))
 
