@@ -360,15 +360,41 @@ def _float_layers(s: Search) -> None:
                           "table but not chosen (pass allow_cpu_fallback / --allow-cpu-fallback to accept them)")
 
 
+def _static_base(s: Search) -> CandidateResult | None:
+    """The best all-INT8 static candidate so far (what a rounding or equalization remedy improves)."""
+    return min((c for c in s.candidates if s.allowed(c) and c.method != "dynamic" and not c.float_layers
+                and not c.float_activations), key=lambda c: (c.search_drop, -c.output_sqnr_db), default=None)
+
+
+@remedy("input-compensation", 2, "GPTQ again, each layer's weights and bias compensating the rounding and "
+        "clipping of its own INT8 input (rounding.py): no size or latency cost",
+        lambda s: s.opt.weight_rounding == "gptq" and s.left > 0 and _static_base(s) is not None)
+def _input_compensation(s: Search) -> None:
+    """Round the best all-INT8 candidate's float variant again, now against the input quantizers
+    that candidate uses; same ranges, same size, same graph."""
+    base = _static_base(s)
+    t = time.perf_counter()
+    b, _ = s.variants[base.variant]
+    label = f"{base.variant}+comp"
+    vdir = s.work / label
+    vdir.mkdir()
+    model = onnx.load(str(s.work / base.variant / "model.onnx"))
+    path, overrides = _advanced_rounding(model, s.calib, s.info, vdir, s.pg, bits=s.target.weight_bits,
+                                         quantized=onnx.load(str(s.paths[base.name])))
+    s.variants[label] = (QDQBuilder(path, b.calib, s.target, vdir, overrides), time.perf_counter() - t)
+    s.evaluate(label, base.method, [], f"{base.name}+input-compensation", remedy="input-compensation")
+
+
 def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg,
-                       bits: int = 8):
+                       bits: int = 8, quantized: onnx.ModelProto | None = None):
     """GPTQ weight rounding with bias correction (rounding.py): the model to quantize and the
-    per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers."""
+    per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers. With
+    ``quantized`` (a QDQ candidate), each layer also compensates its own input quantizer."""
     from .rounding import optimize_weight_rounding
 
     batches = lambda: (f for _, f in calib.feeds(8, info.input_names))  # noqa: E731
-    pg.start("advanced PTQ: GPTQ weight rounding", 1)
-    rounded, overrides, _report = optimize_weight_rounding(model, batches, bits=bits)
+    pg.start("advanced PTQ: GPTQ weight rounding" + (" with input compensation" if quantized is not None else ""), 1)
+    rounded, overrides, _report = optimize_weight_rounding(model, batches, bits=bits, quantized=quantized)
     pg.advance()
     pg.done()
     path = work / "rounded.onnx"
