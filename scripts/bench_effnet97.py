@@ -43,6 +43,7 @@ VARIANTS = {   # name: (equalization mode or None, absorb, rounding)
     "cle-relu": ("relu", True, "gptq"),
     "cle-relu-noabsorb": ("relu", False, "gptq"),
     "cle-relu6": ("relu6", True, "gptq"),
+    "range-eq": ("range", False, "gptq"),
 }
 
 

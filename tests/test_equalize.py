@@ -89,3 +89,14 @@ def test_relu6_modes():
     assert not np.allclose(_run(relu, x), _run(m, x), atol=1e-3)
     with pytest.raises(ValueError, match="mode"):
         equalize(m, "relu7")
+
+
+def test_range_equalization_keeps_relu6_exact_on_calibration_data_and_fills_the_clip():
+    m = _block("relu6")
+    x = np.random.default_rng(5).normal(0, 0.05, (16, 3, 8, 8)).astype(np.float32)   # small: below the clip
+    data = Dataset("cal", lambda i: x[i], len(x))
+    eq, rep = equalize(m, "range", calib=data, input_names=["x"])
+    assert rep.pairs == 1 and rep.max_range_ratio_after < rep.max_range_ratio_before
+    np.testing.assert_allclose(_run(eq, x), _run(m, x), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="calibration"):
+        equalize(m, "range")

@@ -19,6 +19,14 @@ Two modes, both measured (docs/BENCHMARKS.md "Issue 11: EfficientNet-Lite0 at 97
   original FP32 model;
 - ``relu6``: the Clip kept as it is, so each channel clips at ``6 s_i`` in the old units: exact
   only where ``s_i`` is 1 or the channel never reaches the clip.
+- ``range`` (needs calibration data): activation-range equalization that keeps ReLU6 exact on the
+  calibration set. Only into a *depthwise* B, whose per-channel weight scales absorb any ``s_i``
+  without loss, and only scaling a channel *up*, until its calibration maximum ``hi_i`` is
+  ``6 / headroom``: ``s_i = min(1, max(hi_i headroom / 6, floor))``. A channel of range 0.1 then
+  uses a quarter of the per-tensor uint8 grid [0, 6] instead of 4 of its 255 steps, while B's
+  large weights amplify that rounding. The headroom keeps the clip away from values the
+  calibration set never showed (headroom 1, scaling right up to the clip, clipped enough
+  held-out values to cost 8 points of FP32 agreement: docs/BENCHMARKS.md).
 
 High-bias absorption: after equalization a channel of A whose pre-activation never goes below
 ``c_i > 0`` on the calibration set can hand ``c_i`` to B (``relu(y) = relu(y - c) + c`` when
@@ -36,7 +44,7 @@ from onnx import numpy_helper
 
 from ..data import Dataset
 
-MODES = ("relu", "relu6")
+MODES = ("relu", "relu6", "range")
 
 
 @dataclass
@@ -118,7 +126,7 @@ def _ranges(wa: np.ndarray, wb: np.ndarray, depthwise: bool) -> tuple[np.ndarray
 
 def equalize(model: onnx.ModelProto, mode: str = "relu", *, iterations: int = 20,
              absorb: bool = True, calib: Dataset | None = None, input_names: list[str] | None = None,
-             max_scale: float = 1e3) -> tuple[onnx.ModelProto, EqualizeReport]:
+             max_scale: float = 1e3, headroom: float = 4.0) -> tuple[onnx.ModelProto, EqualizeReport]:
     """A copy of ``model`` (BatchNorm already folded) with every Conv-act-Conv pair equalized, and
     high biases absorbed when ``calib`` is given (the pre-activation minima come from it)."""
     if mode not in MODES:
@@ -129,6 +137,10 @@ def equalize(model: onnx.ModelProto, mode: str = "relu", *, iterations: int = 20
     rep = EqualizeReport(mode, len(pairs), iterations)
     if not pairs:
         return m, rep
+    if mode == "range":
+        if calib is None:
+            raise ValueError("range equalization needs calibration data")
+        return m, _range_equalize(m, pairs, calib, input_names or [], rep, headroom=headroom)
     inits = {i.name: i for i in m.graph.initializer}
     W = {n: numpy_helper.to_array(inits[n]).astype(np.float64) for p in pairs for n in (p.a.input[1], p.b.input[1])}
     B = {}
@@ -184,6 +196,40 @@ def _preact_extremes(model: onnx.ModelProto, names: list[str], calib: Dataset,
                 lo, hi = np.minimum(out[name][0], lo), np.maximum(out[name][1], hi)
             out[name] = (lo, hi)
     return out
+
+
+def _range_equalize(m: onnx.ModelProto, pairs: list[_Pair], calib: Dataset, input_names: list[str],
+                    rep: EqualizeReport, floor: float = 1e-2, headroom: float = 4.0) -> EqualizeReport:
+    inits = {i.name: i for i in m.graph.initializer}
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    dw = [p for p in pairs if p.b_depthwise]
+    ext = _preact_extremes(m, [p.a.output[0] for p in dw], calib, input_names)
+    worst_before, worst_after, n = 1.0, 1.0, 0
+    for p in dw:
+        top = _clip_bounds(p.act, consts)[1]
+        hi = np.maximum(ext[p.a.output[0]][1], 0.0)
+        if not np.isfinite(top):
+            top = float(hi.max())
+        # s <= 1: a channel is scaled up until its calibration maximum is 1/headroom of the clip
+        s = np.minimum(np.maximum(hi * headroom / top, floor), 1.0)
+        live = hi > 0
+        if live.any():
+            worst_before = max(worst_before, float(hi[live].max() / hi[live].min()))
+            h2 = hi / s
+            worst_after = max(worst_after, float(h2[live].max() / h2[live].min()))
+        wa = numpy_helper.to_array(inits[p.a.input[1]]).astype(np.float64)
+        wb = numpy_helper.to_array(inits[p.b.input[1]]).astype(np.float64)
+        shape = (-1,) + (1,) * (wa.ndim - 1)
+        inits[p.a.input[1]].CopyFrom(numpy_helper.from_array((wa / s.reshape(shape)).astype(np.float32), p.a.input[1]))
+        if len(p.a.input) > 2 and p.a.input[2]:
+            ba = numpy_helper.to_array(inits[p.a.input[2]]).astype(np.float64)
+            inits[p.a.input[2]].CopyFrom(numpy_helper.from_array((ba / s).astype(np.float32), p.a.input[2]))
+        inits[p.b.input[1]].CopyFrom(numpy_helper.from_array((wb * s.reshape(shape)).astype(np.float32), p.b.input[1]))
+        n += int((s < 1).sum())
+    rep.pairs, rep.iterations, rep.absorbed_channels = len(dw), 1, 0
+    rep.max_range_ratio_before, rep.max_range_ratio_after = round(worst_before, 1), round(worst_after, 1)
+    rep.notes.append(f"{n} channels scaled up to the clip (activation range ratios are before/after)")
+    return rep
 
 
 def _absorb(m: onnx.ModelProto, pairs: list[_Pair], calib: Dataset, input_names: list[str], mode: str) -> int:

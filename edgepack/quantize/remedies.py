@@ -340,7 +340,7 @@ def _float_layers(s: Search) -> None:
     s.ranking = rank_layers(onnx.load(str(s.variants[base.variant][0].pre_path)),
                             onnx.load(str(s.paths[base.name])), feeds)
     where = "float" if s.target.float_allowed else "on CPU"
-    suffix = "+smoothquant" if base.variant != "base" else ""
+    suffix = f"+{base.variant}" if base.variant != "base" else ""
     lo, hi, k = 0, None, 1   # largest k known to miss, smallest k known to meet
     while s.left > 0 and k <= len(s.ranking):
         c = s.evaluate(base.variant, base.method, [r.name for r in s.ranking[:k]],
@@ -360,29 +360,29 @@ def _float_layers(s: Search) -> None:
                           "table but not chosen (pass allow_cpu_fallback / --allow-cpu-fallback to accept them)")
 
 
-def _static_base(s: Search) -> CandidateResult | None:
-    """The best all-INT8 static candidate so far (what a rounding or equalization remedy improves)."""
-    return min((c for c in s.candidates if s.allowed(c) and c.method != "dynamic" and not c.float_layers
-                and not c.float_activations), key=lambda c: (c.search_drop, -c.output_sqnr_db), default=None)
+def _equalize_applies(s: Search) -> bool:
+    from .equalize import find_pairs
+
+    pre = s.work / "pre.onnx"
+    return s.left > 0 and pre.exists() and any(p.b_depthwise for p in find_pairs(onnx.load(str(pre))))
 
 
-@remedy("input-compensation", 2, "GPTQ again, each layer's weights and bias compensating the rounding and "
-        "clipping of its own INT8 input (rounding.py): no size or latency cost",
-        lambda s: s.opt.weight_rounding == "gptq" and s.left > 0 and _static_base(s) is not None)
-def _input_compensation(s: Search) -> None:
-    """Round the best all-INT8 candidate's float variant again, now against the input quantizers
-    that candidate uses; same ranges, same size, same graph."""
-    base = _static_base(s)
+@remedy("equalize", 2, "activation-range equalization into depthwise convs (equalize.py; ReLU6 kept exact on "
+        "the calibration set): no size or latency cost", _equalize_applies)
+def _equalize(s: Search) -> None:
+    """Scale each channel feeding a depthwise conv up to the ReLU6 clip (the depthwise conv's
+    per-channel weights take the inverse scale without loss), then calibrate and round again."""
+    from .equalize import equalize
+
     t = time.perf_counter()
-    b, _ = s.variants[base.variant]
-    label = f"{base.variant}+comp"
-    vdir = s.work / label
-    vdir.mkdir()
-    model = onnx.load(str(s.work / base.variant / "model.onnx"))
-    path, overrides = _advanced_rounding(model, s.calib, s.info, vdir, s.pg, bits=s.target.weight_bits,
-                                         quantized=onnx.load(str(s.paths[base.name])))
-    s.variants[label] = (QDQBuilder(path, b.calib, s.target, vdir, overrides), time.perf_counter() - t)
-    s.evaluate(label, base.method, [], f"{base.name}+input-compensation", remedy="input-compensation")
+    eq, rep = equalize(onnx.load(str(s.work / "pre.onnx")), "range", calib=s.calib, input_names=s.info.input_names)
+    s.prepare(eq, "equalized")
+    b, prep = s.variants["equalized"]
+    s.variants["equalized"] = (b, prep + time.perf_counter() - t)
+    s.evaluate("equalized", s.method, [], f"int8/{s.method}+equalized", remedy="equalize")
+    if s.best is not None and s.best.variant.startswith("equalized"):
+        s.warnings.append(f"equalization: {rep.pairs} conv -> ReLU6 -> depthwise pairs, worst channel range ratio "
+                          f"{rep.max_range_ratio_before}x -> {rep.max_range_ratio_after}x")
 
 
 def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg,
