@@ -121,8 +121,7 @@ def quantize(
                                              "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
     preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook", help="FILE.py:FUNC mapping an image path to an array"),
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels file (file,label) for --eval"),
-    top1_eval: Optional[Path] = typer.Option(None, "--top1-eval", help="labelled data whose FP32 and INT8 top-1 "
-                                             "the report adds (never used for selection or the budget)"),
+    top1_eval: Optional[Path] = typer.Option(None, "--top1-eval", help="labelled data: FP32/INT8 top-1 reported only"),
     threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
     require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
     max_evals: int = typer.Option(10, "--max-evals", help="full evaluations at most"),
@@ -157,14 +156,14 @@ def quantize(
         cal = load_dataset(calib, pp)
         ev = load_dataset(eval_, pp, labels_file=labels)
         se = load_dataset(search, pp) if search else None
-        t1 = load_dataset(top1_eval, pp) if top1_eval else None
         output = output_path(output_given, f"{model.stem}-int8.onnx")
         opts = QuantizeOptions(max_drop=max_drop, calib_size=calib_size,
                                methods=tuple(method) or METHODS, weight_rounding=rounding,
                                latency_threads=tuple(threads), require_speedup=require_speedup,
                                max_evals=max_evals)
         with RichProgress(enabled=not as_json) as pg:
-            r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg, top1_data=t1)
+            r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg,
+                    top1_data=load_dataset(top1_eval, pp) if top1_eval else None)
         if confirm_on:
             r.board_confirmation = _confirm(confirm_on, model, output, ev if se is not None else None, ev, r,
                                             opts.seed, max_mismatch, as_json)
