@@ -50,7 +50,7 @@ def test_quantize_on_a_saturating_host_reports_exact_arithmetic(assets, tmp_path
     ref = predict(session(model), ev)
     exact = compare(ref, predict(session(out, optimize=False), ev), None)
     assert r.numerics == "exact" and "saturating-u8s8" in r.host_int8
-    assert abs(r.agreement - exact.agreement) < 1e-6
+    assert abs(r.agreement - exact.agreement) < 5e-4        # the report rounds to 3 decimals
     assert any("computes INT8 unlike rpi4-2gb" in w for w in r.warnings)
     # the golden outputs a board checks itself against are exact arithmetic too
     g = np.load(out.with_suffix(".golden.npz"))
@@ -58,7 +58,7 @@ def test_quantize_on_a_saturating_host_reports_exact_arithmetic(assets, tmp_path
                                rtol=1e-5, atol=1e-5)
     if saturating_host:
         host = compare(ref, predict(session(out), ev), None)      # this host's fused kernels
-        assert abs(r.host_kernel_agreement - host.agreement) < 1e-6
+        assert abs(r.host_kernel_agreement - host.agreement) < 5e-4
         # 8-bit weights saturate here: the host's figure is not the board's
         fused = predict(session(out), ev)
         assert (fused.argmax(1) != predict(session(out, optimize=False), ev).argmax(1)).any()
