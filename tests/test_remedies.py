@@ -16,7 +16,7 @@ from edgepack.targets import load_target
 
 def test_registry_is_ordered_by_cost_and_complete():
     order = [r.name for r in sorted(REGISTRY.values(), key=lambda r: r.cost)]
-    assert order == ["calibration", "dynamic", "smoothquant", "equalize", "float-activations", "float-layers"]
+    assert order == ["calibration", "dynamic", "smoothquant", "float-activations", "float-layers"]
     assert all(r.description and callable(r.applies) and callable(r.apply) for r in REGISTRY.values())
     # float layers (size cost) come after everything that keeps the size
     assert REGISTRY["float-layers"].cost > max(r.cost for n, r in REGISTRY.items() if n != "float-layers")

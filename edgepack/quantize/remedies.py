@@ -360,31 +360,6 @@ def _float_layers(s: Search) -> None:
                           "table but not chosen (pass allow_cpu_fallback / --allow-cpu-fallback to accept them)")
 
 
-def _equalize_applies(s: Search) -> bool:
-    from .equalize import find_pairs
-
-    pre = s.work / "pre.onnx"
-    return s.left > 0 and pre.exists() and any(p.b_depthwise for p in find_pairs(onnx.load(str(pre))))
-
-
-@remedy("equalize", 2, "activation-range equalization into depthwise convs (equalize.py; ReLU6 kept exact on "
-        "the calibration set): no size or latency cost", _equalize_applies)
-def _equalize(s: Search) -> None:
-    """Scale each channel feeding a depthwise conv up to the ReLU6 clip (the depthwise conv's
-    per-channel weights take the inverse scale without loss), then calibrate and round again."""
-    from .equalize import equalize
-
-    t = time.perf_counter()
-    eq, rep = equalize(onnx.load(str(s.work / "pre.onnx")), "range", calib=s.calib, input_names=s.info.input_names)
-    s.prepare(eq, "equalized")
-    b, prep = s.variants["equalized"]
-    s.variants["equalized"] = (b, prep + time.perf_counter() - t)
-    s.evaluate("equalized", s.method, [], f"int8/{s.method}+equalized", remedy="equalize")
-    if s.best is not None and s.best.variant.startswith("equalized"):
-        s.warnings.append(f"equalization: {rep.pairs} conv -> ReLU6 -> depthwise pairs, worst channel range ratio "
-                          f"{rep.max_range_ratio_before}x -> {rep.max_range_ratio_after}x")
-
-
 def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg,
                        bits: int = 8, quantized: onnx.ModelProto | None = None):
     """GPTQ weight rounding with bias correction (rounding.py): the model to quantize and the
