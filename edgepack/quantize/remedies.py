@@ -340,7 +340,7 @@ def _float_layers(s: Search) -> None:
     s.ranking = rank_layers(onnx.load(str(s.variants[base.variant][0].pre_path)),
                             onnx.load(str(s.paths[base.name])), feeds)
     where = "float" if s.target.float_allowed else "on CPU"
-    suffix = f"+{base.variant}" if base.variant != "base" else ""
+    suffix = "+smoothquant" if base.variant != "base" else ""
     lo, hi, k = 0, None, 1   # largest k known to miss, smallest k known to meet
     while s.left > 0 and k <= len(s.ranking):
         c = s.evaluate(base.variant, base.method, [r.name for r in s.ranking[:k]],
@@ -361,15 +361,14 @@ def _float_layers(s: Search) -> None:
 
 
 def _advanced_rounding(model: onnx.ModelProto, calib: Dataset, info: ModelInfo, work: Path, pg,
-                       bits: int = 8, quantized: onnx.ModelProto | None = None):
+                       bits: int = 8):
     """GPTQ weight rounding with bias correction (rounding.py): the model to quantize and the
-    per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers. With
-    ``quantized`` (a QDQ candidate), each layer also compensates its own input quantizer."""
+    per-channel scale overrides that make ONNX Runtime keep exactly the chosen integers."""
     from .rounding import optimize_weight_rounding
 
     batches = lambda: (f for _, f in calib.feeds(8, info.input_names))  # noqa: E731
-    pg.start("advanced PTQ: GPTQ weight rounding" + (" with input compensation" if quantized is not None else ""), 1)
-    rounded, overrides, _report = optimize_weight_rounding(model, batches, bits=bits, quantized=quantized)
+    pg.start("advanced PTQ: GPTQ weight rounding", 1)
+    rounded, overrides, _report = optimize_weight_rounding(model, batches, bits=bits)
     pg.advance()
     pg.done()
     path = work / "rounded.onnx"
