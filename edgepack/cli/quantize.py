@@ -32,8 +32,13 @@ def render_report(r, console: Console) -> None:
     t.add_row("computed as", f"{r.numerics} (the board's INT8 arithmetic); this host: {r.host_int8}")
     if r.host_kernel_agreement is not None:
         t.add_row("this host's own kernels", f"{r.host_kernel_agreement:.2f} % agreement (not the board's figure)")
+    if r.labelled_top1:
+        lt = r.labelled_top1
+        t.add_row(f"top-1 on {escape(lt['name'])}", f"FP32 {lt['fp32_top1']:.1f} % / INT8 {lt['int8_top1']:.1f} % "
+                  f"over {lt['n']} labelled samples (reported, not selected on)")
     ok = "[green]met[/]" if r.budget_met else "[red]NOT met[/]"
-    t.add_row("accuracy budget", f"{r.metric} drop <= {r.budget_points:g} points: {ok} ({r.drop_points:.2f})")
+    t.add_row("accuracy budget", f"{escape(r.budget_basis) or f'{r.metric} drop <= {r.budget_points:g} points'}: "
+              f"{ok} ({r.drop_points:.2f} points)")
     t.add_row("calibration", f"{r.calibration_method} on {r.calibration_samples} samples "
               f"(tried: {', '.join(sorted({c.method for c in r.candidates}))})")
     t.add_row("weights / activations", f"int8 {'per-channel' if r.per_channel else 'per-tensor'}, "
@@ -116,6 +121,7 @@ def quantize(
                                              "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"),
     preprocess_hook: Optional[str] = typer.Option(None, "--preprocess-hook", help="FILE.py:FUNC mapping an image path to an array"),
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels file (file,label) for --eval"),
+    top1_eval: Optional[Path] = typer.Option(None, "--top1-eval", help="labelled data: FP32/INT8 top-1 reported only"),
     threads: list[int] = typer.Option([1, 2], "--threads", help="thread counts for the latency check"),
     require_speedup: bool = typer.Option(False, "--require-speedup", help="refuse when INT8 is not faster"),
     max_evals: int = typer.Option(10, "--max-evals",
@@ -157,7 +163,8 @@ def quantize(
                                latency_threads=tuple(threads), require_speedup=require_speedup,
                                max_evals=max_evals)
         with RichProgress(enabled=not as_json) as pg:
-            r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg)
+            r = run(model, tgt, cal, ev, output, search=se, options=opts, progress=pg,
+                    top1_data=load_dataset(top1_eval, pp) if top1_eval else None)
         if confirm_on:
             r.board_confirmation = _confirm(confirm_on, model, output, ev if se is not None else None, ev, r,
                                             opts.seed, max_mismatch, as_json)

@@ -131,6 +131,8 @@ class QuantizeReport:
     board_confirmation: dict | None = None  # edgepack.fleet.confirm: the board's own figure (--confirm-on)
     remedies_tried: list[str] = field(default_factory=list)   # edgepack.quantize.remedies, in the order run
     float_activations: list[str] = field(default_factory=list)  # activations kept float (weights INT8)
+    budget_basis: str = ""                  # which budget applied and why (Target.accuracy_budget)
+    labelled_top1: dict | None = None       # top-1 on a separate labelled set (``top1_data``), FP32 and INT8
 
     @property
     def size_ratio(self) -> float:
@@ -170,18 +172,26 @@ def split_eval(data: Dataset, seed: int = 0) -> tuple[Dataset, Dataset]:
 
 def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation: Dataset,
              output: str | Path, *, search: Dataset | None = None,
-             options: QuantizeOptions | None = None, progress: Progress | None = None) -> QuantizeReport:
+             options: QuantizeOptions | None = None, progress: Progress | None = None,
+             top1_data: Dataset | None = None) -> QuantizeReport:
     """Quantize ``model_path`` for ``target`` and write the INT8 model to ``output``.
 
     ``evaluation`` gives the final figures; ranking and selection use ``search`` or, without one,
-    half of ``evaluation`` (the other half is held out). Nothing is written to ``output`` unless
-    the whole run succeeds.
+    half of ``evaluation`` (the other half is held out). The accuracy budget is the target's
+    (:meth:`Target.accuracy_budget`: top-1 drop with labels, the agreement floor without) unless
+    ``options.max_drop`` is given. ``top1_data``, a labelled set, only adds FP32 and INT8 top-1 to
+    the report (never selection, never the budget). Nothing is written to ``output`` unless the
+    whole run succeeds.
     """
     opt = options or QuantizeOptions()
     pg = progress or _NoProgress()
     t0 = time.perf_counter()
     output = _check_output(output)
     info, calib, search, holdout = _check_inputs(model_path, calib, evaluation, search, opt)
+    if top1_data is not None:
+        if top1_data.labels is None or len(top1_data) == 0:
+            raise DataError(f"top-1 set {top1_data.name!r} needs labelled samples (class subfolders or labels.csv)")
+        check_samples(info, top1_data, "top-1")
     work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
     try:
         pre = preprocess_model(info, work)
@@ -191,8 +201,8 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         ref_hold = predict(fp32, holdout, batch_size=opt.batch_size, progress=pg.advance)
         pg.done()
         del fp32
-        s = Search(info=info, target=target, opt=opt,
-                   budget=target.max_top1_drop if opt.max_drop is None else opt.max_drop, calib=calib,
+        budget, basis = target.accuracy_budget(holdout.labels is not None, opt.max_drop)
+        s = Search(info=info, target=target, opt=opt, budget=budget, calib=calib,
                    data=search, ref=ref_search, work=work, pg=pg, sample=holdout.loader(0))
         s.prepare(pre, "base")
         run_remedies(s)
@@ -200,8 +210,11 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         s.evals += 1   # the held-out figure
         final, host_final = _held_out(s, s.paths[chosen.name], holdout, ref_hold)
         lat, speed_ok = _latency(info, s.paths[chosen.name], s.sample, opt, pg, s.warnings)
+        top1 = _labelled_top1(s, info, s.paths[chosen.name], top1_data) if top1_data is not None else None
         _write_output(output, s, chosen, holdout)
-        return _report(s, chosen, output, final, host_final, lat, speed_ok, t0)
+        r = _report(s, chosen, output, final, host_final, lat, speed_ok, t0)
+        r.budget_basis, r.labelled_top1 = basis, top1
+        return r
     except BaseException:
         golden = output.with_suffix(".golden.npz")
         if golden.exists() and not output.exists():
@@ -264,12 +277,22 @@ def _held_out(s: Search, path: Path, holdout: Dataset, ref_hold: np.ndarray) -> 
         s.warnings.append(f"latency was measured on this {host.machine} host: a host proxy, not {s.target.name}'s "
                           f"({s.target.arch}) figure")
     if final.drop > s.budget:
-        s.warnings.append(f"accuracy budget not met: held-out {final.metric} drop {final.drop:.2f} "
-                          f"points > {s.budget:g} allowed")
+        got = (f"{final.metric} drop {final.drop:.2f} points > {s.budget:g} allowed" if final.fp32_top1 is not None
+               else f"agreement {final.agreement:.2f} % < {100 - s.budget:g} % required")
+        s.warnings.append(f"accuracy budget not met: held-out {got}")
         if not (s.target.float_allowed or s.opt.allow_cpu_fallback):
             s.warnings.append(f"target {s.target.name} runs INT8 only: no layer may leave the accelerator, "
                               "so the remaining drop needs quantization-aware training (edgepack qat)")
     return final, host_final
+
+
+def _labelled_top1(s: Search, info: ModelInfo, path: Path, data: Dataset) -> dict:
+    """FP32 and INT8 (the board's arithmetic) top-1 on a labelled set, for the report only."""
+    bs = s.opt.batch_size
+    c = compare(predict(session(info.path), data, batch_size=bs), predict(s.judge(path), data, batch_size=bs),
+                data.labels)
+    return {"name": data.name, "n": c.n, "fp32_top1": round(c.fp32_top1, 3), "int8_top1": round(c.int8_top1, 3),
+            "drop_points": round(c.drop, 3), "agreement": round(c.agreement, 3), "mcnemar_p": c.mcnemar_p}
 
 
 def _latency(info: ModelInfo, path: Path, sample, opt: QuantizeOptions, pg: Progress,

@@ -147,6 +147,10 @@ class _Layer:
     # statistics
     H: np.ndarray | None = None  # (G, K, K) float64, sum of x xᵀ
     S: np.ndarray | None = None  # (G, K) float64, sum of x
+    # with a quantized model (input compensation): x̃ is the layer input as the INT8 model sees it
+    Hq: np.ndarray | None = None  # (G, K, K) sum of x̃ x̃ᵀ
+    C: np.ndarray | None = None   # (G, K, K) sum of x x̃ᵀ
+    Sq: np.ndarray | None = None  # (G, K) sum of x̃
     n: int = 0
     xmin: float = 0.0
     xmax: float = 0.0
@@ -299,11 +303,12 @@ def _layer_rows(lay: _Layer, x: np.ndarray) -> Iterator[np.ndarray]:
         yield a[None, :, i:i + step]
 
 
-def _accumulate(lay: _Layer, x: np.ndarray) -> None:
+def _accumulate(lay: _Layer, x: np.ndarray, xq: np.ndarray | None = None) -> None:
     x = np.asarray(x, dtype=np.float32)
     if x.size:
         lay.xmin = min(lay.xmin, float(x.min()))
         lay.xmax = max(lay.xmax, float(x.max()))
+    rows_q = _layer_rows(lay, np.asarray(xq, dtype=np.float32)) if xq is not None else None
     for p in _layer_rows(lay, x):
         G, K, M = p.shape
         if lay.H is None:
@@ -314,6 +319,14 @@ def _accumulate(lay: _Layer, x: np.ndarray) -> None:
             lay.H[gi] += pg @ pg.T  # float32 BLAS (syrk), accumulated in float64
         lay.S += p.sum(axis=2, dtype=np.float64)
         lay.n += M
+        if rows_q is not None:
+            pq = next(rows_q)
+            if lay.Hq is None:
+                lay.Hq, lay.C, lay.Sq = np.zeros((G, K, K)), np.zeros((G, K, K)), np.zeros((G, K))
+            for gi in range(G):
+                lay.Hq[gi] += pq[gi] @ pq[gi].T
+                lay.C[gi] += p[gi] @ pq[gi].T
+            lay.Sq += pq.sum(axis=2, dtype=np.float64)
 
 
 @contextlib.contextmanager
@@ -374,10 +387,56 @@ def _batch_iter(batches) -> Iterator[dict[str, np.ndarray]]:
     return iter(batches() if callable(batches) else batches)
 
 
+def _input_quantizers(qmodel: onnx.ModelProto, layers: list[_Layer]) -> dict[str, tuple]:
+    """Per layer (matched by node name): the DequantizeLinear output its quantized node reads, and
+    that quantizer's (scale, zero point, qmin, qmax) when they are per-tensor constants."""
+    by_name = {n.name: n for n in qmodel.graph.node}
+    consts = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    dq = {n.output[0]: n for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+    found = {}
+    for lay in layers:
+        qn = by_name.get(lay.node.name)
+        d = dq.get(qn.input[0]) if qn is not None and qn.input else None
+        if d is None or d.input[1] not in consts or len(d.input) < 3 or d.input[2] not in consts:
+            continue
+        sc, zp = consts[d.input[1]], consts[d.input[2]]
+        if sc.size != 1:
+            continue
+        info = np.iinfo(zp.dtype)
+        found[lay.node.name] = (qn.input[0], float(sc), int(zp), info.min, info.max)
+    return found
+
+
+def _local_quant(x: np.ndarray, q: tuple) -> np.ndarray:
+    _, sc, zp, lo, hi = q
+    return ((np.clip(np.rint(x / sc) + zp, lo, hi) - zp) * sc).astype(np.float32)
+
+
+def _quantized_inputs(qmodel: onnx.ModelProto, layers: list[_Layer]):
+    """An unfused session over the QDQ model exposing, per layer (matched by node name), the input
+    its quantized node computes with (the DequantizeLinear output); {layer input: that tensor}."""
+    import onnxruntime as ort
+
+    names = {k: v[0] for k, v in _input_quantizers(qmodel, layers).items()}
+    if not names:
+        return None, {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qmodel)
+    del probe.graph.output[:]
+    for t in dict.fromkeys(names.values()):
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # exact arithmetic
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"]), names
+
+
 def _collect(model: onnx.ModelProto, layers: list[_Layer], batches,
-             progress: Callable[[int, int], None] | None, n_total: int) -> tuple[int, int]:
+             progress: Callable[[int, int], None] | None, n_total: int,
+             qmodel: onnx.ModelProto | None = None, local: bool = True) -> tuple[int, int]:
     """One FP32 pass over the calibration batches; every layer's H, E[x] and range are
-    accumulated in place. Returns (samples, batches)."""
+    accumulated in place (with ``qmodel``, also the statistics of the quantized model's inputs
+    on the same batches). Returns (samples, batches)."""
     import onnxruntime as ort
 
     graph_inputs = {i.name for i in model.graph.input}
@@ -405,16 +464,22 @@ def _collect(model: onnx.ModelProto, layers: list[_Layer], batches,
     for lay in layers:
         by_input.setdefault(lay.input, []).append(lay)
     first_input = model.graph.input[0].name if model.graph.input else None
+    qsess, qnames = _quantized_inputs(qmodel, layers) if qmodel is not None and not local else (None, {})
+    lq = _input_quantizers(qmodel, layers) if qmodel is not None and local else {}
+    q_out = [o.name for o in qsess.get_outputs()] if qsess is not None else []
     samples = nb = 0
     for feed in _batch_iter(batches):
         for sub in _split_feed(feed, _MAX_RUN_BATCH):
             outs = dict(zip(out_names, sess.run(out_names, sub))) if sess is not None else {}
+            qouts = dict(zip(q_out, qsess.run(q_out, sub))) if qsess is not None else {}
             for name in needed:
                 x = outs.pop(name) if name in outs else np.asarray(sub[name])
                 for lay in by_input[name]:
-                    _accumulate(lay, x)
+                    xq = (_local_quant(x, lq[lay.node.name]) if lay.node.name in lq
+                          else qouts.get(qnames.get(lay.node.name, "")))
+                    _accumulate(lay, x, xq)
                 del x  # free each activation as soon as its layers are done
-            del outs
+            del outs, qouts
         if first_input is not None and first_input in feed:
             samples += int(np.shape(feed[first_input])[0]) if np.ndim(feed[first_input]) else 1
         nb += 1
@@ -490,6 +555,22 @@ def _gptq(W: np.ndarray, H: np.ndarray, s: np.ndarray, qmax: int, *, damp: float
     return Q
 
 
+def _compensated(lay: _Layer, Wg: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Input compensation (see optimize_weight_rounding's ``quantized``): the target weights, the
+    Hessian of the quantized inputs and their mean. The normal equations of E||W x - W' x̃||² give
+    W' = W C Hq⁻¹ = W + W (C - Hq) Hq⁻¹; damping only the second term keeps W where the
+    quantized input carries no information about a direction."""
+    n = lay.n
+    Hq, C, mu_q = lay.Hq / n, lay.C / n, lay.Sq / n
+    K = Hq.shape[1]
+    diag = np.einsum("gkk->gk", Hq)
+    lam = damp * np.maximum(diag.mean(axis=1), 1e-12)
+    Hd = Hq + lam[:, None, None] * np.eye(K)
+    corr = np.linalg.solve(Hd, np.swapaxes(C - Hq, 1, 2))          # (G, K, K) = Hd⁻¹ (C - Hq)ᵀ
+    Wt = Wg + np.matmul(Wg, np.swapaxes(corr, 1, 2))
+    return Wt, Hq, mu_q
+
+
 def _scales(lay: _Layer, Wg: np.ndarray, bias: np.ndarray | None, qmax: int,
             activation_bits: int) -> tuple[np.ndarray, int]:
     """Per-row symmetric scales (G, R), float32-exact, with a floor that keeps ORT's int32 bias
@@ -518,6 +599,7 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
                              nodes: Collection[str] | None = None, bits: int = 8, method: str = "gptq",
                              bias_correction: bool = True, damp: float = 0.1, act_order: bool = False,
                              activation_bits: int = 8, progress: Callable[[int, int], None] | None = None,
+                             quantized: onnx.ModelProto | None = None, compensation: str = "local",
                              ) -> tuple[onnx.ModelProto, dict[str, list[dict]], RoundingReport]:
     """Choose int weights that minimise each layer's output error on calibration data.
 
@@ -539,6 +621,20 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
             floor that keeps ORT's int32-bias adjustment from changing our scales.
         progress: called as ``progress(done, total)``: once per calibration batch, then once per
             layer solved. ``total`` is 0 during the statistics pass when ``batches`` has no len().
+        quantized: a QDQ model of the same network (node names kept), e.g. a first pass of this
+            function built by ONNX Runtime. With it each layer's rounding targets the FP32 output
+            from the input *the INT8 model computes with* (input compensation): minimise
+            ``E||W x - Ŵ x̃||²``, x̃ the layer's dequantized input in that model, run unfused on the
+            same batches. The target weights become ``W + W E[(x - x̃) x̃ᵀ] (E[x̃ x̃ᵀ] + λI)⁻¹``
+            (only the correction is damped), GPTQ rounds them with ``E[x̃ x̃ᵀ]``, and bias
+            correction removes the mean shift ``W E[x] - Ŵ E[x̃]``, activation-rounding and clipping
+            bias included. Why: on EfficientNet-Lite0 most of the INT8 error is activation
+            rounding (docs/BENCHMARKS.md), which weight rounding alone never sees.
+        compensation: with ``quantized``, what x̃ is: "local" (the FP32 input through the layer's own
+            input quantizer from ``quantized``: each layer answers for its own activation rounding
+            and clipping, nothing is counted twice) or "network" (the input the whole INT8 model
+            computes; every layer then also compensates upstream error that the upstream layers
+            compensate themselves, which over-corrects when all layers are solved at once).
 
     Returns:
         ``(new_model, overrides, report)``. ``new_model`` holds the dequantized weights ``q·s`` (and
@@ -564,7 +660,8 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
 
     t0 = time.perf_counter()
     with _blas_threads(1):
-        samples, nb = _collect(model, layers, batches, progress, n_total) if layers else (0, 0)
+        samples, nb = (_collect(model, layers, batches, progress, n_total, quantized, compensation == "local")
+                       if layers else (0, 0))
     t1 = time.perf_counter()
 
     new = onnx.ModelProto()
@@ -577,7 +674,10 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
             uses[i] = uses.get(i, 0) + 1
     node_by_name = {id(n): k for k, n in enumerate(model.graph.node)}
     overrides: dict[str, list[dict]] = {}
-    report = RoundingReport(method, bits, samples, nb, t1 - t0, 0.0, skipped=skipped)
+    if compensation not in ("local", "network"):
+        raise ValueError(f"compensation must be 'local' or 'network', got {compensation!r}")
+    report = RoundingReport(method + (f"+{compensation}-compensation" if quantized is not None else ""), bits, samples, nb,
+                            t1 - t0, 0.0, skipped=skipped)
 
     for li, lay in enumerate(layers):
         ts = time.perf_counter()
@@ -603,13 +703,16 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
                 bias_arr = np.full((G, R), float(b.reshape(())) * (lay.beta if lay.op == "Gemm" else 1.0))
             else:
                 bias_ok = False  # e.g. a (M, N) Gemm C: not per output channel
-        s, floored = _scales(lay, Wg, bias_arr, qmax, activation_bits)
+        Wt, Hs, mu_q = Wg, H, mu
+        if lay.Hq is not None:
+            Wt, Hs, mu_q = _compensated(lay, Wg, damp)
+        s, floored = _scales(lay, Wt, bias_arr, qmax, activation_bits)
 
         q_rtn = _quant(Wg, s[:, :, None], qmax)
         if method == "gptq":
-            q = _gptq(Wg, H, s, qmax, damp=damp, act_order=act_order)
+            q = _gptq(Wt, Hs, s, qmax, damp=damp, act_order=act_order)
         else:
-            q = q_rtn
+            q = _quant(Wt, s[:, :, None], qmax)
         Wq = q * s[:, :, None]
         Wq32 = Wq.astype(np.float32)
         wref = float(np.einsum("grk,gkl,grl->", Wg, H, Wg, optimize=True)) or 1.0
@@ -620,7 +723,8 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
 
         corrected = False
         if bias_correction and lay.op in ("Conv", "Gemm") and bias_ok:
-            shift = np.einsum("grk,gk->gr", Wg - Wq32.astype(np.float64), mu) * (lay.alpha if lay.op == "Gemm" else 1.0)
+            shift = (np.einsum("grk,gk->gr", Wg, mu) - np.einsum("grk,gk->gr", Wq32.astype(np.float64), mu_q)) \
+                * (lay.alpha if lay.op == "Gemm" else 1.0)
             base = bias_arr if bias_arr is not None else np.zeros((G, R))
             nb_ = (base + shift).reshape(-1)
             if lay.op == "Gemm":
@@ -648,7 +752,7 @@ def optimize_weight_rounding(model: onnx.ModelProto, batches: Iterable[dict[str,
             for c in range(n_ch)]
         report.layers.append(LayerRounding(label, lay.op, lay.weight, lay.w_shape, lay.groups, err_rtn, err_opt,
                                            corrected, floored, time.perf_counter() - ts))
-        lay.H = lay.S = None  # free
+        lay.H = lay.S = lay.Hq = lay.C = lay.Sq = None  # free
         if progress is not None:
             progress(n_batches + li + 1, n_total)
     report.solve_seconds = time.perf_counter() - t1
