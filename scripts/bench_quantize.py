@@ -214,9 +214,11 @@ def main() -> int:
     a = ap.parse_args()
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+    from edgepack.quantize.numerics import host_int8
+    host = host_int8()
+    results = {"machine": {"cpu": host.cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                            "onnxruntime": __import__("onnxruntime").__version__},
-               "host_int8": __import__("edgepack.quantize.numerics", fromlist=["host_int8"]).host_int8().label,
+               "host_int8": host.label,
                "command": "python scripts/bench_quantize.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "models": []}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
@@ -254,15 +256,6 @@ def main() -> int:
     log(f"wrote {out}")
     return 0
 
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     from edgepack.quantize.numerics import host_int8
     import importlib.metadata as md
-    results = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+    results = {"machine": {"cpu": host_int8().cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                            "host_int8": str(host_int8()), "int8_instructions": _int8_flags(), "ai-edge-litert": md.version("ai-edge-litert"),
                            "onnxruntime": md.version("onnxruntime"),
                            "shared": "2 cores shared with other jobs: latency is interleaved medians; compare ratios"},
@@ -306,15 +306,6 @@ def _int8_flags() -> str:
     have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     return ", ".join(have) + ("" if any("vnni" in f for f in have) else " (no VNNI: int8 dot products via vpmaddubsw)")
 
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class HostInt8:
 
     machine: str
     instructions: tuple[str, ...]      # e.g. ("avx2",), ("avx2", "avx512_vnni"), ("neon", "dotprod")
+    cpu: str = ""                      # the CPU's model name, for benchmark records
 
     @property
     def arithmetic(self) -> str:
@@ -59,16 +60,20 @@ def host_int8() -> HostInt8:
     """Read the CPU flags (``/proc/cpuinfo``; other systems are reported by machine name only)."""
     machine = platform.machine()
     flags: set[str] = set()
+    cpu = ""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                key = line.split(":", 1)[0].strip().lower()
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
                 if key in ("flags", "features"):
-                    flags.update(line.split(":", 1)[1].split())
+                    flags.update(value.split())
+                elif key == "model name" and not cpu:
+                    cpu = value.strip()
     except OSError:
         pass
     found = [f for f in _X86_FLAGS if f in flags] + [v for k, v in _ARM_FLAGS.items() if k in flags]
-    return HostInt8(machine, tuple(found))
+    return HostInt8(machine, tuple(found), cpu or platform.processor())
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
