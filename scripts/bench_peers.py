@@ -314,10 +314,11 @@ def run_peer(name: str, venv: str, runner: str, variant: str, args, data: dict, 
     return res
 
 
-def is_qdq(path: Path) -> bool:
+def quantize_nodes(path: Path) -> int:
+    """QuantizeLinear nodes in the model (0: not a QDQ model; fewer: some tensors left float)."""
     import onnx
 
-    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def evaluate(res: dict, fp32_ref: dict, evals: dict) -> None:
@@ -326,7 +327,8 @@ def evaluate(res: dict, fp32_ref: dict, evals: dict) -> None:
     path = res["path"]
     res["bytes"] = path.stat().st_size
     res["size_mb"] = round(res["bytes"] / 1e6, 2)
-    res["qdq_onnx"] = is_qdq(path)
+    res["quantize_linear_nodes"] = quantize_nodes(path)
+    res["qdq_onnx"] = res["quantize_linear_nodes"] > 0
     for numerics, optimize in (("exact", False), ("host", True)):
         try:
             s = session(path, optimize=optimize)

@@ -4,6 +4,7 @@
 int8 weights (to_onnx_qdq(prequantize_constants=True)) so ORT can run it and its size is real.
 
   ptq        QuantSim defaults (per-tensor symmetric weights, min_max), compute_encodings
+  per-channel  QuantSim default_config_per_channel.json (per-channel weights), min_max
   cle        equalize_model (BN fold, ReLU6 -> ReLU, CLE, bias absorption) + QuantSim defaults
   adaround   QuantSim defaults + apply_adaround
   recipe     CLE + QuantSim per-channel config, tf_enhanced + apply_adaround + compute_encodings
@@ -19,7 +20,10 @@ from _common import Timer, parser, report, versions
 
 
 def main() -> None:
-    a = parser(["ptq", "cle", "adaround", "recipe"]).parse_args()
+    a = parser(["ptq", "per-channel", "cle", "adaround", "recipe"]).parse_args()
+    import torch
+
+    torch.set_num_threads(2)   # the machine's 2 cores are shared
     from aimet_onnx import QuantizationSimModel, apply_adaround
     from aimet_onnx.cross_layer_equalization import equalize_model
 
@@ -33,12 +37,14 @@ def main() -> None:
         if a.variant in ("cle", "recipe"):
             equalize_model(model)
             notes.append("equalize_model (BN fold, ReLU6->ReLU, CLE, high-bias absorption)")
-        if a.variant == "recipe":
+        if a.variant in ("recipe", "per-channel"):
             import aimet_onnx.common.quantsim_config as qc
 
-            kw = {"quant_scheme": "tf_enhanced",
-                  "config_file": os.path.join(os.path.dirname(qc.__file__), "default_config_per_channel.json")}
-            notes.append("QuantSim default_config_per_channel.json, quant_scheme=tf_enhanced")
+            kw = {"config_file": os.path.join(os.path.dirname(qc.__file__), "default_config_per_channel.json")}
+            if a.variant == "recipe":
+                kw["quant_scheme"] = "tf_enhanced"
+            notes.append("QuantSim default_config_per_channel.json" +
+                         (", quant_scheme=tf_enhanced" if a.variant == "recipe" else ", min_max"))
         else:
             notes.append("QuantSim defaults (int8/int8, min_max, per-tensor)")
         sim = QuantizationSimModel(model, **kw)
