@@ -213,9 +213,17 @@ def tree_state(tree: Path) -> str:
     return head + ("+" + hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else "")
 
 
-def run_edgepack(args, work: Path, assets: Path) -> dict:
+def edgepack_key(args, assets: Path) -> tuple[dict, str]:
+    """What makes an edgepack result reusable (its arguments, tree and the tree's commit) and the
+    file stem it is kept under in --work, so results of several commands/trees live side by side."""
+    cmd, tree, _ = edgepack_source(args)
+    key = {"argv": quantize_argv(cmd, assets, Path("OUT.onnx")), "tree": str(tree), "commit": tree_state(tree)}
+    return key, "edgepack-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_edgepack(args, work: Path, assets: Path, stem: str) -> dict:
     cmd, tree, source = edgepack_source(args)
-    out = work / "edgepack.onnx"
+    out = work / f"{stem}.onnx"
     argv = quantize_argv(cmd, assets, out)
     py = tree / ".venv" / "bin" / "python"
     py = py if py.exists() else ROOT / ".venv" / "bin" / "python"
@@ -250,25 +258,27 @@ def run_edgepack(args, work: Path, assets: Path) -> dict:
 
 
 def edgepack_or_resume(args, work: Path, assets: Path, fp32_ref: dict, evals: dict) -> dict:
-    kept = work / "edgepack.result.json"
+    """edgepack's judged result: a model it already wrote (--edgepack-model), kept from an earlier
+    run of the same command on the same tree state, or quantized and judged now."""
     if args.edgepack_model:
         r = {"peer": EDGEPACK, "command_source": "--edgepack-model (judged as written, not re-quantized)",
              "path": Path(args.edgepack_model).resolve(), "quantize_seconds": None}
         r["model"] = str(r["path"])
         evaluate(r, fp32_ref, evals)
         return r
-    cmd, tree, _ = edgepack_source(args)
-    key = {"argv": quantize_argv(cmd, assets, work / "edgepack.onnx"), "tree": str(tree), "commit": tree_state(tree)}
+    key, stem = edgepack_key(args, assets)
+    kept = work / f"{stem}.result.json"
     if kept.exists() and EDGEPACK not in args.redo:
         r = json.loads(kept.read_text())
-        if "error" not in r and (work / "edgepack.onnx").exists() and r.get("key") == key:
-            log(f"edgepack: kept from {r.get('date', 'an earlier run')}")
-            r["path"] = work / "edgepack.onnx"
+        if "error" not in r and (work / f"{stem}.onnx").exists():
+            log(f"edgepack: kept from {r.get('date', 'an earlier run')} ({stem})")
+            r["path"] = work / f"{stem}.onnx"
             return r
     if args.kept_only:
         return json.loads(kept.read_text()) if kept.exists() else {"peer": EDGEPACK, "error": "not run yet"}
-    log(f"edgepack: {cmd} (tree {tree})")
-    r = run_edgepack(args, work, assets)
+    cmd, tree, _ = edgepack_source(args)
+    log(f"edgepack: {cmd} (tree {tree}, kept as {stem})")
+    r = run_edgepack(args, work, assets, stem)
     r["key"] = key
     if "error" in r:
         log(f"edgepack: FAILED: {r['error'].splitlines()[-1]}")

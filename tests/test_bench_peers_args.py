@@ -121,3 +121,21 @@ def test_only_accepts_edgepack_and_suites():
     m = _mod()
     a = m.build_parser().parse_args(["--suite", "fashion", "--only", "ort-default", "edgepack", "--redo", "edgepack"])
     assert a.suite == "fashion" and a.only == ["ort-default", "edgepack"] and m.NAMES[-1] == "edgepack"
+
+
+def test_edgepack_results_are_kept_per_command_and_tree(tmp_path):
+    """Two edgepack commands (or trees) keep separate results in one --work; the same one resumes."""
+    import json
+
+    m = _mod()
+    p = m.build_parser()
+    a1 = p.parse_args(["--work", str(tmp_path), "--kept-only", "--edgepack-cmd", "edgepack quantize a.onnx -o x.onnx"])
+    a2 = p.parse_args(["--work", str(tmp_path), "--kept-only", "--edgepack-cmd", "edgepack quantize a.onnx --max-drop 2"])
+    (k1, s1), (k2, s2) = m.edgepack_key(a1, Path("/A")), m.edgepack_key(a2, Path("/A"))
+    assert s1 != s2 and k1["argv"][-3:] == ["-o", "OUT.onnx", "--json"]
+    assert m.edgepack_key(a1, Path("/A")) == (k1, s1)   # stable: a rerun finds it
+    assert m.edgepack_or_resume(a1, tmp_path, Path("/A"), {}, {})["error"] == "not run yet"
+    (tmp_path / f"{s1}.result.json").write_text(json.dumps({"peer": "edgepack", "exact": {}, "key": k1}))
+    (tmp_path / f"{s1}.onnx").write_bytes(b"")
+    assert m.edgepack_or_resume(a1, tmp_path, Path("/A"), {}, {})["path"] == tmp_path / f"{s1}.onnx"
+    assert m.edgepack_or_resume(a2, tmp_path, Path("/A"), {}, {})["error"] == "not run yet"
