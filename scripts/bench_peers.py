@@ -421,7 +421,8 @@ def table(doc: dict) -> str:
     vs = doc.get("edgepack_vs_peers", {})
     for r in doc["peers"]:
         if "error" in r:
-            rows.append(f"| {r['peer']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | | |")
+            what = "not run" if r["error"] == "not run yet" else "failed: " + r["error"].splitlines()[-1][:120]
+            rows.append(f"| {r['peer']} | {what} | | | | | | |")
             continue
         ex, ho = r.get("exact", {}), r.get("host", {})
         keys = list(ex) if ex and "error" not in ex else list(ho)
@@ -430,12 +431,12 @@ def table(doc: dict) -> str:
         metric = "top1" if g(ex, first, "top1") not in (None, "n/a") else "agreement"
         cells = [f"{g(ex, first, metric)} %", f"{g(ho, first, metric)} %"]
         cells.append(" / ".join(f"{g(ex, k, 'top1')} / {g(ho, k, 'top1')} %" for k in keys[1:]) or "-")
-        lat = r.get("latency_vs_fp32", {})
+        lat = {k: f"{v}x" for k, v in r.get("latency_vs_fp32", {}).items()}
         v = vs.get(r["peer"], {})
         ratio = (f"{v['exact_points_edgepack_minus_peer']:+.2f} pt, {v['peer_over_edgepack_size']}x"
                  if v.get("exact_points_edgepack_minus_peer") is not None else "-")
         rows.append(f"| {r['peer']} | {' | '.join(cells)} | {r['size_mb']} ({r.get('x_smaller_than_fp32', '?')}x) | "
-                    f"{lat.get('threads_1', 'n/a')}x / {lat.get('threads_2', 'n/a')}x | {r.get('quantize_seconds')} | {ratio} |")
+                    f"{lat.get('threads_1', 'n/a')} / {lat.get('threads_2', 'n/a')} | {r.get('quantize_seconds')} | {ratio} |")
     return "\n".join(rows)
 
 
