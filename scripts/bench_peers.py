@@ -204,11 +204,12 @@ def quantize_argv(cmd: str, assets: Path, out: Path) -> list[str]:
 
 
 def tree_state(tree: Path) -> str:
-    """The tree's commit plus a hash of its uncommitted diff: a changed tree is re-run."""
+    """The last commit that changed the tree's edgepack/ code plus a hash of its uncommitted diff
+    there: a changed library is re-run, a commit elsewhere (scripts, docs) is not."""
     def git(*a: str) -> str:
         r = subprocess.run(["git", "-C", str(tree), *a], capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else ""
-    head = git("rev-parse", "HEAD") or "no-git"
+    head = git("log", "-1", "--format=%H", "--", "edgepack") or "no-git"
     diff = git("diff", "HEAD", "--", "edgepack")
     return head + ("+" + hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else "")
 
