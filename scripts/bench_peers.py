@@ -430,7 +430,12 @@ def table(doc: dict) -> str:
         g = lambda d, k, f: d.get(k, {}).get(f, "n/a") if "error" not in d else "load error"  # noqa: E731
         first = keys[0] if keys else "?"
         metric = "top1" if g(ex, first, "top1") not in (None, "n/a") else "agreement"
-        cells = [f"{g(ex, first, metric)} %", f"{g(ho, first, metric)} %"]
+        def cell(d: dict) -> str:
+            v = g(d, first, metric)
+            if not isinstance(v, (int, float)):
+                return str(v)
+            return f"{v:.2f} %" + (f" (drop {g(d, first, 'drop'):.2f})" if metric == "top1" else "")
+        cells = [cell(ex), cell(ho)]
         cells.append(" / ".join(f"{g(ex, k, 'top1')} / {g(ho, k, 'top1')} %" for k in keys[1:]) or "-")
         lat = {k: f"{v}x" for k, v in r.get("latency_vs_fp32", {}).items()}
         v = vs.get(r["peer"], {})
