@@ -3,8 +3,9 @@
 (BN fold + CLE, then AdaRound, then QuantSim compute_encodings), exported as QDQ ONNX with
 int8 weights (to_onnx_qdq(prequantize_constants=True)) so ORT can run it and its size is real.
 
-  ptq        QuantSim defaults (per-tensor symmetric weights, min_max), compute_encodings
-  per-channel  QuantSim default_config_per_channel.json (per-channel weights), min_max
+  ptq        QuantSim defaults (min_max; aimet-onnx 2.42's "default" config alias IS
+             default_config_per_channel.json: per-channel symmetric Conv/Gemm weights), compute_encodings
+  per-channel  default_config_per_channel.json named explicitly (the same model as ptq in 2.42)
   cle        equalize_model (BN fold, ReLU6 -> ReLU, CLE, bias absorption) + QuantSim defaults
   adaround   QuantSim defaults + apply_adaround
   recipe     CLE + QuantSim per-channel config, tf_enhanced + apply_adaround + compute_encodings
@@ -46,7 +47,8 @@ def main() -> None:
             notes.append("QuantSim default_config_per_channel.json" +
                          (", quant_scheme=tf_enhanced" if a.variant == "recipe" else ", min_max"))
         else:
-            notes.append("QuantSim defaults (int8/int8, min_max, per-tensor)")
+            notes.append("QuantSim defaults (int8/int8, min_max; config alias 'default' = "
+                         "default_config_per_channel.json: per-channel Conv/Gemm weights)")
         sim = QuantizationSimModel(model, **kw)
         if a.variant in ("adaround", "recipe"):
             apply_adaround(sim, batches, num_iterations=a.iterations)
