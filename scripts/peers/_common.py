@@ -18,6 +18,8 @@ def parser(variants: list[str]) -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True, help=".npy (N,C,H,W) float32")
     ap.add_argument("--pool", help=".npy validation pool (accuracy control only)")
+    ap.add_argument("--pool-labels", help=".npy labels of the pool: accuracy control then validates top-1 "
+                                          "accuracy instead of agreement with FP32")
     ap.add_argument("--variant", required=True, choices=variants)
     ap.add_argument("--out", required=True)
     ap.add_argument("--iterations", type=int, default=1000, help="AdaRound iterations per layer")
