@@ -84,7 +84,7 @@ class Suite:
 
 # the main job's quantize step (scripts/main.sh step 1; tests/test_bench_peers_args.py keeps them equal)
 MAIN_JOB = ("edgepack quantize $A/models/efficientnet-lite0.onnx --target rpi4-2gb --calib $A/images/natural-calib "
-            "--calib-size 100 --search $A/images/natural-calib --eval $A/images/natural-eval "
+            "--calib-size 100 --search $A/images/natural-calib --eval $A/images/natural-eval --top1-eval $A/images/imagenet "
             "-o out/efficientnet-lite0-int8.onnx")
 SUITES = {
     "efficientnet": Suite(

@@ -168,8 +168,7 @@ def quantize(
         if confirm_on:
             r.board_confirmation = _confirm(confirm_on, model, output, ev if se is not None else None, ev, r,
                                             opts.seed, max_mismatch, as_json)
-        rp = report or output.with_suffix(".json")
-        write_report(rp, r.to_json())
+        write_report(rp := report or output.with_suffix(".json"), r.to_json())
         if as_json:
             print(r.to_json())
         else:
