@@ -100,7 +100,7 @@ def plan_push(rel: Release, fleet: Fleet, boards: list[Board] | None = None, *, 
             rows.append(PlannedBoard(board=b.name, wave=i, wave_name=name, holds_release=release, kind=kind,
                                      bytes=n, why=why))
     limit = _count(p.max_failures, len(boards), "--max-failures")
-    gates = [f"each install runs the board's health trial (golden outputs) before it commits",
+    gates = ["each install runs the board's health trial (golden outputs) before it commits",
              f"top-1 drift above {p.max_drift} rolls a board back",
              f"p90 latency above the previous release by {p.latency_margin:.0%} (and {p.latency_floor_ms} ms), "
              "or above a board's latency_budget_ms, rolls it back",
