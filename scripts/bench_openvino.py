@@ -47,16 +47,8 @@ def log(m: str) -> None:
 
 
 def cpu_info() -> dict:
-    flags: set[str] = set()
-    name = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from edgepack.quantize.numerics import cpu_info as read_cpu
+    name, flags = read_cpu()
     isa = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")}
     return {"cpu": name, "cores": os.cpu_count(), "isa": isa}
 

@@ -298,14 +298,13 @@ def main() -> int:
 
 
 def _int8_flags() -> str:
-    """The host's INT8 dot-product instructions, from /proc/cpuinfo (AVX2 without VNNI here)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    """The host's INT8 dot-product instructions, from its CPU flags (AVX2 without VNNI here)."""
+    from edgepack.quantize.numerics import cpu_info
+    flags = cpu_info()[1]
+    if not flags:
         return "unknown"
     have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     return ", ".join(have) + ("" if any("vnni" in f for f in have) else " (no VNNI: int8 dot products via vpmaddubsw)")
-
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from edgepack.assets import asset  # noqa: E402
 from edgepack.data import ImagePreprocess, load_dataset  # noqa: E402
 from edgepack.quantize.evaluate import compare, predict, session  # noqa: E402
-from edgepack.quantize.numerics import host_int8  # noqa: E402
+from edgepack.quantize.numerics import cpu_info, host_int8  # noqa: E402
 
 SPEC = "size=224,resize=256,mean=127,std=128,layout=nchw,color=rgb"
 
@@ -60,16 +60,7 @@ def log(m: str) -> None:
 
 
 def cpu_flags() -> dict:
-    flags: set[str] = set()
-    name = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    name, flags = cpu_info()
     isa = {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")}
     return {"model": name, "cores": os.cpu_count(), "isa": isa, "host_int8": host_int8().label,
             "load_average_at_start": os.getloadavg()}

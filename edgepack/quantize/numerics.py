@@ -56,9 +56,9 @@ _ARM_FLAGS = {"asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm"}
 
 
 @functools.lru_cache(maxsize=1)
-def host_int8() -> HostInt8:
-    """Read the CPU flags (``/proc/cpuinfo``; other systems are reported by machine name only)."""
-    machine = platform.machine()
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and flags from ``/proc/cpuinfo`` (other systems: the platform's name, no
+    flags): the one reader of it, for host_int8 and the benchmarks' machine records."""
     flags: set[str] = set()
     cpu = ""
     try:
@@ -72,8 +72,15 @@ def host_int8() -> HostInt8:
                     cpu = value.strip()
     except OSError:
         pass
+    return cpu or platform.processor(), frozenset(flags)
+
+
+@functools.lru_cache(maxsize=1)
+def host_int8() -> HostInt8:
+    """The host's INT8 instructions, read from its CPU flags (cpu_info)."""
+    cpu, flags = cpu_info()
     found = [f for f in _X86_FLAGS if f in flags] + [v for k, v in _ARM_FLAGS.items() if k in flags]
-    return HostInt8(machine, tuple(found), cpu or platform.processor())
+    return HostInt8(platform.machine(), tuple(found), cpu)
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
