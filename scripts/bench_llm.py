@@ -50,6 +50,17 @@ def log(msg):
     print(f"[bench_llm] {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
+def _make_or_record(rows: dict, label: str, make, kind: str):
+    """Build one variant; a failure (a peer option may refuse tied embeddings) is recorded in its
+    row, with the error, instead of stopping the run. Returns the model path or None."""
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        rows[label] = {"kind": kind, "error": f"{type(e).__name__}: {str(e)[-300:]}"}
+        log(f"{label}: {rows[label]['error']}")
+        return None
+
+
 def _tok():
     from transformers import AutoTokenizer
 
@@ -178,11 +189,8 @@ def bench_onnx(a) -> dict:
             continue
         if label in variants and not a.remeasure:
             continue
-        try:
-            path = make()
-        except Exception as e:  # noqa: BLE001 - a peer option may fail (tied embeddings): recorded
-            variants[label] = {"kind": kind, "error": f"{type(e).__name__}: {str(e)[-300:]}"}
-            log(f"{label}: {variants[label]['error']}")
+        path = _make_or_record(variants, label, make, kind)
+        if path is None:
             continue
         log(f"measure {label}")
         again = label in variants and a.remeasure
@@ -370,11 +378,8 @@ def onnx_rows(a, ids: list, rows: dict, save) -> None:
     for label, make, kind in plan:
         if a.only and not any(o in label for o in a.only.split(",")):
             continue
-        try:
-            path = make()
-        except Exception as e:  # noqa: BLE001 - a peer option may fail (tied embeddings): recorded
-            rows[label] = {"kind": kind, "error": f"{type(e).__name__}: {str(e)[-300:]}"}
-            log(f"{label}: {rows[label]['error']}")
+        path = _make_or_record(rows, label, make, kind)
+        if path is None:
             continue
         _measure(a, rows, label, path, kind, ids)
         save()
