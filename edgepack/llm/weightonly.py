@@ -176,7 +176,7 @@ def share_head_with_embedding(model) -> str | None:
     8-bit ``MatMulNBits`` blocks (B is [V, H/block, block] uint8: row v is embedding row v)
     and de-quantizes only the gathered rows, ``(q - zero) * scale``. Saves the second [V, H]
     INT8 table (28 MB on SmolLM2-135M). Returns None when the layout is not the expected one."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name), None)
@@ -209,27 +209,36 @@ def share_head_with_embedding(model) -> str | None:
     zname = f"{base}_head_zero"
     extra.append(numpy_helper.from_array(np.asarray(zp, np.float32), zname))
     model.graph.initializer.extend(extra)
+    _dequantizing_gather(model, gather, head.input[1], f"{base}_head_scale", f"{base}_shape", zero=zname)
+    return f"{gather.name}: shares {head.name}'s int8 blocks of {blk} ({n}x{k})"
+
+
+def _dequantizing_gather(model, gather, q: str, scale: str, shape: str, *, zero: str | None = None) -> None:
+    """Replace ``gather`` (rows of a float table) in place by standard ops that gather the rows of
+    the quantized blocks ``q`` and their ``scale``s and dequantize them: Cast, (Sub ``zero``), Mul,
+    Reshape to ``shape``. Both the INT8 embedding and the table shared with lm_head use it."""
+    from onnx import TensorProto, helper
+
     out, ids, g = gather.output[0], gather.input[1], gather.name
+    centred = f"{out}_c" if zero else f"{out}_f"
+    new = [helper.make_node("Gather", [q, ids], [f"{out}_q"], name=f"{g}_q", axis=0),
+           helper.make_node("Gather", [scale, ids], [f"{out}_s"], name=f"{g}_s", axis=0),
+           helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{g}_cast", to=TensorProto.FLOAT)]
+    if zero:
+        new.append(helper.make_node("Sub", [f"{out}_f", zero], [centred], name=f"{g}_zero"))
+    new += [helper.make_node("Mul", [centred, f"{out}_s"], [f"{out}_dq"], name=f"{g}_dq"),
+            helper.make_node("Reshape", [f"{out}_dq", shape], [out], name=f"{g}_reshape")]
     idx = list(model.graph.node).index(gather)
-    new = [
-        helper.make_node("Gather", [head.input[1], ids], [f"{out}_q"], name=f"{g}_q", axis=0),
-        helper.make_node("Gather", [f"{base}_head_scale", ids], [f"{out}_s"], name=f"{g}_s", axis=0),
-        helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{g}_cast", to=TensorProto.FLOAT),
-        helper.make_node("Sub", [f"{out}_f", zname], [f"{out}_c"], name=f"{g}_zero"),
-        helper.make_node("Mul", [f"{out}_c", f"{out}_s"], [f"{out}_dq"], name=f"{g}_dq"),
-        helper.make_node("Reshape", [f"{out}_dq", f"{base}_shape"], [out], name=f"{g}_reshape"),
-    ]
     model.graph.node.remove(gather)
     for j, node in enumerate(new):
         model.graph.node.insert(idx + j, node)
-    return f"{g}: shares {head.name}'s int8 blocks of {blk} ({n}x{k})"
 
 
 def quantize_embedding(model, bits: int, block: int) -> str | None:
     """Block-quantize the embedding table in standard ops: Gather int8 rows and their scales,
     Cast, Mul, Reshape. ORT's quantizer only writes 4-bit GatherBlockQuantized; this keeps INT8
     (and 4-bit values stored in int8) with only the gathered rows ever de-quantized."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     for g in model.graph.node:
@@ -251,17 +260,6 @@ def quantize_embedding(model, bits: int, block: int) -> str | None:
             numpy_helper.from_array(q, f"{base}_q{bits}"),
             numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
             numpy_helper.from_array(np.array([0, 0, h], np.int64), f"{base}_shape")])
-        out, ids = g.output[0], g.input[1]
-        idx = list(model.graph.node).index(g)
-        new = [
-            helper.make_node("Gather", [f"{base}_q{bits}", ids], [f"{out}_q"], name=f"{g.name}_q", axis=0),
-            helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_s"], name=f"{g.name}_s", axis=0),
-            helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{g.name}_cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [f"{out}_dq"], name=f"{g.name}_dq"),
-            helper.make_node("Reshape", [f"{out}_dq", f"{base}_shape"], [out], name=f"{g.name}_reshape"),
-        ]
-        model.graph.node.remove(g)
-        for k, n in enumerate(new):
-            model.graph.node.insert(idx + k, n)
+        _dequantizing_gather(model, g, f"{base}_q{bits}", f"{base}_scale", f"{base}_shape")
         return f"{g.name}: int{bits} blocks of {block} ({v}x{h})"
     return None
