@@ -38,13 +38,30 @@ class BenchReport:
     rss_model_mb: float
     peak_rss_mb: float
     input: str
+    llm: dict[str, Any] | None = None   # a decoder's token metrics (device_agent.llm.TokenBench)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["llm"] is None:
+            del d["llm"]
+        return d
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    """What ``bench`` runs on a KV-cache decoder: ``generations`` greedy runs of ``new_tokens``
+    after a ``prompt_tokens`` prompt (a golden prompt cut or repeated to that length)."""
+
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    generations: int = 3
 
 
 def bench_model(model: str | Path, runtime: str, *, threads: int = 0, accelerator: str | None = None,
-                runs: int = 100, warmup: int = 10, golden: Path | None = None) -> BenchReport:
+                runs: int = 100, warmup: int = 10, golden: Path | None = None,
+                tokens: TokenOptions = TokenOptions()) -> BenchReport:
+    """Latency of ``runs`` inferences; for a KV-cache decoder, token metrics instead
+    (:func:`bench_decoder`: ``latency`` is then the per-token decode step)."""
     model = Path(model)
     rss_agent = rss_mb()
     import importlib
@@ -53,6 +70,10 @@ def bench_model(model: str | Path, runtime: str, *, threads: int = 0, accelerato
     rss_rt = rss_mb()
     sess = load_model(model, runtime, threads=threads, accelerator=accelerator)
     rss_loaded = rss_mb()
+    from .llm import is_decoder
+    if is_decoder(sess):
+        return bench_decoder(model, sess, golden, tokens, warmup=min(warmup, 1),
+                             rss=(rss_agent, rss_rt, rss_loaded))
     feed, what = None, "synthetic (no golden data)"
     if golden is not None:
         g = load_golden(golden, sess)
@@ -79,6 +100,33 @@ def bench_model(model: str | Path, runtime: str, *, threads: int = 0, accelerato
                        peak_rss_mb=round(peak_rss_mb(), 2), input=what)
 
 
+def bench_decoder(model: Path, sess: Any, golden: Path | None, opts: TokenOptions, *, warmup: int,
+                  rss: tuple[float, float, float]) -> BenchReport:
+    """Token metrics of a decoder: TTFT, prefill and decode tokens/s, peak RSS (the process's
+    high-water mark after the KV cache has grown to prompt + new tokens)."""
+    from .llm import Decoder, bench_decoder as run, load_llm_golden
+    dec = Decoder(sess, model)
+    prompt, what = None, f"synthetic ids ({opts.prompt_tokens} tokens, no golden prompts)"
+    if golden is not None:
+        prompt = load_llm_golden(golden).prompts()[0]
+        what = f"golden prompt 0 of {golden.name} ({len(prompt)} ids) to {opts.prompt_tokens} tokens"
+    tb = run(dec, prompt, prompt_tokens=opts.prompt_tokens, new_tokens=opts.new_tokens,
+             generations=opts.generations, warmup=warmup)
+    a, r, loaded = rss
+    return BenchReport(model=model.name, model_bytes=_model_bytes(model), runtime=sess.runtime,
+                       runtime_version=sess.runtime_version, provider=sess.provider, providers=sess.providers,
+                       threads=sess.threads, load_ms=sess.load_seconds * 1e3, first_inference_ms=tb.ttft_ms,
+                       warmup=warmup, latency=tb.decode_step, rss_agent_mb=round(a, 2),
+                       rss_runtime_mb=round(r - a, 2), rss_model_mb=round(loaded - r, 2),
+                       peak_rss_mb=round(peak_rss_mb(), 2), input=what, llm=tb.to_json())
+
+
+def _model_bytes(model: Path) -> int:
+    """The model file and its external data (``model.onnx.data`` beside it)."""
+    return sum(f.stat().st_size for f in model.parent.iterdir()
+               if f.is_file() and (f.name == model.name or f.name.startswith(model.name + ".")))
+
+
 @dataclass
 class EvalReport:
     model: str
@@ -89,12 +137,14 @@ class EvalReport:
     comparison: Comparison
     notes: list[str] = field(default_factory=list)
     top1: list[int] | None = None  # each sample's top-1 class (``eval --per-sample``)
+    llm: dict[str, Any] | None = None  # a decoder's golden-prompt verdict (device_agent.llm.Verdict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["comparison"] = self.comparison.to_json()
-        if self.top1 is None:
-            del d["top1"]
+        for k in ("top1", "llm"):
+            if d[k] is None:
+                del d[k]
         return d
 
 
@@ -104,6 +154,9 @@ def eval_model(model: str | Path, runtime: str, data: Path, *, threads: int = 0,
     with ``per_sample`` also each sample's top-1 class (the board's own predictions, e.g. to
     confirm a quantized model's accuracy in the board's arithmetic)."""
     sess = load_model(model, runtime, threads=threads, accelerator=accelerator)
+    from .llm import is_decoder
+    if is_decoder(sess):
+        return eval_decoder(model, sess, data, release)
     g = load_golden(data, sess)
     outs = [sess.run(f) for f in g.feeds]
     c = compare(outs, g)
@@ -120,4 +173,16 @@ def eval_model(model: str | Path, runtime: str, data: Path, *, threads: int = 0,
                       data=data.name, comparison=c, notes=notes, top1=top1)
 
 
-__all__ = ["BenchReport", "EvalReport", "bench_model", "eval_model", "choose_runtime"]
+def eval_decoder(model: str | Path, sess: Any, data: Path, release: int | None) -> EvalReport:
+    """A decoder's golden prompts judged at the board's floors (device_agent.llm.judge)."""
+    from .llm import Decoder, judge, load_llm_golden
+    golden = load_llm_golden(data)
+    dec = Decoder(sess, Path(model))
+    v = judge(dec.logits, golden, vocab=dec.vocab())
+    return EvalReport(model=Path(model).name, release=release, runtime=sess.runtime, provider=sess.provider,
+                      data=data.name, comparison=Comparison(samples=v.tokens, top1_agreement=v.agreement),
+                      notes=["top1_agreement is next-token argmax agreement over every golden position"],
+                      llm=v.to_json())
+
+
+__all__ = ["TokenOptions", "bench_decoder", "eval_decoder", "BenchReport", "EvalReport", "bench_model", "eval_model", "choose_runtime"]

@@ -109,13 +109,21 @@ def _model_args(a: argparse.Namespace) -> tuple[Path, str, int, str | None, Path
 
 
 def cmd_bench(a: argparse.Namespace) -> dict[str, Any]:
-    from .benchmark import bench_model
+    from .benchmark import TokenOptions, bench_model
     model, rt, threads, accel, golden, release = _model_args(a)
-    r = bench_model(model, rt, threads=threads, accelerator=accel, runs=a.runs, warmup=a.warmup, golden=golden)
+    tok = TokenOptions(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, generations=a.generations)
+    r = bench_model(model, rt, threads=threads, accelerator=accel, runs=a.runs, warmup=a.warmup, golden=golden,
+                    tokens=tok)
     lat = r.latency
-    _say(f"{r.model} on {r.runtime} ({r.provider}, {r.threads or 'default'} threads): load {r.load_ms:.1f} ms, "
-         f"first {r.first_inference_ms:.2f} ms, mean {lat['mean_ms']:.3f} p50 {lat['p50_ms']:.3f} "
-         f"p90 {lat['p90_ms']:.3f} p99 {lat['p99_ms']:.3f} ms; RSS model {r.rss_model_mb:.1f} MiB, peak {r.peak_rss_mb:.1f} MiB")
+    if r.llm is not None:
+        t = r.llm
+        _say(f"{r.model} on {r.runtime} ({r.provider}, {r.threads or 'default'} threads): load {r.load_ms:.1f} ms, "
+             f"TTFT {t['ttft_ms']:.1f} ms ({t['prompt_tokens']}-token prompt, {t['prefill_tok_s']:.1f} tokens/s), "
+             f"decode {t['decode_tok_s']:.1f} tokens/s (p90 {lat['p90_ms']:.2f} ms/token); peak RSS {r.peak_rss_mb:.1f} MiB")
+    else:
+        _say(f"{r.model} on {r.runtime} ({r.provider}, {r.threads or 'default'} threads): load {r.load_ms:.1f} ms, "
+             f"first {r.first_inference_ms:.2f} ms, mean {lat['mean_ms']:.3f} p50 {lat['p50_ms']:.3f} "
+             f"p90 {lat['p90_ms']:.3f} p99 {lat['p99_ms']:.3f} ms; RSS model {r.rss_model_mb:.1f} MiB, peak {r.peak_rss_mb:.1f} MiB")
     from .machine import latency_source
     return {"release": release, **r.to_json(), "latency_source": latency_source()}
 
@@ -218,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             s.add_argument("--runs", type=int, default=100)
             s.add_argument("--warmup", type=int, default=10)
+            s.add_argument("--prompt-tokens", type=int, default=128, help="decoder LLM: prompt length of the prefill")
+            s.add_argument("--new-tokens", type=int, default=32, help="decoder LLM: greedy tokens generated per run")
+            s.add_argument("--generations", type=int, default=3, help="decoder LLM: timed runs (medians reported)")
         s.set_defaults(fn=fn)
     return p
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from .agent_errors import UsageError
 from .runtime import Session
+from .timing import latency_stats, percentile
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Thresholds:
     min_cosine_sample: float = 0.90
     max_abs_error: float | None = None
     latency_budget_ms: float | None = None
+    min_token_agreement: float = 0.9    # LLM golden prompts: next-token argmax agreement
+    max_ppl_ratio: float = 1.1          # LLM golden prompts: perplexity / reference perplexity
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], latency_budget_ms: float | None,
@@ -47,10 +50,10 @@ class Thresholds:
         if not isinstance(h, dict):
             raise UsageError("settings 'health' must be an object of thresholds")
         base = cls()
-        fl = {k: float(v) for k, v in (floors or {}).items() if k in _MIN_KEYS or k == "max_abs_error"}
+        fl = {k: float(v) for k, v in (floors or {}).items() if k in _MIN_KEYS or k in _MAX_KEYS}
         kw: dict[str, float | None] = {}
         for k, v in h.items():
-            if k not in _MIN_KEYS and k != "max_abs_error":
+            if k not in _MIN_KEYS and k not in _MAX_KEYS:
                 continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise UsageError(f"health threshold {k} = {str(v)[:40]} is not a finite number")
@@ -61,10 +64,14 @@ class Thresholds:
         cap = fl.get("max_abs_error")
         mae = kw.get("max_abs_error")
         kw["max_abs_error"] = cap if mae is None else (mae if cap is None else min(mae, cap))
+        ppl_cap = fl.get("max_ppl_ratio", base.max_ppl_ratio)
+        ppl = kw.get("max_ppl_ratio")
+        kw["max_ppl_ratio"] = ppl_cap if ppl is None else min(ppl, ppl_cap)
         return cls(latency_budget_ms=latency_budget_ms, **kw)
 
 
-_MIN_KEYS = ("min_top1_agreement", "min_cosine", "min_cosine_sample")
+_MIN_KEYS = ("min_top1_agreement", "min_cosine", "min_cosine_sample", "min_token_agreement")
+_MAX_KEYS = ("max_abs_error", "max_ppl_ratio")
 
 
 @dataclass
@@ -74,22 +81,6 @@ class Golden:
     feeds: list[dict[str, Any]]
     refs: list[list[Any]] | None
     labels: list[int] | None
-
-
-def percentile(sorted_vals: list[float], p: float) -> float:
-    """Nearest-rank percentile (as MLPerf reports latency): a value that was actually observed."""
-    if not sorted_vals:
-        return float("nan")
-    k = max(1, math.ceil(p / 100.0 * len(sorted_vals)))
-    return sorted_vals[min(k, len(sorted_vals)) - 1]
-
-
-def latency_stats(seconds: list[float]) -> dict[str, float]:
-    s = sorted(seconds)
-    ms = [x * 1e3 for x in s]
-    return {"runs": len(s), "mean_ms": sum(ms) / len(ms) if ms else float("nan"), "p50_ms": percentile(ms, 50),
-            "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99), "min_ms": ms[0] if ms else float("nan"),
-            "max_ms": ms[-1] if ms else float("nan")}
 
 
 def _pick(npz: Any, prefixes: tuple[str, ...], names: list[str]) -> list[Any] | None:
@@ -200,11 +191,13 @@ class HealthReport:
     comparison: Comparison | None
     latency: dict[str, float] = field(default_factory=dict)
     thresholds: Thresholds | None = None
+    llm: dict[str, Any] | None = None   # a decoder's golden-prompt verdict (device_agent.llm.Verdict)
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "reason": self.reason,
                 "comparison": self.comparison.to_json() if self.comparison else None,
-                "latency": self.latency, "thresholds": asdict(self.thresholds) if self.thresholds else None}
+                "latency": self.latency, "thresholds": asdict(self.thresholds) if self.thresholds else None,
+                **({"llm": self.llm} if self.llm is not None else {})}
 
 
 def smoke_feed(sess: Session) -> dict[str, Any]:
@@ -223,6 +216,9 @@ def smoke_feed(sess: Session) -> dict[str, Any]:
 def check(sess: Session, golden_path: Path | None, th: Thresholds, runs: int = 10) -> HealthReport:
     """Run the goldens (or a smoke input), compare, time ``runs`` inferences; never raises on a bad model."""
     import numpy as np
+    from .llm import is_decoder
+    if is_decoder(sess):
+        return check_decoder(sess, golden_path, th, runs)
     try:
         if golden_path is not None:
             g = load_golden(golden_path, sess)
@@ -261,5 +257,39 @@ def check(sess: Session, golden_path: Path | None, th: Thresholds, runs: int = 1
     return HealthReport(not reasons, "; ".join(reasons) or "golden outputs and latency within thresholds", c, lat, th)
 
 
-__all__ = ["Thresholds", "HealthReport", "Comparison", "Golden", "load_golden", "compare", "check",
+def check_decoder(sess: Session, golden_path: Path | None, th: Thresholds, runs: int = 10) -> HealthReport:
+    """An LLM's health check: the golden prompts judged by next-token agreement and perplexity
+    ratio (device_agent.llm.judge), then ``runs`` single-token decode steps through the KV cache
+    timed (the latency budget is per generated token). Malformed golden data raises
+    GoldenDataError (the trial reports it); a model that fails to run fails the check."""
+    import numpy as np
+    from .llm import Decoder, generate, judge, load_llm_golden
+    dec = Decoder(sess, getattr(sess, "path", None))
+    golden = None
+    if golden_path is not None:
+        golden = load_llm_golden(golden_path)
+    try:
+        vocab = dec.vocab()
+        v = judge(dec.logits, golden, min_token_agreement=th.min_token_agreement, max_ppl_ratio=th.max_ppl_ratio,
+                  vocab=vocab) if golden is not None else None
+        prompt = golden.prompts()[0] if golden is not None else np.zeros(8, np.int64)
+        toks, _, steps = generate(dec, prompt, max(runs, 1) + 1)
+    except UsageError:
+        raise
+    except Exception as e:  # a runtime error on inference is a failed trial, with its reason
+        return HealthReport(False, f"inference failed: {type(e).__name__}: {str(e)[:200]}", None, thresholds=th)
+    lat = latency_stats(steps)
+    reasons = [] if v is None or v.passed else [v.reason]
+    if th.latency_budget_ms is not None and lat["p90_ms"] > th.latency_budget_ms:
+        reasons.append(f"p90 decode latency {lat['p90_ms']:.2f} ms/token > budget {th.latency_budget_ms} ms")
+    if v is None:
+        ok = not reasons
+        return HealthReport(ok, "no golden prompts in bundle: load + decode smoke run only" if ok else reasons[0],
+                            None, lat, th)
+    c = Comparison(samples=v.tokens, top1_agreement=v.agreement)
+    return HealthReport(not reasons, "; ".join(reasons) or "golden prompts and decode latency within thresholds",
+                        c, lat, th, llm=v.to_json())
+
+
+__all__ = ["Thresholds", "HealthReport", "Comparison", "Golden", "load_golden", "compare", "check", "check_decoder",
            "latency_stats", "percentile", "smoke_feed"]

@@ -44,6 +44,7 @@ class Session:
     outputs: list[TensorSpec]
     load_seconds: float
     _impl: Any = field(repr=False, default=None)
+    path: Path | None = None   # the model file (a decoder reads its genai_config.json beside it)
 
     def run(self, feeds: dict[str, Any]) -> list[Any]:
         return self._impl(feeds)
@@ -99,8 +100,10 @@ def load_model(path: str | Path, runtime: str, *, threads: int = 0, accelerator:
     if not installed(runtime):
         raise RuntimeUnavailable(f"runtime {runtime} is not installed on this board (pip install "
                                  f"{ {'onnxruntime': 'onnxruntime', 'litert': 'ai-edge-litert', 'openvino': 'openvino'}[runtime]})")
-    return {"onnxruntime": _load_ort, "litert": _load_litert, "openvino": _load_openvino}[runtime](
+    sess = {"onnxruntime": _load_ort, "litert": _load_litert, "openvino": _load_openvino}[runtime](
         path, threads, accelerator)
+    sess.path = path
+    return sess
 
 
 # --------------------------------------------------------------------------- ONNX Runtime

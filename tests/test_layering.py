@@ -21,7 +21,7 @@ PACKAGES = ("edgepack", "device_agent")
 BOARD_PUBLIC = {
     "device_agent", "device_agent.wire", "device_agent.bundle", "device_agent.trust", "device_agent.errors",
     "device_agent.agent_errors", "device_agent.durable", "device_agent.runtime", "device_agent.delta_apply",
-    "device_agent.pull", "device_agent.machine",
+    "device_agent.pull", "device_agent.machine", "device_agent.llm",
 }
 
 # Rooms of the host, lowest first. A room may import the shared modules and the rooms listed for it.

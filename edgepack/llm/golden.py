@@ -3,7 +3,8 @@
 The host records, for a few fixed prompts, the reference model's next-token distribution at
 every position (top-k ids and probabilities, float32) and its perplexity on the prompts. The
 board judges an installed model by next-token agreement with the reference argmax and by the
-perplexity ratio. Both thresholds hold on small sets: agreement is a fraction over all
+perplexity ratio, in its own code (``device_agent.llm.judge``): :func:`judge` and
+:func:`judge_on_board_code` here call it, so the host's verdict is the board's. Both thresholds hold on small sets: agreement is a fraction over all
 positions of all prompts (a few hundred tokens), and the ratio is of two perplexities over the
 same tokens.
 """
@@ -52,17 +53,24 @@ class GoldenVerdict:
 
 
 def judge(logits_fn, golden: dict, min_agreement: float = 0.9, max_ppl_ratio: float = 1.1) -> GoldenVerdict:
-    ids, lens = np.asarray(golden["ids"]), np.asarray(golden["lengths"])
-    if lens.sum() != len(ids) or len(golden["top_ids"]) != len(ids):
-        raise DataError("golden data is inconsistent (lengths do not add up)")
-    agree, nll, start = [], [], 0
-    for n in lens:
-        p = ids[start:start + n]
-        lg = np.asarray(logits_fn(p[None]))[0]
-        agree.append(lg.argmax(-1) == golden["top_ids"][start:start + n, 0])
-        nll.append(log_softmax_nll(lg[:-1], p[1:]))
-        start += n
-    a = float(np.concatenate(agree).mean())
-    ppl = float(np.exp(np.concatenate(nll).mean()))
-    ratio = ppl / float(golden["ppl"])
-    return GoldenVerdict(agreement=a, ppl=ppl, ppl_ratio=ratio, ok=a >= min_agreement and ratio <= max_ppl_ratio)
+    """The board's own judge (device_agent.llm.judge) on ``golden``: the host verifies a model
+    with the code the board's health check runs, so the two cannot drift apart."""
+    from device_agent.agent_errors import UsageError
+    from device_agent.llm import golden_from_arrays
+    from device_agent.llm import judge as board_judge
+    try:
+        v = board_judge(logits_fn, golden_from_arrays(golden), min_token_agreement=min_agreement,
+                        max_ppl_ratio=max_ppl_ratio)
+    except UsageError as e:
+        raise DataError(str(e)) from None
+    return GoldenVerdict(agreement=v.agreement, ppl=v.ppl, ppl_ratio=v.ppl_ratio, ok=v.passed)
+
+
+def judge_on_board_code(onnx_path, golden: dict, *, threads: int = 1, min_agreement: float = 0.9,
+                        max_ppl_ratio: float = 1.1) -> GoldenVerdict:
+    """``onnx_path`` loaded and run exactly as the board's health check runs it (the agent's
+    runtime adapter and KV-cache decoder), judged by the board's judge."""
+    from device_agent.llm import Decoder
+    from device_agent.runtime import load_model
+    dec = Decoder(load_model(onnx_path, "onnxruntime", threads=threads), onnx_path)
+    return judge(dec.logits, golden, min_agreement, max_ppl_ratio)
