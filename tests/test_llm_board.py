@@ -217,3 +217,11 @@ def test_an_llm_bundle_installs_and_a_corrupted_release_rolls_back(llm, tmp_path
     assert code == 7 and "agreement" in json.dumps(out), (out, err)
     code, out, _ = run_agent(state, "bench", "--prompt-tokens", "16", "--new-tokens", "4", "--generations", "1")
     assert code == 0 and out["release"] == 1 and out["llm"]["decode_tok_s"] > 0
+    # the host's fleet table shows the board's decode tokens/s (p90 ms is then per token)
+    from edgepack.fleet.inventory import Board
+    from edgepack.fleet.status import board_status
+    from edgepack.fleet.store import Store
+    st = Store(tmp_path / "fleet.db")
+    st.add("b1", "bench", out)
+    row = board_status(Board(name="b1", transport="local"), st)
+    assert row.decode_tok_s == out["llm"]["decode_tok_s"] and row.p90_ms == pytest.approx(out["latency"]["p90_ms"])

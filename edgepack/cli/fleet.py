@@ -293,11 +293,11 @@ def status_cmd(fleet: Optional[Path] = FLEET_OPT, group: Optional[str] = GROUP_O
 
     def table(rows: list) -> None:
         t = _table(f"fleet ({len(rows)} boards)" + (f", every {watch:g} s" if watch else ""),
-                   ("board", "host", "release", "last install", "p90 ms", "drift", "last seen", "note"))
+                   ("board", "host", "release", "last install", "p90 ms", "tok/s", "drift", "last seen", "note"))
         notes = Notes()
         for r in rows:
             t.add_row(cell(r.board), cell(r.host), fmt(r.release), cell(r.last_install), fmt(r.p90_ms),
-                      fmt(r.drift), fmt(r.last_seen), notes.cell(r.board, r.error))
+                      fmt(r.decode_tok_s, 1), fmt(r.drift), fmt(r.last_seen), notes.cell(r.board, r.error))
         err.print(t)
         notes.print(err)
 

@@ -26,6 +26,7 @@ class BoardStatus:
     drift: float | None
     last_seen: str | None
     error: str | None
+    decode_tok_s: float | None = None   # an LLM bundle's last bench: greedy decode tokens/s (p90_ms is per token)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +62,13 @@ def board_status(b: Board, store: Store, error: str | None = None) -> BoardStatu
                        last_install=outcome, p90_ms=bench.p90_ms if bench else (ins.p90_ms if ins else None),
                        drift=ev.drift if ev else (ins.drift if ins else None),
                        last_seen=dt.datetime.fromtimestamp(last[0].ts).isoformat(timespec="seconds") if last else None,
-                       error=error)
+                       error=error, decode_tok_s=_decode_tok_s(bench.data) if bench else None)
+
+
+def _decode_tok_s(data: dict[str, Any]) -> float | None:
+    """The agent's ``bench`` of a decoder reports token metrics under ``llm``; other models have none."""
+    v = (data.get("llm") or {}).get("decode_tok_s") if isinstance(data.get("llm"), dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def status(fleet: Fleet, store: Store, *, group: str | None = None, live: bool = False,
