@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from .calibrate import Calibration
+from .compact import dedupe_file
 from ..errors import ModelError
 from ..modelinfo import ModelInfo
 from ..targets import Target
@@ -68,6 +69,7 @@ class QDQBuilder:
             quantize_dynamic(str(self.pre_path), str(out), per_channel=self.per_channel,
                              reduce_range=self.target.weight_bits < 8,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        dedupe_file(out)
         return out
 
     def build(self, method: str, float_layers: list[str], only: list[str] | None = None,
@@ -90,6 +92,7 @@ class QDQBuilder:
             extra["TensorQuantOverrides"] = {k: v for k, v in self.overrides.items()}
         with quiet_ort():
             self._static(out, cache, act, float_layers, only, extra, op_types)
+        dedupe_file(out)   # one copy of each repeated zero point and scale (compact.py): same values, fewer bytes
         return out
 
     def _static(self, out, cache, act, float_layers, only, extra, op_types) -> None:
