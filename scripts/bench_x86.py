@@ -155,7 +155,8 @@ def _cmp(sess, ds, ref) -> dict:
             "drop": round(c.drop, 3)}
 
 
-def family(name: str, model: Path, calib, held, rounds: int, per_round: int, work: Path) -> dict:
+def family(name: str, model: Path, calib, held, rounds: int, per_round: int, work: Path,
+           extra: dict[str, Path] | None = None) -> dict:
     import onnx
 
     from edgepack.modelinfo import load_model
@@ -175,6 +176,8 @@ def family(name: str, model: Path, calib, held, rounds: int, per_round: int, wor
         models[v] = ("ort", build(d / "pre.onnx", cache, d / f"{len(models)}.onnx", *spec))
     models["openvino qdq-u8s8-per-channel"] = ("openvino", models["qdq-u8s8-per-channel"][1])
     models["openvino qdq-u8s8-per-channel-7bit"] = ("openvino", models["qdq-u8s8-per-channel-7bit"][1])
+    for k, p in (extra or {}).items():     # models edgepack wrote (e.g. the main job's), same rounds
+        models[k] = ("ort", p)
     res = {"model": name, "fp32_bytes": model.stat().st_size, "calibration_samples": len(calib),
            "held_out_samples": len(held), "sizes": {k: p.stat().st_size for k, (_, p) in models.items()}}
     log(f"{name}: accuracy on {len(held)} held-out samples")
@@ -195,7 +198,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--per-round", type=int, default=20)
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "x86.json"))
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=MODEL.onnx",
+                    help="an EfficientNet-Lite0 INT8 model to measure beside the encodings (repeatable)")
     a = ap.parse_args()
+    extra = {}
+    for e in a.extra:
+        k, sep, p = e.partition("=")
+        if not sep or not Path(p).is_file():
+            raise SystemExit(f"--extra {e!r}: give NAME=PATH to an existing .onnx file")
+        extra[k] = Path(p)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     import onnxruntime
@@ -212,7 +223,7 @@ def main() -> int:
                 calib = load_dataset(asset("images/natural-calib"), pp, limit=100)
                 held = load_dataset(asset("images/natural-eval"), pp)
                 results["models"].append(family("efficientnet-lite0", asset("models/efficientnet-lite0.onnx"),
-                                                calib, held, a.rounds, a.per_round, work))
+                                                calib, held, a.rounds, a.per_round, work, extra))
             elif m == "fashion":
                 calib = load_dataset(asset("fashion-mnist/calib-x.npz"), limit=256)
                 held = load_dataset(asset("fashion-mnist/test-x.npz"))

@@ -100,6 +100,10 @@ def without_quantizers(m: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProt
             n.input[i] = rename.get(x, x)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    used = {x for n in nodes for x in n.input} | {o.name for o in out.graph.output}
+    inits = [t for t in out.graph.initializer if t.name in used]   # the dropped quantizers' scales and zero points
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
     return out
 
 
