@@ -127,6 +127,5 @@ def llm_settings(settings: Mapping[str, Any] | None, model_name: str, options: L
     return s
 
 
-
 __all__ = ["LLMBundleOptions", "is_kv_decoder", "external_data_files", "llm_extras", "wants_llm",
            "check_llm_golden", "llm_settings", "GENAI_CONFIG"]
