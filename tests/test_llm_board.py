@@ -251,3 +251,30 @@ def test_an_llm_bundle_installs_and_a_corrupted_release_rolls_back(llm, tmp_path
     st.add("b1", "bench", out)
     row = board_status(Board(name="b1", transport="local"), st)
     assert row.decode_tok_s == out["llm"]["decode_tok_s"] and row.p90_ms == pytest.approx(out["latency"]["p90_ms"])
+
+
+def test_a_delta_between_fine_tunes_codes_the_weights_file_tensor_by_tensor(llm, tmp_path):
+    """The external data file of two fine-tunes gets a tensor-delta (spans from the graph), not a
+    byte-level patch-from the board would have to hold the base in memory for; the board applies it."""
+    import onnx as _onnx
+
+    from device_agent.bundle import extract, open_bundle
+    from edgepack.ota.bundle import trust_for_check
+    from edgepack.ota.delta import make_delta_bundle
+    pki = make_pki(tmp_path / "pki")
+    one = _onnx.load(str(llm["model"]), load_external_data=False)
+    w = next(i.name for i in one.graph.initializer if i.dims and len(i.dims) == 2 and "layers.1" in i.name)
+    tuned = _variant(llm, "tuned", lambda n, a, rng: a * 1.01 if n == w else None)
+    r1 = _llm_bundle(pki, tmp_path / "r1.bundle", llm["model"], llm["golden_path"], 1)
+    r2 = _llm_bundle(pki, tmp_path / "r2.bundle", tuned, llm["golden_path"], 2)
+    rep = make_delta_bundle(r1, r2, tmp_path / "d.bundle", trust=trust_for_check([pki.root_doc], pki.rk_doc),
+                            signer=[pki.release[0]])
+    vm = open_bundle(tmp_path / "d.bundle", pki.board_trust())
+    enc = {f.path: f.encoding for f in vm.files}
+    assert enc["model.onnx.data"] == "tensor-delta" and enc["genai_config.json"] == "base-copy", (enc, rep)
+    data = next(f for f in vm.files if f.path == "model.onnx.data")
+    assert data.transport_length < data.length / 10
+    base = tmp_path / "base"
+    extract(open_bundle(r1, pki.board_trust()), base)
+    extract(vm, tmp_path / "new", base_dir=base)
+    assert (tmp_path / "new" / "model.onnx.data").read_bytes() == (tuned.parent / "model.onnx.data").read_bytes()
