@@ -176,32 +176,58 @@ def test_malformed_golden_data_is_one_named_line(llm):
 
 
 def _llm_bundle(pki, out: Path, model: Path, golden: Path, release: int) -> Path:
-    """A signed full bundle of a decoder: model.onnx, its external data and genai_config.json."""
-    import datetime as dt
-    import tempfile
-
+    """A signed full bundle of a decoder by ``edgepack bundle``'s library call: the KV-cache
+    decoder is detected and its external data and genai_config.json come along."""
     from device_agent.durable import utc_now
-    from edgepack.ota import bundle as B
-    now = utc_now()
-    with tempfile.TemporaryDirectory() as td:
-        tdp = Path(td)
-        (tdp / "settings.json").write_text(json.dumps({"runtime": "onnxruntime", "threads": 1, "model": "model.onnx"}))
-        items = [("model.onnx", "model", model), ("settings.json", "settings", tdp / "settings.json"),
-                 ("golden.npz", "golden", golden), ("model.onnx.data", "extra", model.parent / "model.onnx.data"),
-                 ("genai_config.json", "extra", model.parent / "genai_config.json")]
-        frames = []
-        for i, (name, role, src) in enumerate(items):
-            spool = tdp / f"frame-{i}.zst"
-            with open(spool, "wb") as f:
-                n, h, tn, th = B.compress_file(src, f)
-            frames.append(B.Frame(B.FileEntry(path=name, role=role, length=n, sha256=h, encoding="zstd",
-                                              transport_length=tn, transport_sha256=th), spool))
-        manifest = B.make_manifest(kind="full", model="tiny-llm", release=release, version=f"1.{release}.0",
-                                   targets=[TARGET], created=now, expires=now + dt.timedelta(days=30),
-                                   min_agent_version="0.1.0", entries=[fr.entry for fr in frames])
-        B.write_container(out, trust_section=B.trust_section(pki.rk_doc, [pki.root_doc]), manifest=manifest,
-                          signers=[pki.release[0]], frames=frames)
+    from edgepack.ota.bundle import build_bundle
+    rep = build_bundle(out, models=[model], name="tiny-llm", release=release, version=f"1.{release}.0",
+                       targets=[TARGET], signer=pki.release[0], release_keys_doc=pki.rk_doc, roots=[pki.root_doc],
+                       settings={"runtime": "onnxruntime", "threads": 1}, golden=golden, now=utc_now())
+    files = {f["path"]: f["role"] for f in rep.files}
+    assert files == {"model.onnx": "model", "model.onnx.data": "extra", "genai_config.json": "extra",
+                     "settings.json": "settings", "golden.npz": "golden"}, files
     return out
+
+
+def test_the_bundle_command_packages_an_llm(llm, tmp_path):
+    from typer.testing import CliRunner
+
+    from device_agent.bundle import open_bundle
+    from device_agent.trust import TrustRoot
+    from edgepack.cli import app
+
+    def cli(*args, ok=True):
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        assert (r.exit_code == 0) == ok, (r.stdout, r.stderr)
+        return r
+
+    pk = tmp_path / "pki"
+    cli("keys", "init-root", pk)
+    cli("keys", "new-release-key", pk / "rel.key")
+    cli("keys", "sign-release-keys", "--root", pk / "root.json", "--root-key", pk / "root-1.key", "--root-key",
+        pk / "root-3.key", "--key", pk / "rel.key.pub", "--version", 1, "-o", pk / "rk.json")
+    common = ["--name", "tiny-llm", "--release", 1, "--target", TARGET, "--key", pk / "rel.key",
+              "--release-keys", pk / "rk.json", "--root", pk / "root.json", "--golden", llm["golden_path"]]
+    r = cli("bundle", llm["model"], *common, "--max-ppl-ratio", 1.05, "-o", tmp_path / "a.bundle", "--json")
+    files = {f["path"]: f for f in json.loads(r.stdout)["files"]}
+    assert set(files) == {"model.onnx", "model.onnx.data", "genai_config.json", "settings.json", "golden.npz"}
+    assert files["model.onnx.data"]["length"] == (llm["model"].parent / "model.onnx.data").stat().st_size
+    root = json.loads((pk / "root.json").read_text())
+    vm = open_bundle(tmp_path / "a.bundle", TrustRoot.from_bytes(root))
+    assert vm.manifest.model == "tiny-llm" and vm.file("model").path == "model.onnx"
+    d = tmp_path / "x"
+    from device_agent.bundle import extract
+    extract(vm, d)
+    st = json.loads((d / "settings.json").read_text())
+    assert st["model"] == "model.onnx" and st["health"] == {"min_token_agreement": 0.9, "max_ppl_ratio": 1.05}
+    # --no-llm: the graph alone, and LLM golden prompts are then not tensor goldens
+    r = cli("bundle", llm["model"], *common, "--no-llm", "-o", tmp_path / "b.bundle", ok=False)
+    assert "input*" in r.stdout + r.stderr
+    # --llm on a model that is no decoder is one named line
+    from ota_helpers import make_onnx
+    make_onnx(tmp_path / "mlp.onnx")
+    r = cli("bundle", tmp_path / "mlp.onnx", *common[:-2], "--llm", "-o", tmp_path / "c.bundle", ok=False)
+    assert "not one KV-cache decoder" in r.stdout + r.stderr
 
 
 def test_an_llm_bundle_installs_and_a_corrupted_release_rolls_back(llm, tmp_path):
@@ -225,3 +251,30 @@ def test_an_llm_bundle_installs_and_a_corrupted_release_rolls_back(llm, tmp_path
     st.add("b1", "bench", out)
     row = board_status(Board(name="b1", transport="local"), st)
     assert row.decode_tok_s == out["llm"]["decode_tok_s"] and row.p90_ms == pytest.approx(out["latency"]["p90_ms"])
+
+
+def test_a_delta_between_fine_tunes_codes_the_weights_file_tensor_by_tensor(llm, tmp_path):
+    """The external data file of two fine-tunes gets a tensor-delta (spans from the graph), not a
+    byte-level patch-from the board would have to hold the base in memory for; the board applies it."""
+    import onnx as _onnx
+
+    from device_agent.bundle import extract, open_bundle
+    from edgepack.ota.bundle import trust_for_check
+    from edgepack.ota.delta import make_delta_bundle
+    pki = make_pki(tmp_path / "pki")
+    one = _onnx.load(str(llm["model"]), load_external_data=False)
+    w = next(i.name for i in one.graph.initializer if i.dims and len(i.dims) == 2 and "layers.1" in i.name)
+    tuned = _variant(llm, "tuned", lambda n, a, rng: a * 1.01 if n == w else None)
+    r1 = _llm_bundle(pki, tmp_path / "r1.bundle", llm["model"], llm["golden_path"], 1)
+    r2 = _llm_bundle(pki, tmp_path / "r2.bundle", tuned, llm["golden_path"], 2)
+    rep = make_delta_bundle(r1, r2, tmp_path / "d.bundle", trust=trust_for_check([pki.root_doc], pki.rk_doc),
+                            signer=[pki.release[0]])
+    vm = open_bundle(tmp_path / "d.bundle", pki.board_trust())
+    enc = {f.path: f.encoding for f in vm.files}
+    assert enc["model.onnx.data"] == "tensor-delta" and enc["genai_config.json"] == "base-copy", (enc, rep)
+    data = next(f for f in vm.files if f.path == "model.onnx.data")
+    assert data.transport_length < data.length / 10
+    base = tmp_path / "base"
+    extract(open_bundle(r1, pki.board_trust()), base)
+    extract(vm, tmp_path / "new", base_dir=base)
+    assert (tmp_path / "new" / "model.onnx.data").read_bytes() == (tuned.parent / "model.onnx.data").read_bytes()

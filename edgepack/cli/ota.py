@@ -255,10 +255,17 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
                output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                      help="bundle to write (default: NAME-rRELEASE.bundle in the "
                                                      "project's out folder)"),
+               llm: Optional[bool] = typer.Option(None, "--llm/--no-llm",
+                                                  help="Package a KV-cache decoder with its external data, "
+                                                  "genai_config.json and golden prompts (default: detected)"),
+               min_token_agreement: float = typer.Option(0.9, help="LLM health: next-token agreement the board "
+                                                         "demands on the golden prompts"),
+               max_ppl_ratio: float = typer.Option(1.1, help="LLM health: highest perplexity / reference"),
                as_json: bool = JSON_OPT) -> None:
     """Build a signed full bundle; it is read back with the board's verifier before it is kept."""
     def run() -> None:
         from ..ota.bundle import build_bundle
+        from ..ota.llm_bundle import LLMBundleOptions, wants_llm
         from ..ota.keys import read_doc
         import tempfile
 
@@ -270,12 +277,15 @@ def bundle_cmd(model: List[Path] = typer.Argument(..., help="Model file(s): .onn
         if gold is None and model and model[0].with_suffix(".golden.npz").is_file():
             gold = model[0].with_suffix(".golden.npz")  # what `edgepack quantize` writes beside its model
         out_path = output_path(output, f"{name}-r{release}.bundle")
+        lopt = LLMBundleOptions(detect=llm, min_token_agreement=min_token_agreement, max_ppl_ratio=max_ppl_ratio)
+        # an LLM keeps the builder's names: its graph and genai_config.json name each other's files
+        keep = keep_file_names or wants_llm(list(model), lopt)
         with tempfile.TemporaryDirectory(prefix="edgepack-bundle-names-") as td:
-            models = list(model) if keep_file_names else stable_model_names(list(model), name, Path(td))
+            models = list(model) if keep else stable_model_names(list(model), name, Path(td))
             rep = build_bundle(out_path, models=models, name=name, release=release, version=label or str(release),
                                targets=target, signer=_load_signers(key), release_keys_doc=read_doc(release_keys),
                                roots=_roots(root), settings=settings, golden=gold, quantize_report=quantize_report,
-                               expires_days=expires_days, level=level)
+                               expires_days=expires_days, level=level, llm=lopt)
         if not allow_oversize:
             _check_ota_budget(rep.path, rep.bundle_bytes, target)
         data = {"output": str(rep.path), "bundle_bytes": rep.bundle_bytes, "seconds": round(rep.seconds, 3),

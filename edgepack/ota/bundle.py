@@ -36,6 +36,7 @@ from device_agent.trust import MANIFEST_TYPE, TrustRoot
 
 from ..errors import DataError, ModelError, UsageError
 from .keys import SigningKey
+from .llm_bundle import LLMBundleOptions, check_llm_golden, llm_extras, llm_settings, wants_llm
 
 FULL_WINDOW_LOG = LIMITS.full_window_log  # 8 MiB decoder window: what a board must be able to afford
 DEFAULT_LEVEL = 9
@@ -155,6 +156,12 @@ def _check_model(p: Path) -> str:
     raise ModelError(f"{p}: model must be an .onnx or .tflite file")
 
 
+def _settings_dict(settings: Mapping[str, Any] | Path | None) -> dict[str, Any] | None:
+    """Settings as a dict (read from a JSON file if a path), validated as _settings_bytes would."""
+    sb = _settings_bytes(settings)
+    return None if sb is None else json.loads(sb)
+
+
 def _settings_bytes(settings: Mapping[str, Any] | Path | None) -> bytes | None:
     if settings is None:
         return None
@@ -198,8 +205,14 @@ def build_bundle(out: str | Path, *, models: Sequence[str | Path], name: str, re
                  release_keys_doc: Mapping[str, Any], roots: Sequence[Mapping[str, Any]],
                  settings: Mapping[str, Any] | Path | None = None, golden: str | Path | None = None,
                  quantize_report: str | Path | None = None, expires_days: float = 90, now: _dt.datetime | None = None, level: int = DEFAULT_LEVEL,
-                 min_agent_version: str = reader.AGENT_VERSION, verify: bool = True) -> BuildReport:
-    """Build a full bundle: compress every payload, sign the manifest, write atomically, read it back."""
+                 min_agent_version: str = reader.AGENT_VERSION, verify: bool = True,
+                 llm: LLMBundleOptions | None = None) -> BuildReport:
+    """Build a full bundle: compress every payload, sign the manifest, write atomically, read it back.
+
+    A KV-cache decoder (found by edgepack.ota.llm_bundle, or forced with ``llm.detect``) also
+    carries its external data and genai_config.json, LLM golden prompts, and the LLM health
+    thresholds in its settings. Every payload streams (1 MiB chunks): memory does not grow with
+    the weights."""
     import time
     t0 = time.perf_counter()
     now = now or utc_now()
@@ -212,6 +225,10 @@ def build_bundle(out: str | Path, *, models: Sequence[str | Path], name: str, re
     for m in models:
         p = Path(m)
         items.append((p.name, _check_model(p), p))
+    is_llm = wants_llm([Path(m) for m in models], llm)
+    if is_llm:
+        items += llm_extras(Path(models[0]))
+        settings = llm_settings(_settings_dict(settings), Path(models[0]).name, llm)
     with tempfile.TemporaryDirectory(prefix="edgepack-bundle-") as td:
         tdp = Path(td)
         sb = _settings_bytes(settings)
@@ -220,7 +237,7 @@ def build_bundle(out: str | Path, *, models: Sequence[str | Path], name: str, re
             items.append(("settings.json", "settings", tdp / "settings.json"))
         if golden is not None:
             gp = Path(golden)
-            check_golden(gp)
+            check_llm_golden(gp) if is_llm else check_golden(gp)
             items.append(("golden.npz", "golden", gp))
         if quantize_report is not None:  # carried for `push`'s budget gate (edgepack.ota.release_gate)
             from .release_gate import REPORT_NAME, REPORT_ROLE, check_report

@@ -61,6 +61,8 @@ _ELEM = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13
          17: 1, 18: 1, 19: 1, 20: 1, 21: 1, 22: 1}
 
 
+BOARD_PATCH_FROM_BASE = 64 << 20   # an external data file above this is tensor-delta coded only
+
 # --------------------------------------------------------------------------- ONNX wire format
 @dataclass(frozen=True)
 class TensorSpan:
@@ -190,15 +192,48 @@ def _tensor_candidates(new: memoryview, old: memoryview, elem: int, level: int) 
 
 
 @codecs.register_encoder(codecs.TENSOR_DELTA)
-def tensor_delta(old_path: Path, new_path: Path, out: BinaryIO, *, level: int = DEFAULT_LEVEL) -> dict[str, Any]:
-    """Write a tensor-delta patch for two ONNX files into ``out``; returns stats. Raises _NotOnnx."""
+def external_spans(graph: Path, data_name: str) -> list[TensorSpan]:
+    """Byte ranges, in the external data file ``data_name``, of the initializers ``graph`` keeps there.
+
+    An LLM's weights live in ``model.onnx.data`` (the graph names offset and length of each):
+    with these spans the data file gets the same tensor-delta as an ONNX file (unchanged tensors
+    copied from the base, changed ones XOR/difference-coded), which the board applies streaming,
+    where a byte-level patch-from would make it hold the whole base in memory."""
+    import onnx
+    try:
+        m = onnx.load(str(graph), load_external_data=False)
+    except Exception:  # not a readable graph: no spans
+        return []
+    spans = []
+    for t in m.graph.initializer:
+        kv = {e.key: e.value for e in t.external_data}
+        if kv.get("location") == data_name and "length" in kv:
+            spans.append(TensorSpan(t.name, _ELEM.get(t.data_type, 1), int(kv.get("offset", 0)), int(kv["length"])))
+    return sorted(spans, key=lambda s: s.offset)
+
+
+def graph_naming(folder: Path, data_name: str) -> Path | None:
+    """The ONNX graph in ``folder`` whose weights live in ``data_name``, if one does."""
+    for g in sorted(Path(folder).glob("*.onnx")):
+        if g.stat().st_size <= 64 << 20 and external_spans(g, data_name):
+            return g
+    return None
+
+
+def tensor_delta(old_path: Path, new_path: Path, out: BinaryIO, *, level: int = DEFAULT_LEVEL,
+                 spans: tuple[list[TensorSpan], list[TensorSpan]] | None = None) -> dict[str, Any]:
+    """Write a tensor-delta patch for two ONNX files (or two external data files, given their
+    ``spans``) into ``out``; returns stats. Raises _NotOnnx."""
     # Host side: plain reads (the host has memory; the board's apply is the part that streams).
-    return _tensor_delta(memoryview(Path(old_path).read_bytes()), memoryview(Path(new_path).read_bytes()), out, level)
+    return _tensor_delta(memoryview(Path(old_path).read_bytes()), memoryview(Path(new_path).read_bytes()), out, level,
+                         spans)
 
 
-def _tensor_delta(old: memoryview, new: memoryview, out: BinaryIO, level: int) -> dict[str, Any]:
-    old_spans = [s for s in onnx_tensor_spans(old) if s.length >= MIN_TENSOR]
-    new_spans = [s for s in onnx_tensor_spans(new) if s.length >= MIN_TENSOR]
+def _tensor_delta(old: memoryview, new: memoryview, out: BinaryIO, level: int,
+                  spans: tuple[list[TensorSpan], list[TensorSpan]] | None = None) -> dict[str, Any]:
+    os_, ns_ = spans if spans is not None else (onnx_tensor_spans(old), onnx_tensor_spans(new))
+    old_spans = [s for s in os_ if s.length >= MIN_TENSOR and s.offset + s.length <= len(old)]
+    new_spans = [s for s in ns_ if s.length >= MIN_TENSOR and s.offset + s.length <= len(new)]
     if not new_spans:
         raise _NotOnnx("no large initializers")
     old_by_name = {s.name: s for s in old_spans}
@@ -277,8 +312,10 @@ class FileDelta:
 
 
 def make_file_delta(old_path: str | Path, new_path: str | Path, out_path: str | Path, *,
-                    level: int = DEFAULT_LEVEL, try_patch_from: bool = True) -> FileDelta:
-    """Write the smaller of tensor-delta (ONNX) and zstd patch-from for one file pair to ``out_path``."""
+                    level: int = DEFAULT_LEVEL, try_patch_from: bool = True,
+                    spans: tuple[list[TensorSpan], list[TensorSpan]] | None = None) -> FileDelta:
+    """Write the smaller of tensor-delta (ONNX, or external data with ``spans``) and zstd
+    patch-from for one file pair to ``out_path``."""
     old_path, new_path, out_path = Path(old_path), Path(new_path), Path(out_path)
     t0 = time.perf_counter()
     best: FileDelta | None = None
@@ -287,7 +324,7 @@ def make_file_delta(old_path: str | Path, new_path: str | Path, out_path: str | 
     try:
         try:
             with open(tmp_t, "wb") as f:
-                stats = tensor_delta(old_path, new_path, f, level=level)
+                stats = tensor_delta(old_path, new_path, f, level=level, spans=spans)
             best = FileDelta(codecs.TENSOR_DELTA, tmp_t.stat().st_size, 0.0, stats)
         except _NotOnnx:
             tmp_t.unlink(missing_ok=True)
@@ -369,12 +406,25 @@ def _frame_for(fe: FileEntry, full: Frame, ofe: FileEntry | None, pair: tuple[st
                       transport_length=0, transport_sha256=hashlib.sha256(b"").hexdigest(), **base)
         return Frame(e, d_new / fe.path), {"path": fe.path, "encoding": codecs.BASE_COPY, "bytes": 0}, []
     patch = tdp / f"{fe.path}.patch"
-    fd = make_file_delta(d_old / fe.path, d_new / fe.path, patch, level=level)
+    fd = make_file_delta(d_old / fe.path, d_new / fe.path, patch, level=level, **_data_file_options(fe, d_old, d_new))
     if fd.size < fe.transport_length:
         e = FileEntry(path=fe.path, role=fe.role, length=fe.length, sha256=fe.sha256, encoding=fd.encoding,
                       transport_length=fd.size, transport_sha256=sha256_of_file(patch), **base)
         return Frame(e, patch), {"path": fe.path, "encoding": fd.encoding, "bytes": fd.size, **fd.stats}, []
     return full, {"path": fe.path, "encoding": "zstd", "bytes": fe.transport_length, "delta_bytes": fd.size}, []
+
+
+def _data_file_options(fe: FileEntry, d_old: Path, d_new: Path) -> dict[str, Any]:
+    """An external data file (role extra, named by a graph on both sides) is delta-coded tensor by
+    tensor; past BOARD_PATCH_FROM_BASE its byte-level patch-from is not even tried, since the board
+    would hold the whole base in memory to apply it."""
+    if fe.role != "extra" or fe.path.endswith(".onnx"):
+        return {}
+    go, gn = graph_naming(d_old, fe.path), graph_naming(d_new, fe.path)
+    if go is None or gn is None:
+        return {}
+    spans = (external_spans(go, fe.path), external_spans(gn, fe.path))
+    return {"spans": spans, "try_patch_from": fe.length <= BOARD_PATCH_FROM_BASE}
 
 
 def make_delta_bundle(old_bundle: str | Path, new_bundle: str | Path, out: str | Path, *, trust: TrustRoot,
