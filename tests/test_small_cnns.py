@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgepack.data import load_dataset
@@ -53,6 +54,9 @@ def test_fashion_cnn_figures_are_the_targets_arithmetic(tmp_path, fashion, targe
     host = compare(ref, predict(judges["edgepack_host_kernels"], test), test.labels)
     assert board.drop == pytest.approx(rep.drop_points, abs=1e-6)
     assert host.agreement == pytest.approx(rep.host_kernel_agreement, abs=1e-6)
+    # the MiniLM rows (bench_minilm) come from the same two judges
+    row = _bench().minilm_figures(ref, out, test, tgt, onnx.load(str(out)))
+    assert row["drop"] == round(board.drop, 2) and row["host_kernels"]["agreement"] == round(host.agreement, 2)
     if target == "x86-avx2":
         # this host's kernels are the target's (or, on a VNNI host, exact: 7 bits cannot saturate)
         assert host.drop <= 0.3 and host.agreement >= 99.0, (host, board)
