@@ -24,7 +24,6 @@ BOUND_MB = 48      # over the process's own baseline; the payload is 100 MiB
 def _decoder_shaped(folder: Path) -> Path:
     """model.onnx (KV-cache input name, a Gather of 4 weights) + model.onnx.data (100 MiB random)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "model.onnx.data", "wb") as f:

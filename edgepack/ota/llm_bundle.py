@@ -100,7 +100,12 @@ def wants_llm(models: list[Path], options: LLMBundleOptions | None) -> bool:
     detect = None if options is None else options.detect
     if detect is False:
         return False
-    found = len(models) == 1 and is_kv_decoder(models[0])
+    try:
+        found = len(models) == 1 and is_kv_decoder(models[0])
+    except ModelError:
+        if detect:
+            raise
+        found = False    # detecting only: a file ONNX cannot parse is bundled as it is, as before
     if detect and not found:
         raise UsageError(f"--llm: {', '.join(map(str, models))} is not one KV-cache decoder (no past_key_values "
                          "inputs); bundle the builder's model.onnx")
