@@ -169,7 +169,7 @@ def bench_minilm(work: Path, rounds: int, qat_epochs: float) -> dict:
     r = subprocess.run([str(ROOT / ".venv/bin/edgepack"), "qat", str(asset("models/minilm-sst.pt")), "--hf-dir",
                         str(get_model_path()), "--train", str(asset("text/train-tok.npz")), "--target", "phone-npu-int8",
                         "--calib", str(calib), "--search", str(search), "--eval", str(test), "-o", str(out_q),
-                        "--epochs", str(qat_epochs), "--json"], capture_output=True, text=True)
+                        "--epochs", str(qat_epochs), "--reference", str(model), "--json"], capture_output=True, text=True)
     if r.returncode not in (0, 4):
         raise SystemExit(f"edgepack qat failed: {r.stderr.strip()[-2000:]}")
     rows.append(("edgepack QAT + PTQ", out_q, time.perf_counter() - t, json.loads(r.stdout)))

@@ -185,3 +185,33 @@ def test_sensitivity_ranks_layers_followed_by_folded_activations(tmp_path, tiny_
     ranking = rank_layers(pre, onnx.load(str(q)), feeds)
     assert {r.name for r in ranking} == {"conv1", "conv2", "fc"}
     assert all(r.sqnr_db > 10 for r in ranking) and all(r.score >= 0 for r in ranking)
+
+
+def test_budget_is_measured_against_the_reference_model(tmp_path, tiny_model, tiny_data):
+    """QAT quantizes its fine-tuned export but the user's budget is against the original FP32:
+    ``reference`` makes every comparison (search and held-out) use that model's outputs."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(tiny_model))
+    for t in m.graph.initializer:                     # a "different FP32": every weight scaled and shifted
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32 and a.size > 1:
+            t.CopyFrom(numpy_helper.from_array((a * -1.0 + 0.05).astype(np.float32), t.name))
+    other = tmp_path / "other.onnx"
+    onnx.save(m, str(other))
+    opts = dict(weight_rounding="nearest", latency_threads=(1,), max_evals=3, max_drop=100.0)
+    own = quantize(tiny_model, load_target("x86-vnni"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                   tmp_path / "a.onnx", options=QuantizeOptions(**opts))
+    vs = quantize(tiny_model, load_target("x86-vnni"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                  tmp_path / "b.onnx", options=QuantizeOptions(reference=other, **opts))
+    assert own.fp32_top1 == 100.0                     # the labels are this model's own argmax
+    assert vs.fp32_top1 < own.fp32_top1 and vs.agreement < own.agreement
+    bad = tmp_path / "bad.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["z"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])])), str(bad))
+    with pytest.raises(ModelError, match="reference model .* takes inputs"):
+        quantize(tiny_model, load_target("x86-vnni"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                 tmp_path / "c.onnx", options=QuantizeOptions(reference=bad, **opts))
+    assert not (tmp_path / "c.onnx").exists()

@@ -294,6 +294,9 @@ def qat(
     calib_size: Optional[int] = typer.Option(128, "--calib-size", help="calibration samples for the export"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget, points (default: "
                                              "the target's)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="the FP32 ONNX model the checkpoint "
+                                             "came from: the budget is measured against it (default: the "
+                                             "fine-tuned export)"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Quantization-aware fine-tuning, then INT8 export and held-out evaluation in ONNX Runtime."""
@@ -310,7 +313,8 @@ def qat(
             pg.start("QAT fine-tune", 1)
             res = qat_then_ptq(checkpoint, hf_dir, train, tgt, cal, ev, output, search=se, progress=pg,
                                on_qat_step=lambda i, n: pg.update(i, n),
-                               options=QatOptions(epochs=epochs, lr=lr, calib_size=calib_size, max_drop=max_drop))
+                               options=QatOptions(epochs=epochs, lr=lr, calib_size=calib_size, max_drop=max_drop,
+                                                  reference=reference))
         if as_json:
             dump(res.to_dict())
         else:

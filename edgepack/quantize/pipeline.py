@@ -31,7 +31,7 @@ import onnx
 
 from .calibrate import METHODS
 from ..data import Dataset
-from ..errors import BudgetNotMet, DataError
+from ..errors import BudgetNotMet, DataError, ModelError
 from .evaluate import Comparison, compare, predict, session
 from .latency import compare_latency
 from ..modelinfo import ModelInfo, check_same_dtypes, check_samples, load_model
@@ -58,6 +58,8 @@ class _NoProgress:
 @dataclass
 class QuantizeOptions:
     max_drop: float | None = None          # percentage points; None: the target's budget
+    reference: str | Path | None = None    # the FP32 model the budget is measured against (default: the model
+    #                                        itself; QAT passes the user's original, not its fine-tuned export)
     methods: tuple[str, ...] = METHODS
     calib_size: int | None = None          # None: every calibration sample
     weight_rounding: str = "gptq"          # "gptq" (advanced PTQ) or "nearest"
@@ -195,7 +197,7 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
     work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
     try:
         pre = preprocess_model(info, work)
-        fp32 = session(info.path)
+        fp32 = session(_reference(info, opt.reference))
         pg.start("FP32 reference", len(search) + len(holdout))
         ref_search = predict(fp32, search, batch_size=opt.batch_size, progress=pg.advance)
         ref_hold = predict(fp32, holdout, batch_size=opt.batch_size, progress=pg.advance)
@@ -234,6 +236,17 @@ def _check_output(output: str | Path) -> Path:
     if not output.parent.exists():
         raise DataError(f"output folder {output.parent} does not exist")
     return output
+
+
+def _reference(info: ModelInfo, reference: str | Path | None) -> Path:
+    """The model whose outputs every candidate is compared with; it must take the same inputs."""
+    if reference is None:
+        return info.path
+    ref = load_model(reference)
+    if ref.input_names != info.input_names:
+        raise ModelError(f"reference model {ref.path} takes inputs {ref.input_names}, the model to quantize "
+                         f"{info.input_names}: give the FP32 model this one was fine-tuned from")
+    return ref.path
 
 
 def _check_inputs(model_path: str | Path, calib: Dataset, evaluation: Dataset, search: Dataset | None,

@@ -49,6 +49,7 @@ class QatOptions:
     lr: float = 2e-5
     calib_size: Optional[int] = 128
     max_drop: Optional[float] = None
+    reference: Optional[Path] = None     # the user's FP32 ONNX: the budget is against it, not the QAT export
 
 
 @dataclass
@@ -81,7 +82,7 @@ def qat_then_ptq(checkpoint: str | Path, hf_dir: str | Path, train: str | Path, 
             progress.done()
         r = quantize(onnx_path, target, calib, evaluation, output, search=search, progress=progress,
                      options=QuantizeOptions(max_drop=options.max_drop, calib_size=options.calib_size,
-                                             latency_threads=(1,)))
+                                             latency_threads=(1,), reference=options.reference))
     res = QatResult(qat=qr, ptq=r)
     write_report(Path(output).with_suffix(".json"), res.to_dict())
     return res
