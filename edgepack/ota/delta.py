@@ -191,7 +191,6 @@ def _tensor_candidates(new: memoryview, old: memoryview, elem: int, level: int) 
     return sel, _compress_chunks(chunks(sel), level)
 
 
-@codecs.register_encoder(codecs.TENSOR_DELTA)
 def external_spans(graph: Path, data_name: str) -> list[TensorSpan]:
     """Byte ranges, in the external data file ``data_name``, of the initializers ``graph`` keeps there.
 
@@ -220,6 +219,7 @@ def graph_naming(folder: Path, data_name: str) -> Path | None:
     return None
 
 
+@codecs.register_encoder(codecs.TENSOR_DELTA)
 def tensor_delta(old_path: Path, new_path: Path, out: BinaryIO, *, level: int = DEFAULT_LEVEL,
                  spans: tuple[list[TensorSpan], list[TensorSpan]] | None = None) -> dict[str, Any]:
     """Write a tensor-delta patch for two ONNX files (or two external data files, given their

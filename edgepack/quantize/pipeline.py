@@ -194,10 +194,11 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         if top1_data.labels is None or len(top1_data) == 0:
             raise DataError(f"top-1 set {top1_data.name!r} needs labelled samples (class subfolders or labels.csv)")
         check_samples(info, top1_data, "top-1")
+    reference = _reference(info, opt.reference)   # checked before any work, like the data
     work = Path(tempfile.mkdtemp(prefix="edgepack-q-"))
     try:
         pre = preprocess_model(info, work)
-        fp32 = session(_reference(info, opt.reference))
+        fp32 = session(reference)
         pg.start("FP32 reference", len(search) + len(holdout))
         ref_search = predict(fp32, search, batch_size=opt.batch_size, progress=pg.advance)
         ref_hold = predict(fp32, holdout, batch_size=opt.batch_size, progress=pg.advance)
