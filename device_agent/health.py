@@ -61,12 +61,9 @@ class Thresholds:
         for k in _MIN_KEYS:
             floor = fl.get(k, getattr(base, k))
             kw[k] = max(floor, kw.get(k, floor))  # the bundle may demand more, never less
-        cap = fl.get("max_abs_error")
-        mae = kw.get("max_abs_error")
-        kw["max_abs_error"] = cap if mae is None else (mae if cap is None else min(mae, cap))
-        ppl_cap = fl.get("max_ppl_ratio", base.max_ppl_ratio)
-        ppl = kw.get("max_ppl_ratio")
-        kw["max_ppl_ratio"] = ppl_cap if ppl is None else min(ppl, ppl_cap)
+        for k in _MAX_KEYS:   # a ceiling: the bundle may demand less, never more (None: no ceiling)
+            cap, v = fl.get(k, getattr(base, k)), kw.get(k)
+            kw[k] = cap if v is None else (v if cap is None else min(v, cap))
         return cls(latency_budget_ms=latency_budget_ms, **kw)
 
 
