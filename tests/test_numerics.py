@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgepack.errors import DataError, TargetError
-from edgepack.quantize.numerics import NumericsUnavailable, board_session, host_int8, host_session
+from edgepack.quantize.numerics import NumericsUnavailable, board_session, host_int8, host_session, kernel_arithmetic
 from edgepack.targets import list_targets, load_target, parse_target
 from edgepack.targets.arithmetic import ARITHMETIC
 
@@ -53,7 +53,10 @@ def test_host_int8_is_read_from_the_cpu():
     flags = open("/proc/cpuinfo").read()
     if h.machine == "x86_64":
         assert ("avx2" in h.instructions) == (" avx2" in flags)
-        assert (h.arithmetic == "exact") == (" avx512_vnni" in flags or " avx_vnni" in flags)
+        assert (h.declared == "exact") == (" avx512_vnni" in flags or " avx_vnni" in flags)
+    # the arithmetic is measured on ONNX Runtime's own kernels, and on a real CPU the flags agree
+    assert h.measured == kernel_arithmetic() and h.arithmetic == h.measured == h.declared
+    assert kernel_arithmetic(precision_mode=True) == "exact"     # what numerics.exact_session relies on
 
 
 def test_seven_bit_weights_compute_the_same_on_this_hosts_kernels(assets, tmp_path):

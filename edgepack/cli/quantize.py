@@ -32,6 +32,8 @@ def render_report(r, console: Console) -> None:
     t.add_row("computed as", f"{r.numerics} (the board's INT8 arithmetic); this host: {r.host_int8}")
     if r.host_kernel_agreement is not None:
         t.add_row("this host's own kernels", f"{r.host_kernel_agreement:.2f} % agreement (not the board's figure)")
+    if r.unfused_agreement is not None:
+        t.add_row("QDQ graph unfused", f"{r.unfused_agreement:.2f} % agreement (exact products, float requantization)")
     if r.labelled_top1:
         lt = r.labelled_top1
         t.add_row(f"top-1 on {escape(lt['name'])}", f"FP32 {lt['fp32_top1']:.1f} % / INT8 {lt['int8_top1']:.1f} % "

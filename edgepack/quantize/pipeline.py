@@ -35,7 +35,7 @@ from ..errors import BudgetNotMet, DataError, ModelError
 from .evaluate import Comparison, compare, predict, session
 from .latency import compare_latency
 from ..modelinfo import ModelInfo, check_same_dtypes, check_samples, load_model
-from .numerics import host_int8, host_session
+from .numerics import host_int8, host_session, unfused_session
 from .qdq import preprocess_model
 from .remedies import CandidateResult, Search, run as run_remedies
 from ..targets import Target
@@ -129,6 +129,8 @@ class QuantizeReport:
     numerics: str = "exact"                 # the target's INT8 arithmetic every figure is computed in
     host_int8: str = ""                     # this host's INT8 instructions (edgepack.quantize.numerics.host_int8)
     host_kernel_agreement: float | None = None  # the held-out agreement on this host's own fused kernels
+    unfused_agreement: float | None = None  # the held-out agreement of the QDQ graph run unfused (exact products,
+    #                                         float requantization: the first approximation, ~1 point optimistic)
     latency_source: str = "host"            # "host-proxy" when the target is not this kind of CPU
     board_confirmation: dict | None = None  # edgepack.fleet.confirm: the board's own figure (--confirm-on)
     remedies_tried: list[str] = field(default_factory=list)   # edgepack.quantize.remedies, in the order run
@@ -211,11 +213,12 @@ def quantize(model_path: str | Path, target: Target, calib: Dataset, evaluation:
         run_remedies(s)
         chosen = s.choose()
         s.evals += 1   # the held-out figure
-        final, host_final = _held_out(s, s.paths[chosen.name], holdout, ref_hold)
+        final, host_final, unfused = _held_out(s, s.paths[chosen.name], holdout, ref_hold)
         lat, speed_ok = _latency(info, s.paths[chosen.name], s.sample, opt, pg, s.warnings)
         top1 = _labelled_top1(s, info, s.paths[chosen.name], top1_data) if top1_data is not None else None
         _write_output(output, s, chosen, holdout)
         r = _report(s, chosen, output, final, host_final, lat, speed_ok, t0)
+        r.unfused_agreement = round(unfused.agreement, 3)   # beside the board's figure, never chosen on
         r.budget_basis, r.labelled_top1 = basis, top1
         return r
     except BaseException:
@@ -274,12 +277,15 @@ def _check_inputs(model_path: str | Path, calib: Dataset, evaluation: Dataset, s
     return info, calib, search, holdout
 
 
-def _held_out(s: Search, path: Path, holdout: Dataset, ref_hold: np.ndarray) -> tuple[Comparison, Comparison]:
-    """The final figure as the board computes, and this host's own kernels' figure beside it."""
+def _held_out(s: Search, path: Path, holdout: Dataset,
+              ref_hold: np.ndarray) -> tuple[Comparison, Comparison, Comparison]:
+    """The final figure as the board computes, and beside it this host's own kernels' figure and
+    the unfused QDQ graph's."""
     bs = s.opt.batch_size
     s.pg.start("held-out evaluation", len(holdout))
     final = compare(ref_hold, predict(s.judge(path), holdout, batch_size=bs, progress=s.pg.advance), holdout.labels)
     host_final = compare(ref_hold, predict(host_session(path), holdout, batch_size=bs), holdout.labels)
+    unfused = compare(ref_hold, predict(unfused_session(path), holdout, batch_size=bs), holdout.labels)
     s.pg.done()
     host = host_int8()
     if host.arithmetic != s.target.int8_arithmetic:
@@ -297,7 +303,7 @@ def _held_out(s: Search, path: Path, holdout: Dataset, ref_hold: np.ndarray) -> 
         if not (s.target.float_allowed or s.opt.allow_cpu_fallback):
             s.warnings.append(f"target {s.target.name} runs INT8 only: no layer may leave the accelerator, "
                               "so the remaining drop needs quantization-aware training (edgepack qat)")
-    return final, host_final
+    return final, host_final, unfused
 
 
 def _labelled_top1(s: Search, info: ModelInfo, path: Path, data: Dataset) -> dict:
