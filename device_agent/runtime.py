@@ -123,11 +123,14 @@ def _load_ort(path: Path, threads: int, accelerator: str | None) -> Session:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    if os.environ.get("EDGEPACK_AGENT_INT8") == "exact":
+    exact = os.environ.get("EDGEPACK_AGENT_INT8") == "exact"
+    if exact:
         # A stand-in board on a host whose INT8 kernels differ from the board's (x86 AVX2 without
-        # VNNI saturates u8 x s8 pair sums): QDQ runs unfused, i.e. exact integer products, as
-        # ARM NEON, VNNI and NPUs compute. The host's own default board (edgepack.fleet) sets it.
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # VNNI saturates u8 x s8 pair sums): ORT's fused kernels with exact int32 sums (u8 x u8
+        # in precision mode), as ARM NEON, VNNI and NPUs compute and as the quantizer judges
+        # (edgepack.quantize.numerics.exact_session). The host's own default board sets it.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.add_session_config_entry("session.x64quantprecision", "1")
     providers = ["CPUExecutionProvider"]
     if accelerator and accelerator != "CPUExecutionProvider":
         avail = ort.get_available_providers()
@@ -139,7 +142,15 @@ def _load_ort(path: Path, threads: int, accelerator: str | None) -> Session:
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        raise ModelLoadError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0][:300]}") from None
+        if not exact:
+            raise ModelLoadError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0][:300]}") from None
+        # precision mode refuses a weight zero point that two layers share (models not written by
+        # edgepack): the unfused graph computes exact integer products too
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e2:
+            raise ModelLoadError(f"onnxruntime cannot load {path.name}: {str(e2).splitlines()[0][:300]}") from None
     dt = time.perf_counter() - t0
     used = sess.get_providers()
     if accelerator and accelerator not in used:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.quantize.compact import dedupe_file, dedupe_initializers
 from edgepack.quantize.evaluate import session
+from edgepack.quantize.numerics import exact_session
 
 
 def _conv_stack(path, n=4, c=8):
@@ -60,6 +62,13 @@ def test_dedupe_saves_bytes_and_keeps_every_output(tmp_path):
         a = session(q, 1, optimize=optimize).run(None, {"x": x})[0]
         b = session(d, 1, optimize=optimize).run(None, {"x": x})[0]
         assert np.array_equal(a, b)
+    # ORT's exact mode on x86 (s8 -> u8 weight rewrite) loads it as written: no weight zero point is
+    # shared (a shared one fails with "Attempt to replace the existing tensor"); the agent runs it so
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    exact = ort.InferenceSession(str(d), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(exact, exact_session(q).run(None, {"x": x})[0])
     assert dedupe_file(d) == 0                                  # idempotent: nothing left to merge
 
 
