@@ -5,7 +5,8 @@
         [-o bench-results/ceiling.json] [--rounds 5]
 
 From one QDQ model written by ``edgepack quantize`` (EfficientNet-Lite0, the main job's data),
-variants that keep groups of activations float, weights staying INT8 (actprec.without_quantizers):
+variants that keep groups of activations float, weights staying INT8 but for the small convolutions
+that then compute in float (actprec.without_quantizers + fold_float_conv_weights, as the search builds them):
 every activation ("weights only": the ceiling that weight quantization alone leaves), the
 outputs of pointwise convolutions and residual adds, only the adds, only the depthwise
 convolutions. Each is judged as the board computes (numerics.exact_session: fused kernels,
@@ -32,7 +33,7 @@ import onnx  # noqa: E402
 
 from edgepack.assets import asset  # noqa: E402
 from edgepack.data import load_dataset  # noqa: E402
-from edgepack.quantize.actprec import activation_quantizers, without_quantizers  # noqa: E402
+from edgepack.quantize.actprec import activation_quantizers, fold_float_conv_weights, without_quantizers  # noqa: E402
 from edgepack.quantize.evaluate import compare, predict, session  # noqa: E402
 from edgepack.quantize.latency import compare_latency  # noqa: E402
 from edgepack.quantize.numerics import exact_session, host_int8  # noqa: E402
@@ -53,7 +54,7 @@ def groups(m: onnx.ModelProto) -> dict[str, list[str]]:
     producer = {o: n for n in m.graph.node for o in n.output}
     q = list(activation_quantizers(m))
     kind = {t: _kind(producer.get(t)) for t in q}
-    return {"all INT8": [], "weights only (every activation float)": q,
+    return {"as given": [], "weights only (every activation float)": q,
             "pointwise conv + add outputs float": [t for t in q if kind[t] in ("conv", "add")],
             "add outputs float": [t for t in q if kind[t] == "add"],
             "depthwise outputs float": [t for t in q if kind[t] == "depthwise"]}
@@ -76,7 +77,7 @@ def main() -> int:
     rows = []
     for label, tensors in groups(m).items():
         path = work / f"variant-{len(rows)}.onnx"
-        onnx.save(without_quantizers(m, tensors) if tensors else m, str(path))
+        onnx.save(fold_float_conv_weights(without_quantizers(m, tensors)) if tensors else m, str(path))
         judge = exact_session(path)
         row = {"variant": label, "float_activations": len(tensors), "size_bytes": path.stat().st_size}
         for k, d in splits.items():

@@ -34,7 +34,8 @@ def test_search_stops_when_the_budget_is_met(tmp_path, tiny_model, tiny_data):
 
 def test_float_activations_keep_int8_weights_and_size(tmp_path, tiny_model, tiny_data):
     """An unreachable budget on a float-capable board: float activations are tried before float
-    layers, each such candidate is as small as the all-INT8 one, and the budget is respected."""
+    layers, each such candidate is as small as the all-INT8 one but for the float weights of the
+    small convs that then compute in float (actprec.fold_float_conv_weights), and the budget is respected."""
     rep = quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
                    tmp_path / "q.onnx", options=QuantizeOptions(max_drop=-1.0, weight_rounding="nearest",
                                                                 latency_threads=(1,), max_evals=8))
@@ -43,7 +44,8 @@ def test_float_activations_keep_int8_weights_and_size(tmp_path, tiny_model, tiny
     assert rep.evaluations <= 8 + 2          # the two plain baselines come on top of max_evals
     base = min(c.size_bytes for c in rep.candidates if c.remedy == "calibration")
     fa = [c for c in rep.candidates if c.float_activations]
-    assert fa and all(c.size_bytes <= base * 1.02 for c in fa)
+    conv_weights = 8 * 1 * 9 + 8 * 8 * 9 + 2 * 8          # the tiny CNN's two convs and their biases
+    assert fa and all(c.size_bytes <= base * 1.02 + 4 * conv_weights for c in fa)
     fl = [c for c in rep.candidates if c.float_layers]
     assert fl  # float layers still get an evaluation
 
@@ -77,6 +79,32 @@ def test_without_quantizers_is_exactly_float_there(tmp_path, tiny_model, tiny_da
     ranked = rank_activations(tiny_model, tmp_path / "q.onnx", {"x": x}, limit=8)
     assert all(r.tensor in q and r.gain > 0 for r in ranked)
     assert [r.gain for r in ranked] == sorted((r.gain for r in ranked), reverse=True)
+
+
+def test_fold_keeps_the_numbers_and_only_touches_float_convs(tmp_path, tiny_model, tiny_data):
+    """fold_float_conv_weights: a conv that computes in float holds its dequantized weights (no
+    DequantizeLinear left in front of it, the same outputs); one ONNX Runtime fuses into
+    QLinearConv keeps its INT8 weights; a conv over the size limit is left alone."""
+    from edgepack.quantize.actprec import activation_quantizers, fold_float_conv_weights, without_quantizers
+
+    quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+             tmp_path / "q.onnx", options=QuantizeOptions(weight_rounding="nearest", latency_threads=(1,),
+                                                          max_drop=100.0))
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    n_dq = lambda mm: sum(n.op_type == "DequantizeLinear" for n in mm.graph.node)  # noqa: E731
+    assert n_dq(fold_float_conv_weights(onnx.load(str(tmp_path / "q.onnx")))) == n_dq(m)   # all INT8: unchanged
+    first = next(t for t in activation_quantizers(m) if any(n.op_type == "Conv" and t in n.output
+                                                             for n in m.graph.node) or t == "r1")
+    unfolded = without_quantizers(m, [first])
+    folded = fold_float_conv_weights(without_quantizers(m, [first]))
+    prod = {o: n for n in folded.graph.node for o in n.output}
+    convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+    fed_by_dq = [n.name for n in convs if n.input[1] in prod]
+    assert n_dq(folded) < n_dq(unfolded) and len(fed_by_dq) < len(convs)
+    x = np.load(tiny_data[1])["inputs"][:16]
+    run = lambda mm: session(mm.SerializeToString(), optimize=False).run(None, {"x": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(folded), run(unfolded), rtol=1e-5, atol=1e-5)
+    assert n_dq(fold_float_conv_weights(without_quantizers(m, [first]), max_dense=1)) == n_dq(unfolded)
 
 
 def _cand(name, drop, size, floats=(), acts=(), lat=1.0):

@@ -107,9 +107,94 @@ def without_quantizers(m: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProt
     return out
 
 
+FOLD_MAX_DEPTHWISE = 32_768   # every depthwise conv of EfficientNet-Lite0 (at most 28,800 weights)
+FOLD_MAX_DENSE = 4_096        # its stem (864) and the first blocks' small pointwise convs
+
+
+def _computes_in_float(n: onnx.NodeProto, producer: dict, consumers: dict) -> bool:
+    """A Conv ONNX Runtime cannot fuse into QLinearConv: its input or its output is not quantized."""
+    fed = producer.get(n.input[0])
+    return (fed is None or fed.op_type != "DequantizeLinear"
+            or any(c.op_type != "QuantizeLinear" for c in consumers.get(n.output[0], [])))
+
+
+def fold_float_conv_weights(m: onnx.ModelProto, *, max_depthwise: int = FOLD_MAX_DEPTHWISE,
+                            max_dense: int = FOLD_MAX_DENSE) -> onnx.ModelProto:
+    """Store the INT8 weights (and bias) of small convolutions that compute in float as the
+    float values they dequantize to, in place; the numbers stay the same.
+
+    Why: ONNX Runtime prepacks a convolution's weights (NCHWc layout, its fast depthwise kernel)
+    only when they are constant initializers; behind a DequantizeLinear it takes the generic
+    path on every run. Measured on EfficientNet-Lite0 with its 15 depthwise outputs float (1 /
+    2 threads, FP32 = 1): 2.58x with the DequantizeLinear nodes, 0.99 / 1.13x with the depthwise
+    ones folded (+0.46 MB, 5.46 MB), 0.87 / 1.06x with every float conv of <= 32,768 weights
+    folded (5.58 MB). Depthwise convs of at most ``max_depthwise`` weights and others of at most
+    ``max_dense`` are folded: the pointwise ones carry the bytes, and float storage quadruples them."""
+    producer = {o: n for n in m.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    inits = {i.name: i for i in m.graph.initializer}
+    folded = []
+    for n in m.graph.node:
+        if n.op_type != "Conv" or not _computes_in_float(n, producer, consumers):
+            continue
+        limit = max_depthwise if next((a.i for a in n.attribute if a.name == "group"), 1) > 1 else max_dense
+        for k in range(1, len(n.input)):
+            dq = producer.get(n.input[k])
+            if (dq is None or dq.op_type != "DequantizeLinear" or len(consumers[dq.output[0]]) != 1
+                    or any(x and x not in inits for x in dq.input)):
+                continue
+            q = numpy_helper.to_array(inits[dq.input[0]])
+            if k == 1 and q.size > limit:
+                break
+            zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
+            w = _dequantize(q, numpy_helper.to_array(inits[dq.input[1]]), zp,
+                            axis=next((a.i for a in dq.attribute if a.name == "axis"), 1))
+            name = f"{n.input[k]}_folded"
+            m.graph.initializer.append(numpy_helper.from_array(w, name))
+            n.input[k] = name
+            folded.append(dq)
+    for dq in folded:
+        m.graph.node.remove(dq)
+    used = {x for n in m.graph.node for x in n.input} | {o.name for o in m.graph.output}
+    keep = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, *, axis: int) -> np.ndarray:
+    """DequantizeLinear's arithmetic, in float32 as ONNX Runtime computes it."""
+    s = scale.astype(np.float32)
+    z = np.zeros_like(s) if zp is None else zp.astype(np.float32)
+    if s.ndim == 1 and q.ndim > 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return ((q.astype(np.float32) - z) * s).astype(np.float32)
+
+
 def keep_float_activations(qdq_path: Path, tensors: list[str], out: Path) -> Path:
-    onnx.save(without_quantizers(onnx.load(str(qdq_path)), tensors), str(out))
+    """The QDQ model with ``tensors`` float, small convolutions that now compute in float
+    holding float weights (fold_float_conv_weights)."""
+    onnx.save(fold_float_conv_weights(without_quantizers(onnx.load(str(qdq_path)), tensors)), str(out))
     return out
+
+
+def depthwise_outputs(m: onnx.ModelProto) -> list[str]:
+    """The quantized activations written by depthwise convolutions.
+
+    Why a group of its own: each depthwise channel is its own filter, so one per-tensor uint8
+    range fits its channels worst of all (ranges differ by orders of magnitude), and the
+    convolutions that read them float hold few weights. Measured on EfficientNet-Lite0 (fused
+    exact judge): its 15 depthwise outputs float took the main job's model from 97.06 / 96.02 %
+    (search / held-out) to 98.53 / 97.73 %; every activation float reaches 95.59 / 98.30 %."""
+    q = activation_quantizers(m)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    return [t for t in q if (p := producer.get(t)) is not None and p.op_type == "Conv"
+            and next((a.i for a in p.attribute if a.name == "group"), 1) > 1]
 
 
 def rank_activations(fp32_path: Path, qdq_path: Path, feeds: dict[str, np.ndarray], *,

@@ -52,6 +52,7 @@ class Comparison:
     drop: float                  # accuracy drop (labels) or 100 - agreement (no labels), points
     output_sqnr_db: float
     mcnemar_p: float | None      # exact two-sided p of "INT8 and FP32 are equally accurate"
+    drop_se: float = 0.0         # standard error of ``drop`` from this split's sample size, points
 
     @property
     def metric(self) -> str:
@@ -63,12 +64,15 @@ def compare(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray | Non
     agree = float((ref_top == top).mean() * 100)
     err = float(((ref_logits - logits) ** 2).sum())
     sqnr = 10 * math.log10(float((ref_logits ** 2).sum()) / err) if err > 0 else float("inf")
+    n = len(top)
     if labels is None:
-        return Comparison(len(top), None, None, agree, 100 - agree, sqnr, None)
+        p = agree / 100
+        return Comparison(n, None, None, agree, 100 - agree, sqnr, None, 100 * math.sqrt(p * (1 - p) / n))
     a_fp, a_q = ref_top == labels, top == labels
     fp, q = float(a_fp.mean() * 100), float(a_q.mean() * 100)
     b, c = int((a_fp & ~a_q).sum()), int((~a_fp & a_q).sum())
-    return Comparison(len(top), fp, q, agree, fp - q, sqnr, mcnemar_exact(b, c))
+    se = 100 * math.sqrt(max((b + c) / n - ((b - c) / n) ** 2, 0.0) / n)   # paired difference of two rates
+    return Comparison(n, fp, q, agree, fp - q, sqnr, mcnemar_exact(b, c), se)
 
 
 def mcnemar_exact(b: int, c: int) -> float:

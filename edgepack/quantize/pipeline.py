@@ -76,6 +76,7 @@ class QuantizeOptions:
     max_float_activations: int = 64        # most activations the float-activations remedy ranks (0: off)
     float_activations_start: int = 4       # its first candidate keeps this many float; then doubles
     activation_rank_samples: int = 8       # search samples the activation ranking runs on
+    selection_margin: float = 1.0          # standard errors a label-free candidate must clear the floor by
 
 
 @dataclass

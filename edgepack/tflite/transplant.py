@@ -74,6 +74,7 @@ def transplant(aeq_tflite: str | Path, fp32_onnx: str | Path, qdq_onnx: str | Pa
     g = m.subgraphs[0]
     names = {v: k for k, v in vars(S.BuiltinOperator).items() if isinstance(v, int)}
     rep = TransplantReport()
+    flattened: dict[int, list[int]] = {}     # tensor -> the NHWC shape a RESHAPE flattened into it
 
     def grid(qdq_tensor: str):
         if qdq_tensor not in q_after:
@@ -99,6 +100,8 @@ def transplant(aeq_tflite: str | Path, fp32_onnx: str | Path, qdq_onnx: str | Pa
         if not op.outputs:
             continue
         ot = g.tensors[op.outputs[0]]
+        if kind == "RESHAPE" and len(g.tensors[op.inputs[0]].shape) == 4:
+            flattened[op.outputs[0]] = list(g.tensors[op.inputs[0]].shape)
         if kind == "QUANTIZE":  # after an op kept in float: the grid ONNX put on that op's output
             src = nodes.get(producer.get(name_of(g.tensors[op.inputs[0]]), ""))
             set_grid(ot, grid(src.output[0]) if src is not None else None)
@@ -125,9 +128,10 @@ def transplant(aeq_tflite: str | Path, fp32_onnx: str | Path, qdq_onnx: str | Pa
                 q = q.transpose(0, 2, 3, 1)
             elif kind == "DEPTHWISE_CONV_2D":
                 q = q.transpose(1, 2, 3, 0)
-            else:  # Gemm: [out, in] with transB=1, as the translation wrote it
-                if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
-                    q = q.T
+            else:  # FULLY_CONNECTED: [out, in], columns in the order the translation flattened them
+                if not (node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)):
+                    q = q.T                     # MatMul, or Gemm without transB: [in, out]
+                q = _hwc_columns(q, flattened.get(op.inputs[0]))
             old = _arr(m, w_t, np.int8)
             if old is None or tuple(old.shape) != tuple(q.shape):
                 rep.kept.append(f"{kind} {name_of(ot)} (weight layout differs)")
@@ -144,6 +148,15 @@ def transplant(aeq_tflite: str | Path, fp32_onnx: str | Path, qdq_onnx: str | Pa
     _rescale_biases(m, load_model_t(float_tflite), rep)
     save_model_t(m, out)
     return rep
+
+
+def _hwc_columns(q: np.ndarray, nhwc: list[int] | None) -> np.ndarray:
+    """A fully connected weight after a flatten: ONNX flattened its input C,H,W, the ``.tflite``
+    flattens H,W,C (from_onnx permuted the float weight's columns the same way)."""
+    if nhwc is None or q.shape[1] != nhwc[1] * nhwc[2] * nhwc[3]:
+        return q
+    _, h, w, c = nhwc
+    return q.reshape(q.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(q.shape[0], -1)
 
 
 def _rescale_biases(m, f, rep: TransplantReport) -> None:
