@@ -34,6 +34,7 @@ import onnx  # noqa: E402
 from edgepack.assets import asset  # noqa: E402
 from edgepack.data import load_dataset  # noqa: E402
 from edgepack.quantize.actprec import activation_quantizers, fold_float_conv_weights, without_quantizers  # noqa: E402
+from edgepack.quantize.graph import is_depthwise, producers  # noqa: E402
 from edgepack.quantize.evaluate import compare, predict, session  # noqa: E402
 from edgepack.quantize.latency import compare_latency  # noqa: E402
 from edgepack.quantize.numerics import exact_session, host_int8  # noqa: E402
@@ -44,14 +45,13 @@ def _kind(node: onnx.NodeProto | None) -> str:
     if node is None:
         return "input"
     if node.op_type == "Conv":
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        return "depthwise" if group > 1 else "conv"
+        return "depthwise" if is_depthwise(node) else "conv"
     return node.op_type.lower()
 
 
 def groups(m: onnx.ModelProto) -> dict[str, list[str]]:
     """Quantized activations by the kind of op that writes them."""
-    producer = {o: n for n in m.graph.node for o in n.output}
+    producer = producers(m)
     q = list(activation_quantizers(m))
     kind = {t: _kind(producer.get(t)) for t in q}
     return {"as given": [], "weights only (every activation float)": q,

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from .calibrate import _exposing_session, activation_tensors, collect
+from . import graph
 from ..data import Dataset
 from .evaluate import compare, predict, session
 from ..modelinfo import WEIGHT_OPS, check_samples, load_model
@@ -131,11 +132,7 @@ def placement_of(qdq: onnx.ModelProto, target: Target) -> Placement:
     acc = next((u for u in target.compute if u.kind in ("npu", "dsp", "gpu") and "int8" in u.dtypes), None)
     cpu = next((u for u in target.compute if u.kind == "cpu"), None)
     ops = set(acc.int8_ops) if acc and acc.int8_ops else None
-    producers = {o: n for n in qdq.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in qdq.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = graph.producers(qdq), graph.consumers(qdq)
     inits = {i.name for i in qdq.graph.initializer}
     graph_out = {o.name for o in qdq.graph.output}
     fallback, int8 = [], 0
@@ -285,7 +282,7 @@ def analyze(model_path: str | Path, target: Target, calib: Dataset, evaluation: 
             tensor_sqnr.append({"tensor": n, "sqnr_db": round(10 * np.log10(sig / err), 2) if err > 0 else 99.0})
 
         # --- activation outliers per channel
-        producers = {o: nd for nd in pre.graph.node for o in nd.output}
+        producers = graph.producers(pre)
         order = {nd.name: k for k, nd in enumerate(pre.graph.node)}
         last = len(pre.graph.node) - 1
         outl = []

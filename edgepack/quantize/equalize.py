@@ -43,6 +43,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..data import Dataset
+from . import graph
 
 MODES = ("relu", "relu6", "range")
 
@@ -88,10 +89,7 @@ def find_pairs(model: onnx.ModelProto) -> list[_Pair]:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = graph.consumers(g)
     outputs = {o.name for o in g.output}
     pairs = []
     for a in g.node:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from .calibrate import _exposing_session
+from . import graph
 from ..modelinfo import WEIGHT_OPS
 
 
@@ -40,11 +41,7 @@ class LayerScore:
 def rank_layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto, feeds: dict[str, np.ndarray],
                 threads: int = 0) -> list[LayerScore]:
     """Weight layers of ``fp32`` sorted by injected quantization noise, worst first."""
-    producers = {o: n for n in fp32.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in fp32.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = graph.producers(fp32), graph.consumers(fp32)
     inits = {i.name: i for i in fp32.graph.initializer}
     qdq_tensors = {o for n in qdq.graph.node for o in n.output} | {i.name for i in qdq.graph.input}
     qdq_nodes = {n.name for n in qdq.graph.node}

@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .calibrate import _exposing_session
+from . import graph
 from ..data import Dataset
 
 
@@ -54,10 +55,7 @@ def smooth(model: onnx.ModelProto, data: Dataset, input_names: list[str], alpha:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {i.name: i for i in m.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = graph.consumers(m)
     init_users = {}
     for n in m.graph.node:
         for i in n.input:
