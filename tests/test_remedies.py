@@ -144,6 +144,24 @@ def test_choose_never_larger_than_a_simpler_candidate_that_meets(tmp_path):
     assert s.choose().name == "acts-fast"     # same size and faster than the simpler one: allowed
 
 
+def test_budget_missed_label_free_ranks_by_output_sqnr(tmp_path):
+    """No candidate meets: on a label-free floor the higher output SQNR wins over a luckier
+    agreement (the noisier statistic); with labels the top-1 drop decides."""
+    from edgepack.data import Dataset
+    from edgepack.quantize.pipeline import QuantizeOptions
+
+    lucky, steady = _cand("lucky", 2.2, 5_000_000, acts=["a"]), _cand("steady", 4.4, 5_000_000, acts=["b"])
+    lucky.output_sqnr_db, steady.output_sqnr_db = 26.8, 29.5
+    unlabelled = Dataset("d", lambda i: None, 4)
+    s = Search(info=None, target=load_target("rpi4-2gb"), opt=QuantizeOptions(), budget=1.0, calib=None,
+               data=unlabelled, ref=None, work=tmp_path, pg=None, sample=None)
+    s.candidates = [lucky, steady]
+    assert not any(s.meets(c) for c in s.candidates)
+    assert s.choose().name == "steady"
+    s.data = Dataset("d", lambda i: None, 4, labels=np.zeros(4, np.int64))
+    assert s.choose().name == "lucky"
+
+
 def test_mse_range_weighs_magnitudes():
     """The MSE range trims a heavy tail (less than MinMax: the outliers' clipping error is weighed
     against the rounding error of the bulk), clips a bounded (ReLU6) tensor only where that
