@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import JSON_OPT, RichProgress, dump, finish, out, output_path, run_guarded
+from ._common import JSON_OPT, RichProgress, dump, err, finish, out, output_path, run_guarded
 
 
 def render_report(r, console: Console) -> None:
@@ -82,6 +82,21 @@ def _confirm(board: str, model: Path, output: Path, holdout, ev, r, seed: int, m
     return confirm_on_board(board, model, output, hold, r.agreement, max_mismatch=max_mismatch).to_dict()
 
 
+def _from_torch(model: Path, output: Path, as_json: bool) -> Path:
+    """A PyTorch ``.pt2`` becomes ``<stem>.onnx`` beside the output (edgepack.fromtorch), checked
+    against PyTorch; every later step, and the report, start from that FP32 ONNX model."""
+    from ..fromtorch import export_pt2
+
+    fp32 = output.with_name(f"{model.stem}.onnx")
+    if not as_json:
+        err.print(f"exporting {model} (PyTorch) to {fp32}", markup=False, highlight=False)
+    e = export_pt2(model, fp32)
+    if not as_json:
+        err.print(f"  ONNX Runtime vs PyTorch: max |error| {e.max_abs_error:.2g} (outputs up to {e.output_scale:.3g}), "
+                  f"{e.seconds:.1f} s", markup=False, highlight=False)
+    return fp32
+
+
 def _check_choices(method: list[str], known, rounding: str) -> None:
     from ..errors import DataError
     bad = [m for m in method if m not in known]
@@ -100,7 +115,8 @@ def _as_tflite(a: dict) -> None:
 
 
 def quantize(
-    model: Path = typer.Argument(..., help="FP32 ONNX model (or a float .tflite with --format tflite)"),
+    model: Path = typer.Argument(..., help="FP32 ONNX model, a PyTorch torch.export program (.pt2), or a float "
+                                 ".tflite with --format tflite"),
     target: str = typer.Option(..., "--target", "-t", help="board profile name or TOML path"),
     calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
     fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
@@ -139,7 +155,7 @@ def quantize(
     output_given = output
 
     def go() -> None:
-        nonlocal output
+        nonlocal output, model
         from ..data import load_dataset
         from ..errors import DataError
         from ..modelinfo import load_model
@@ -150,8 +166,13 @@ def quantize(
 
         if fmt not in ("onnx", "tflite"):
             raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
+        suffix = ".tflite" if fmt == "tflite" else ".onnx"
+        output = output_path(output_given, f"{model.stem}-int8{suffix}")
+        if model.suffix.lower() == ".pt2":
+            model = _from_torch(model, output, as_json)
+            args["model"] = model
         if fmt == "tflite":
-            return _as_tflite(args | {"output": output_path(output_given, f"{model.stem}-int8.tflite")})
+            return _as_tflite(args | {"output": output})
         tgt = load_target(target)
         _check_choices(method, ALL_METHODS, rounding)
         load_model(model)  # fail fast on a bad model, before data is opened
@@ -159,7 +180,6 @@ def quantize(
         cal = load_dataset(calib, pp)
         ev = load_dataset(eval_, pp, labels_file=labels)
         se = load_dataset(search, pp) if search else None
-        output = output_path(output_given, f"{model.stem}-int8.onnx")
         opts = QuantizeOptions(max_drop=max_drop, calib_size=calib_size,
                                methods=tuple(method) or METHODS, weight_rounding=rounding,
                                latency_threads=tuple(threads), require_speedup=require_speedup,

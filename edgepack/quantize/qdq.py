@@ -24,7 +24,9 @@ def preprocess_model(info: ModelInfo, work: Path) -> onnx.ModelProto:
 
     out = work / "pre.onnx"
     try:
-        quant_pre_process(info.model, str(out), skip_symbolic_shape=True)
+        # the file, not the loaded proto: from a proto ORT's optimizer pass cannot read the model's
+        # small constant inputs (opset-18 ReduceMean axes from PyTorch's exporter) and the pass fails
+        quant_pre_process(str(info.path), str(out), skip_symbolic_shape=True)
     except Exception as e:
         raise ModelError(f"{info.path}: ONNX Runtime pre-processing failed ({e.__class__.__name__}: {e})") from None
     m = onnx.load(str(out))

@@ -18,8 +18,8 @@ import numpy as np
 from ..errors import ModelError
 
 SIGNATURE = "serving_default"
-SUPPORTED_OPS = ("Conv", "Relu", "Clip(0,6)", "Add", "MaxPool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm",
-                 "MatMul")
+SUPPORTED_OPS = ("Conv", "Relu", "Clip(0,6)", "Add", "MaxPool", "GlobalAveragePool", "ReduceMean(H,W)", "Flatten",
+                 "Reshape", "Gemm", "MatMul")
 
 
 def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
@@ -156,8 +156,13 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
             y = alias.get(n.input[1], n.input[1])
             last[o] = op(S.BuiltinOperator.ADD, [tid[x], tid[y]], [tensor(o, shape[x])], S.BuiltinOptions.AddOptions,
                          S.AddOptionsT())
-        elif n.op_type == "GlobalAveragePool":
+        elif n.op_type in ("GlobalAveragePool", "ReduceMean"):
             N, H, W, C = shape[x]
+            keep = n.op_type == "GlobalAveragePool" or bool(a.get("keepdims", 1))
+            axes = a.get("axes") if len(n.input) < 2 or not n.input[1] else inits.get(n.input[1])
+            if n.op_type == "ReduceMean" and sorted(int(v) % 4 for v in np.ravel(axes if axes is not None else [])) != [2, 3]:
+                raise ModelError(f"{Path(onnx_path).name}: ReduceMean {n.name!r} over axes {axes}: the LiteRT "
+                                 "translation takes the mean over height and width only (a global average pool)")
             ax = tensor(o + "/axes", [2], None)
             sg.tensors[ax].type = S.TensorType.INT32
             bb = S.BufferT()
@@ -165,8 +170,9 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
             model.buffers.append(bb)
             sg.tensors[ax].buffer = len(model.buffers) - 1
             opt = S.ReducerOptionsT()
-            opt.keepDims = True
-            op(S.BuiltinOperator.MEAN, [tid[x], ax], [tensor(o, [N, 1, 1, C])], S.BuiltinOptions.ReducerOptions, opt)
+            opt.keepDims = keep
+            op(S.BuiltinOperator.MEAN, [tid[x], ax], [tensor(o, [N, 1, 1, C] if keep else [N, C])],
+               S.BuiltinOptions.ReducerOptions, opt)
         elif n.op_type == "MaxPool":
             N, H, W, C = shape[x]
             k, s = a["kernel_shape"], a.get("strides", [1, 1])
