@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgepack.errors import ModelError  # noqa: E402
 from edgepack.assets import asset  # noqa: E402
 from edgepack.data import ImagePreprocess, load_dataset  # noqa: E402
 from edgepack.quantize.evaluate import compare, predict, session  # noqa: E402
@@ -214,7 +215,10 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
         r = {"name": label, **{k: v for k, v in extra.items() if k != "path"}}
         if path is None:
             return r
-        i = read_tflite(path)
+        try:
+            i = read_tflite(path)     # a peer's output is checked like any .tflite from outside
+        except ModelError as e:
+            return {**r, "error": f"unreadable output: {e}"}
         c = compare(ref, predict_tflite(path, ds), ds.labels)
         r.update({"bytes": path.stat().st_size, "full_integer": i.full_integer, "float_ops": len(i.float_ops),
                   "agreement": round(c.agreement, 2), "drop": round(c.drop, 3), "int8_top1": c.int8_top1,
