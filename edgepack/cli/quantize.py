@@ -82,6 +82,16 @@ def _confirm(board: str, model: Path, output: Path, holdout, ev, r, seed: int, m
     return confirm_on_board(board, model, output, hold, r.agreement, max_mismatch=max_mismatch).to_dict()
 
 
+def _source(model: Path, fmt: str, output_given, as_json: bool) -> tuple[Path, Path]:
+    """The FP32 ONNX (or float .tflite) model to start from, and the output path for ``fmt``."""
+    from ..errors import DataError
+
+    if fmt not in ("onnx", "tflite"):
+        raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
+    output = output_path(output_given, f"{model.stem}-int8{'.tflite' if fmt == 'tflite' else '.onnx'}")
+    return (_from_torch(model, output, as_json) if model.suffix.lower() == ".pt2" else model), output
+
+
 def _from_torch(model: Path, output: Path, as_json: bool) -> Path:
     """A PyTorch ``.pt2`` becomes ``<stem>.onnx`` beside the output (edgepack.fromtorch), checked
     against PyTorch; every later step, and the report, start from that FP32 ONNX model."""
@@ -164,13 +174,8 @@ def quantize(
         from ..quantize.workflows import resolve_preprocessing, write_report
         from ..targets import load_target
 
-        if fmt not in ("onnx", "tflite"):
-            raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
-        suffix = ".tflite" if fmt == "tflite" else ".onnx"
-        output = output_path(output_given, f"{model.stem}-int8{suffix}")
-        if model.suffix.lower() == ".pt2":
-            model = _from_torch(model, output, as_json)
-            args["model"] = model
+        model, output = _source(model, fmt, output_given, as_json)
+        args["model"] = model
         if fmt == "tflite":
             return _as_tflite(args | {"output": output})
         tgt = load_target(target)
