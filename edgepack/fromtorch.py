@@ -77,14 +77,18 @@ def _quiet():
             logging.getLogger(n).setLevel(lv)
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+
+
 def _load(torch, src: Path):
     if not src.is_file():
         raise ModelError(f"model {src}: no such file")
     try:
         return torch.export.load(str(src))
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign archive: one line, no traceback
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise ModelError(f"{src} is not a torch.export program (.pt2 from torch.export.save): {first}") from None
+        raise ModelError(f"{src} is not a torch.export program (.pt2 from torch.export.save): "
+                         f"{_first_line(e)}") from None
 
 
 def _examples(ep) -> tuple:
@@ -116,16 +120,18 @@ def export_pt2(src: str | Path, dst: str | Path, *, tolerance: float = 1e-4, ops
     try:
         try:
             with _quiet():
-                    torch.onnx.export(ep, x, tmp, dynamo=True, opset_version=opset, input_names=names,
+                torch.onnx.export(ep, x, tmp, dynamo=True, opset_version=opset, input_names=names,
                                   output_names=["logits"] if len(ref) == 1 else None, external_data=False,
                                   verbose=False)
         except Exception as e:  # noqa: BLE001 - the exporter's failures are many; the first line says which
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-            raise ModelError(f"{src}: PyTorch's ONNX exporter failed: {first}") from None
+            raise ModelError(f"{src}: PyTorch's ONNX exporter failed: {_first_line(e)}") from None
         m = onnx.load(tmp)
-        for k, v in {"edgepack.source": f"{src.name} (torch.export, torch {torch.__version__})"}.items():
-            p = m.metadata_props.add()
-            p.key, p.value = k, v
+        dims = m.graph.input[0].type.tensor_type.shape.dim
+        if not (dims and dims[0].dim_param):
+            raise ModelError(f"{src}: the program's batch size is fixed; edgepack evaluates in batches: export it "
+                             "with a dynamic batch (example batch of 2, dynamic_shapes={'x': {0: Dim.AUTO}})")
+        p = m.metadata_props.add()
+        p.key, p.value = "edgepack.source", f"{src.name} (torch.export, torch {torch.__version__})"
         onnx.save(m, tmp)
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -137,14 +143,9 @@ def export_pt2(src: str | Path, dst: str | Path, *, tolerance: float = 1e-4, ops
         if not err <= tolerance * max(scale, 1.0):
             raise ModelError(f"{src}: the ONNX export differs from PyTorch by {err:.3g} (outputs up to {scale:.3g}); "
                              "not written: check the model's export with torch.onnx.export")
-        dims = m.graph.input[0].type.tensor_type.shape.dim
-        if not (dims and dims[0].dim_param):
-            raise ModelError(f"{src}: the program's batch size is fixed; edgepack evaluates in batches: export it "
-                             "with a dynamic batch (example batch of 2, dynamic_shapes={'x': {0: Dim.AUTO}})")
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return TorchExport(source=str(src), onnx=str(dst), torch_version=torch.__version__, opset=opset, inputs=names,
-                       max_abs_error=err,
-                       output_scale=scale, seconds=round(time.perf_counter() - t0, 2))
+                       max_abs_error=err, output_scale=scale, seconds=round(time.perf_counter() - t0, 2))

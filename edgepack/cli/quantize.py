@@ -167,7 +167,6 @@ def quantize(
     def go() -> None:
         nonlocal output, model
         from ..data import load_dataset
-        from ..errors import DataError
         from ..modelinfo import load_model
         from ..quantize import QuantizeOptions, quantize as run
         from ..quantize.calibrate import ALL_METHODS, METHODS
