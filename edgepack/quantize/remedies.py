@@ -34,6 +34,7 @@ from .latency import compare_latency
 from ..modelinfo import ModelInfo
 from .numerics import board_session
 from .qdq import QDQBuilder
+from . import selection
 from ..targets import Target
 
 
@@ -104,19 +105,13 @@ class Search:
     def met(self) -> bool:
         return self.best is not None and self.meets(self.best)
 
-    def meets(self, c: CandidateResult) -> bool:
-        """Does ``c`` meet the accuracy budget on the search split, by a margin?
+    @property
+    def labelled(self) -> bool:
+        return self.data is not None and self.data.labels is not None
 
-        Why the margin: the search stops at the first candidate that crosses the budget, so on
-        a small split it picks the one that crossed it by luck (the winner's curse). Measured on
-        EfficientNet-Lite0 (136 label-free search images, 1 image = 0.74 points): a candidate at
-        97.06 % on the search split read 96.02 % held out, and weights-only INT8 95.6 % / 98.3 %.
-        On a label-free agreement floor the candidate must clear it by ``selection_margin``
-        standard errors of its own search figure. Labelled budgets (a top-1 drop, paired, on
-        larger splits: Fashion 5,000, MiniLM 500) keep no margin: measured there without one."""
-        labelled = self.data is not None and self.data.labels is not None
-        margin = 0.0 if labelled else self.opt.selection_margin * c.search_se
-        return c.search_drop + margin <= self.budget
+    def meets(self, c: CandidateResult) -> bool:
+        """Does ``c`` meet the accuracy budget on the search split, by a margin? (:func:`.selection.meets`)"""
+        return selection.meets(c, self.budget, labelled=self.labelled, margin=self.opt.selection_margin)
 
     @property
     def method(self) -> str:
@@ -223,17 +218,8 @@ class Search:
         return min(fits, key=self.accuracy_rank)
 
     def accuracy_rank(self, c: CandidateResult) -> tuple[float, float]:
-        """Most accurate first, when no candidate is known to meet the budget.
-
-        Why output SQNR first on a label-free floor: top-1 agreement on a small split moves with a
-        handful of near-tie images, the output SQNR with every logit of every image. Measured on
-        EfficientNet-Lite0 (six variants of one model, 136 search / 176 held-out images, fused
-        exact judge): the search split's SQNR orders the held-out agreement exactly (29.5 dB ->
-        98.3 %, ..., 22.7 dB -> 94.3 %); its agreement does not (its best, 97.79 %, read 94.89 %
-        held out, next to last). A labelled budget (a paired top-1 drop on 500-5,000 samples)
-        keeps the drop first: that is what the budget counts."""
-        labelled = self.data is not None and self.data.labels is not None
-        return (c.search_drop, -c.output_sqnr_db) if labelled else (-c.output_sqnr_db, c.search_drop)
+        """Most accurate first, when no candidate is known to meet the budget (:func:`.selection.accuracy_rank`)."""
+        return selection.accuracy_rank(c, labelled=self.labelled)
 
 
 def _float_parts(c: CandidateResult) -> tuple[int, int]:

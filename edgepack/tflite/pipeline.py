@@ -11,8 +11,10 @@ The steps, each measured:
 3. if the best one still misses the budget and the target allows float, the tensors written by
    the ops that lose the most signal (per-op SQNR on a few selection samples) are kept in float
    with their producer and readers (:mod:`.floatacts`: keeping one op float still quantizes its
-   output), in growing sets from one quantizer calibration, each judged in LiteRT; the fewest
-   that meet the budget win, else the best on the selection split;
+   output), in growing sets from one quantizer calibration, each judged in LiteRT;
+   the choice is the ONNX search's rule (:mod:`edgepack.quantize.selection`): the fewest float ops
+   among the candidates that meet the budget by its margin, else the most accurate (output SQNR
+   first on a label-free floor);
 4. the full-integer gate (:mod:`.gate`) refuses float ops where the target runs INT8 only;
 5. final figures on held-out data never used for selection; size; latency against the float
    ``.tflite`` at each thread count (interleaved medians); golden data for the board's health check.
@@ -35,6 +37,7 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import DataError, ModelError, TargetError
+from ..quantize import selection
 from ..quantize.evaluate import compare
 
 
@@ -54,6 +57,7 @@ class TfliteOptions:
     onnx_search: bool = True                 # also run edgepack's ONNX search and carry its result over
     qdq_model: str | None = None             # ...or carry over this edgepack INT8 QDQ model of the source
     full_integer: bool = False               # no float op even where the target could run one
+    selection_margin: float = 1.0            # as QuantizeOptions: standard errors a label-free candidate clears the floor by
 
 
 @dataclass
@@ -65,6 +69,8 @@ class TfliteCandidate:
     search_agreement: float
     size_bytes: int
     seconds: float
+    output_sqnr_db: float = 0.0              # on the selection split (the ONNX search's rule: .quantize.selection)
+    search_se: float = 0.0                   # standard error of search_drop on the split, points
 
 
 @dataclass
@@ -293,7 +299,8 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                 cand = TfliteCandidate(name=name, calibration=calibration, float_ops=list(keep),
                                        search_drop=round(c.drop, 3), search_agreement=round(c.agreement, 2),
                                        size_bytes=path.stat().st_size,
-                                       seconds=round((time.perf_counter() - t) / len(keeps), 1))
+                                       seconds=round((time.perf_counter() - t) / len(keeps), 1),
+                                       output_sqnr_db=round(c.output_sqnr_db, 2), search_se=round(c.drop_se, 3))
                 cands.append(cand)
                 files[name], runs[name] = path, run
                 out.append(cand)
@@ -306,8 +313,11 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         if qdq is not None:
             keeps = [[]] + ([qdq_keep] if qdq_keep else [])
             attempt_many("minmax", keeps, carry=True, note=" (its float layers quantized)" if qdq_float else "")
-        best = min(cands, key=lambda c: (c.search_drop, c.size_bytes))
-        if best.search_drop > budget and allow_float and len(cands) < o.max_evals:
+        labelled = search.labels is not None
+        meets = lambda c: selection.meets(c, budget, labelled=labelled, margin=o.selection_margin)  # noqa: E731
+        rank = lambda c: (*selection.accuracy_rank(c, labelled=labelled), c.size_bytes)  # noqa: E731
+        best = min(cands, key=rank)
+        if not meets(best) and allow_float and len(cands) < o.max_evals:
             log("ranking ops by the signal they lose")
             ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)
                       if n not in best.float_ops]
@@ -316,9 +326,11 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             keeps = [list(islands(finfo, best.float_ops + ranked[:k])) for k in steps]
             if keeps:
                 attempt_many(best.calibration, keeps, carry=best.name.startswith("edgepack ONNX"))
-            met = [c for c in cands if c.search_drop <= budget]
-            best = min(met, key=lambda c: (len(c.float_ops), c.size_bytes)) if met else min(
-                cands, key=lambda c: (c.search_drop, len(c.float_ops), c.size_bytes))
+        # the ONNX search's rule: the fewest float ops among those that meet the budget by the
+        # margin (the most accurate of them), else the most accurate candidate
+        met = [c for c in cands if meets(c)]
+        best = min(met, key=lambda c: (len(c.float_ops), *rank(c))) if met else min(
+            cands, key=lambda c: (*rank(c), len(c.float_ops)))
         chosen = files[best.name]
         info = read_tflite(chosen)
         check_full_integer(info, target, required=o.full_integer)  # INT8-only board: refuse, nothing written
