@@ -175,11 +175,10 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     res["tflite_report"] = {k: v for k, v in rep_t.items() if k not in ("io",)}
     res["tflite_report"]["quantize_seconds"], res["tflite_report"]["peak_rss_mb"] = round(wall_t, 1), round(rss_t, 1)
     fi_out = None
-    if full_integer_run:  # what an INT8-only board gets: the same search, no float op (min/max + carried over)
-        log(f"{name}: edgepack quantize --format tflite --carry-over --full-integer")
+    if full_integer_run:  # what an INT8-only board gets: its own ONNX search with no float part, carried over
+        log(f"{name}: edgepack quantize --format tflite --full-integer (the ONNX search as for an INT8-only board)")
         fi_out = work / f"{name}-edgepack-fullint.tflite"
-        wall_f, _, rep_f = cli([*common, "-o", str(fi_out), "--format", "tflite", "--carry-over", str(onnx_out),
-                                "--threads", "1", "--full-integer", "--max-evals", "1"])
+        wall_f, _, rep_f = cli([*common, "-o", str(fi_out), "--format", "tflite", "--threads", "1", "--full-integer"])
         res["tflite_full_integer_report"] = {k: v for k, v in rep_f.items() if k not in ("io",)}
         res["tflite_full_integer_report"]["quantize_seconds"] = round(wall_f, 1)
     pt2_out = None

@@ -203,3 +203,26 @@ def test_litert_search_chooses_by_the_onnx_searchs_rule(tmp_path):
     assert cleared, "no candidate clears the floor: the choice among them is not tested"
     want = min(cleared, key=lambda c: (len(c.float_ops), *selection.accuracy_rank(c, labelled=False), c.size_bytes))
     assert (r2.calibration, bool(r2.float_ops)) == (want.calibration, bool(want.float_ops))
+
+
+@needs_converter
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_litert_choice_stays_within_the_ota_budget(tmp_path, tiny_model, tiny_data):
+    """A float island costs float weights; over the board's OTA budget it is not chosen while an
+    all-integer candidate fits (the ONNX search's rule, edgepack.quantize.selection.fitting)."""
+    from dataclasses import replace
+
+    from edgepack.data import load_dataset
+    from edgepack.targets import load_target
+    from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
+
+    calib, ev = (load_dataset(p) for p in tiny_data)
+    opts = TfliteOptions(max_drop=-1.0, calibrations=("minmax",), onnx_search=False, latency_threads=(1,),
+                         latency_rounds=1, golden_samples=2, float_steps=(1, 2))  # unreachable: float is tried
+    r = quantize_tflite(tiny_model, load_target("rpi4-2gb"), calib, ev, tmp_path / "a.tflite", options=opts)
+    ints = [c for c in r.candidates if not c.float_ops]
+    floats = [c for c in r.candidates if c.float_ops]
+    assert ints and floats and max(c.size_bytes for c in ints) < min(c.size_bytes for c in floats)
+    small = replace(load_target("rpi4-2gb"), ota_budget_mb=max(c.size_bytes for c in ints) / 1e6)
+    r2 = quantize_tflite(tiny_model, small, calib, ev, tmp_path / "b.tflite", options=opts)
+    assert r2.full_integer and r2.int8_size_bytes <= small.ota_budget_mb * 1e6

@@ -203,7 +203,7 @@ class Search:
         the most accurate one faster than FP32 wins (float activations can cost more than they
         save on a CPU), "most accurate" as :meth:`accuracy_rank` orders them."""
         allowed = [c for c in self.candidates if self.allowed(c)] or self.candidates[:1]
-        fits = [c for c in allowed if c.size_bytes <= self.target.ota_budget_mb * 1e6] or allowed
+        fits = selection.fitting(allowed, self.target)
         meeting = [c for c in fits if self.meets(c)]
         if not meeting and any(self.meets(c) for c in allowed):
             self.warnings.append(f"the only candidates within the accuracy budget are larger than {self.target.name}'s "

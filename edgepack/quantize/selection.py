@@ -16,6 +16,13 @@ class Judged(Protocol):
     search_drop: float
     search_se: float
     output_sqnr_db: float
+    size_bytes: int
+
+
+def fitting(cands: list, target) -> list:
+    """The candidates within ``target``'s OTA budget, or all of them when none is: a model the
+    board cannot download is chosen only when nothing smaller was made."""
+    return [c for c in cands if c.size_bytes <= target.ota_budget_mb * 1e6] or list(cands)
 
 
 def meets(c: Judged, budget: float, *, labelled: bool, margin: float) -> bool:
@@ -43,4 +50,4 @@ def accuracy_rank(c: Judged, *, labelled: bool) -> tuple[float, float]:
     return (c.search_drop, -c.output_sqnr_db) if labelled else (-c.output_sqnr_db, c.search_drop)
 
 
-__all__ = ["Judged", "meets", "accuracy_rank"]
+__all__ = ["Judged", "fitting", "meets", "accuracy_rank"]

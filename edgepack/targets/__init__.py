@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -106,6 +106,11 @@ class Target:
     def float_allowed(self) -> bool:
         """Whether a layer may stay in float (on some compute unit) without leaving the policy."""
         return self.quant.allow_float_fallback
+
+    def integer_only(self) -> "Target":
+        """This board with float fallback refused: what an INT8-only build for it may use
+        (``--format tflite --full-integer`` runs the ONNX search so)."""
+        return replace(self, quant=replace(self.quant, allow_float_fallback=False))
 
 
 def _req(d: dict, key: str, typ, where: str):

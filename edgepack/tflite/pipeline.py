@@ -254,10 +254,13 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
 
         qdq = None
         if model.suffix.lower() == ".onnx" and (o.qdq_model or o.onnx_search):
-            qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(model, target, cal, search, hold, work, budget, log)
+            qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(
+                model, target if allow_float else target.integer_only(), cal, search, hold, work, budget, log)
             qdq_float = _qdq_float_layers(qdq)
-            # a float layer of the ONNX model reads and writes float there: in a .tflite, its island
-            qdq_keep = list(islands(finfo, float_layer_tensors(model, qdq_float))) if allow_float else []
+            # a float layer of the ONNX model reads and writes float there: in a .tflite, its island,
+            # float weights included, so within the same float-bytes cap as the islands found here
+            qdq_keep = list(islands(finfo, within_cost(finfo, float_layer_tensors(model, qdq_float), o.max_float_bytes))
+                            ) if allow_float else []
 
         samples: dict = {}
         raw: dict[tuple[str, tuple[str, ...]], tuple[Path, Any]] = {}
@@ -328,9 +331,13 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                 attempt_many(best.calibration, keeps, carry=best.name.startswith("edgepack ONNX"))
         # the ONNX search's rule: the fewest float ops among those that meet the budget by the
         # margin (the most accurate of them), else the most accurate candidate
-        met = [c for c in cands if meets(c)]
+        fits = selection.fitting(cands, target)
+        met = [c for c in fits if meets(c)]
+        if not met and any(meets(c) for c in cands):
+            warnings.append(f"the only candidates within the accuracy budget are larger than {target.name}'s "
+                            f"OTA budget ({target.ota_budget_mb:g} MB); the best one that fits was kept")
         best = min(met, key=lambda c: (len(c.float_ops), *rank(c))) if met else min(
-            cands, key=lambda c: (*rank(c), len(c.float_ops)))
+            fits, key=lambda c: (*rank(c), len(c.float_ops)))
         chosen = files[best.name]
         info = read_tflite(chosen)
         check_full_integer(info, target, required=o.full_integer)  # INT8-only board: refuse, nothing written
