@@ -40,6 +40,11 @@ def test_island_is_the_writer_and_every_reader(float_tfl):
     # the island's float weights: conv1's 8x1x3x3 and conv2's 8x8x3x3 at 4 bytes instead of 1
     assert float_cost(info, [conv1]) == 3 * (8 * 9 + 64 * 9)
     assert within_cost(info, [conv1], 3 * (8 * 9 + 64 * 9)) == [conv1] and within_cost(info, [conv1], 100) == []
+    # ops already float count against the same cap, once: conv2 already float leaves conv1's 216 bytes
+    conv2 = (isl[1],)
+    assert float_cost(info, [conv1], already=conv2) == 3 * (8 * 9 + 64 * 9)
+    assert within_cost(info, [conv1], 3 * 8 * 9, already=conv2) == []
+    assert within_cost(info, [conv1], 3 * (8 * 9 + 64 * 9), already=conv2) == [conv1]
 
 
 def test_percentile_and_mse_ranges_clip_inside_min_max(float_tfl):

@@ -85,10 +85,16 @@ def islands(info: TfliteInfo, tensors: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def float_cost(info: TfliteInfo, tensors: list[str]) -> int:
-    """Bytes the islands of ``tensors`` add over INT8 (``info``: the float model): their ops'
-    float32 weights at 4 bytes instead of 1, biases at 4 as before."""
-    outs = set(islands(info, tensors))
+def float_cost(info: TfliteInfo, tensors: list[str], already: tuple[str, ...] = ()) -> int:
+    """Bytes the islands of ``tensors``, with the ops ``already`` float (island outputs), add
+    over INT8 (``info``: the float model): their ops' float32 weights at 4 bytes instead of 1,
+    biases at 4 as before."""
+    return ops_cost(info, (*already, *islands(info, tensors)))
+
+
+def ops_cost(info: TfliteInfo, outputs: tuple[str, ...] | list[str]) -> int:
+    """Bytes over INT8 of keeping the ops that write ``outputs`` float (their weights, once each)."""
+    outs = set(outputs)
     seen: set[int] = set()
     extra = 0
     for o in info.ops:
@@ -101,14 +107,15 @@ def float_cost(info: TfliteInfo, tensors: list[str]) -> int:
     return extra
 
 
-def within_cost(info: TfliteInfo, ranked: list[str], max_bytes: int) -> list[str]:
-    """The ranked tensors, in order, whose islands fit together in ``max_bytes`` over INT8: a
-    board that runs float still has a size budget (an island around a late expand conv costs MBs)."""
+def within_cost(info: TfliteInfo, ranked: list[str], max_bytes: int, already: tuple[str, ...] = ()) -> list[str]:
+    """The ranked tensors, in order, whose islands fit together, with the ops ``already`` float,
+    in ``max_bytes`` over INT8: a board that runs float still has a size budget (an island
+    around a late expand conv costs MBs)."""
     keep: list[str] = []
     for t in ranked:
-        if float_cost(info, keep + [t]) <= max_bytes:
+        if float_cost(info, keep + [t], already) <= max_bytes:
             keep.append(t)
     return keep
 
 
-__all__ = ["activation_noise", "float_island", "islands", "float_cost", "within_cost"]
+__all__ = ["activation_noise", "float_island", "islands", "float_cost", "ops_cost", "within_cost"]

@@ -48,7 +48,7 @@ class TfliteOptions:
     calib_size: int | None = None
     max_evals: int = 12                      # candidates judged on the selection split
     float_steps: tuple[int, ...] = (1, 2, 4, 8)  # islands kept float per step of the float search
-    max_float_bytes: int = 262_144           # what float islands may add over INT8 in all
+    max_float_bytes: int = 250_000           # what float islands may add over INT8 in all (a quarter MB)
     latency_threads: tuple[int, ...] = (1, 2)
     latency_rounds: int = 5
     sensitivity_samples: int = 4
@@ -324,9 +324,11 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             log("ranking ops by the signal they lose")
             ranked = [n for n, _ in _op_sensitivity(float_tfl, files[best.name], search, o.sensitivity_samples)
                       if n not in best.float_ops]
-            ranked = within_cost(finfo, ranked, o.max_float_bytes)
+            # one cap for all float weights: the ops the best candidate already keeps float count;
+            # they stay as they are (an island's outputs are not islanded again)
+            ranked = within_cost(finfo, ranked, o.max_float_bytes, already=tuple(best.float_ops))
             steps = [k for k in o.float_steps if k <= len(ranked)][:o.max_evals - len(cands)]
-            keeps = [list(islands(finfo, best.float_ops + ranked[:k])) for k in steps]
+            keeps = [list(dict.fromkeys([*best.float_ops, *islands(finfo, ranked[:k])])) for k in steps]
             if keeps:
                 attempt_many(best.calibration, keeps, carry=best.name.startswith("edgepack ONNX"))
         # the ONNX search's rule: the fewest float ops among those that meet the budget by the
