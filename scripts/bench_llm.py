@@ -314,13 +314,9 @@ def weight_only_variants() -> dict:
     kq = tuple(f"layers.{i}/{p}" for i in KQ_LAYERS for p in ("attn/qkv_proj", "mlp/down_proj"))
     return {
         "w8-rtn-b32-shared": ("W8 weight-only, edgepack (RTN block 32; tied emb/head one INT8 copy)", W(bits=8, block_size=32)),
-        "w8-rtn-b32-ortbody-shared": ("W8 EXP ort-body", W(bits=8, block_size=32, rounding="ort-body")),
-        "w8-rtn-b32-ort-shared": ("W8 EXP ort", W(bits=8, block_size=32, rounding="ort")),
-        "w8-rtn-b32-mse-shared": ("W8 EXP mse", W(bits=8, block_size=32, rounding="mse")),
-        "w8-rtn-b32-acc0-shared": ("W8 EXP acc0", W(bits=8, block_size=32, accuracy_level=0)),
-        "w8-rtn-b32-ortbody-acc0-shared": ("W8 EXP ort-body acc0", W(bits=8, block_size=32, rounding="ort-body", accuracy_level=0)),
+        "w8-rtn-b32-acc0-shared": ("W8 weight-only, edgepack (RTN block 32; MatMulNBits FP32 compute, accuracy_level 0)",
+                                   W(bits=8, block_size=32, accuracy_level=0)),
         "w4-rtn-b32-shared": ("W4 weight-only, edgepack (RTN sym block 32; tied emb/head INT8)", W(bits=4, block_size=32)),
-        "w4-rtn-b32-amaxall-shared": ("W4 EXP amax7 body", W(bits=4, block_size=32, rounding="amax-all")),
         "w4-rtn-asym-b64-shared": ("W4 weight-only, edgepack (RTN asym block 64; emb/head INT8)",
                                    W(bits=4, block_size=64, symmetric=False)),
         "w4-hqq-b64-shared": ("W4 weight-only, edgepack (HQQ block 64; emb/head INT8)", W(bits=4, block_size=64, algo="hqq")),
