@@ -126,7 +126,8 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "_worker", json.dumps(spec)], capture_output=True, text=True)
+    # the spec on stdin: a long protocol's token ids exceed the argument list's limit
+    r = subprocess.run([sys.executable, __file__, "_worker", "-"], input=json.dumps(spec), capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -313,6 +314,8 @@ def weight_only_variants() -> dict:
     kq = tuple(f"layers.{i}/{p}" for i in KQ_LAYERS for p in ("attn/qkv_proj", "mlp/down_proj"))
     return {
         "w8-rtn-b32-shared": ("W8 weight-only, edgepack (RTN block 32; tied emb/head one INT8 copy)", W(bits=8, block_size=32)),
+        "w8-rtn-b32-acc0-shared": ("W8 weight-only, edgepack (RTN block 32; MatMulNBits FP32 compute, accuracy_level 0)",
+                                   W(bits=8, block_size=32, accuracy_level=0)),
         "w4-rtn-b32-shared": ("W4 weight-only, edgepack (RTN sym block 32; tied emb/head INT8)", W(bits=4, block_size=32)),
         "w4-rtn-asym-b64-shared": ("W4 weight-only, edgepack (RTN asym block 64; emb/head INT8)",
                                    W(bits=4, block_size=64, symmetric=False)),
@@ -738,7 +741,7 @@ def main():
         print(render(sys.argv[2], sys.argv[3]) if sys.argv[2].endswith("bench-onnx.json") else render_all(*sys.argv[2:]))
         return 0
     if len(sys.argv) > 2 and sys.argv[1] == "_worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        print(json.dumps(worker(json.loads(sys.stdin.read() if sys.argv[2] == "-" else sys.argv[2]))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["all", "onnx", "w8a8"])
