@@ -314,6 +314,10 @@ def weight_only_variants() -> dict:
     kq = tuple(f"layers.{i}/{p}" for i in KQ_LAYERS for p in ("attn/qkv_proj", "mlp/down_proj"))
     return {
         "w8-rtn-b32-shared": ("W8 weight-only, edgepack (RTN block 32; tied emb/head one INT8 copy)", W(bits=8, block_size=32)),
+        "w8-rtn-b16-shared": ("W8 weight-only, edgepack (RTN body block 16, head block 32; tied emb/head one INT8 copy)",
+                              W(bits=8, block_size=16)),
+        "w8-rtn-b64-shared": ("W8 weight-only, edgepack (RTN block 64; tied emb/head one INT8 copy)", W(bits=8, block_size=64)),
+        "w8-rtn-b128-shared": ("W8 weight-only, edgepack (RTN block 128; tied emb/head one INT8 copy)", W(bits=8, block_size=128)),
         "w8-rtn-b32-acc0-shared": ("W8 weight-only, edgepack (RTN block 32; MatMulNBits FP32 compute, accuracy_level 0)",
                                    W(bits=8, block_size=32, accuracy_level=0)),
         "w4-rtn-b32-shared": ("W4 weight-only, edgepack (RTN sym block 32; tied emb/head INT8)", W(bits=4, block_size=32)),
@@ -746,7 +750,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["all", "onnx", "w8a8"])
     ap.add_argument("--parts", default="onnx,w8a8,llama", help="all: which parts, in this order")
-    ap.add_argument("--weight-only", default="w8-rtn-b32-shared,w4-rtn-b32-shared,w4-hqq-b64-shared",
+    ap.add_argument("--weight-only", default="w8-rtn-b16-shared,w4-rtn-b32-shared,w4-hqq-b64-shared",
                     help="all: weight-only variants (names in weight_only_variants)")
     ap.add_argument("--llama-types", default="Q8_0,Q4_K_M,Q4_1", help="all: llama.cpp types (Q4_1: the stored file)")
     ap.add_argument("--threads", type=int, default=2, help="all: threads of every runtime (ORT, torch, llama.cpp)")

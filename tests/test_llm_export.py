@@ -133,6 +133,46 @@ def test_symmetric_rtn_blocks_of_a_tiny_matmul(tmp_path, bits):
     assert np.abs(y - x @ w).max() < (0.03 if bits == 8 else 0.2) * np.abs(x @ w).max()
 
 
+def test_w8_default_block_and_int8_activation_blocks(tmp_path):
+    """The body's default block is per bit width (16 at 8 bits, 32 at 4), and why 16 at 8 bits:
+    MatMulNBits at accuracy level 4 quantizes the activations to int8 per block of the weights'
+    block length (MLAS CompInt8, amax / 127 per block), so a smaller block isolates an outlier
+    channel in fewer activations and the product is closer to the stored weights' float product
+    (docs/BENCHMARKS.md, issue 15: +0.24 / +0.47 / +0.69 % ppl at blocks of 16 / 32 / 64)."""
+    from onnx import numpy_helper
+    import onnxruntime as ort
+
+    from edgepack.llm.weightonly import DEFAULT_BLOCK_SIZE, WeightOnlyOptions, quantize_weight_only
+
+    assert WeightOnlyOptions(bits=8).block_size == DEFAULT_BLOCK_SIZE[8] == 16
+    assert WeightOnlyOptions(bits=4).block_size == DEFAULT_BLOCK_SIZE[4] == 32
+    assert WeightOnlyOptions(bits=8, block_size=32).block_size == 32
+    k, n = 256, 24
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    _tiny_matmul(tmp_path / "mm.onnx", w)
+    x = rng.standard_normal((8, k)).astype(np.float32)
+    x[:, ::64] *= 40                                   # one outlier channel per 64 (LLM-like activations)
+    err = {}
+    for blk in (16, 32, 64):
+        dst = tmp_path / f"q{blk}" / "model.onnx"
+        o = WeightOnlyOptions(bits=8, embed_bits=None) if blk == 16 else \
+            WeightOnlyOptions(bits=8, block_size=blk, embed_bits=None)
+        quantize_weight_only(tmp_path / "mm.onnx", dst, o)
+        m = onnx.load(str(dst))
+        node, = [t for t in m.graph.node if t.op_type == "MatMulNBits"]
+        assert {a.name: a.i for a in node.attribute}["block_size"] == blk
+        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        q, s = inits[node.input[1]], inits[node.input[2]].reshape(n, -1, 1).astype(np.float32)
+        deq = ((q.astype(np.float32) - 128) * s).reshape(n, -1)[:, :k]
+        y, = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        exact = x @ deq.T                              # the stored weights in float arithmetic
+        err[blk] = float(np.sqrt(((y - exact) ** 2).mean() / (exact ** 2).mean()))
+    if err[64] < 1e-5:
+        pytest.skip(f"no int8 activation path on this CPU ({err})")
+    assert err[16] < err[32] < err[64], err           # measured 0.0097 < 0.0121 < 0.0181 (AVX-512 VNNI)
+
+
 def test_weight_only_refuses_bad_input(tiny, tmp_path):
     from edgepack.errors import ModelError, UsageError
     from edgepack.llm.weightonly import WeightOnlyOptions, quantize_weight_only

@@ -71,7 +71,8 @@ def export_cmd(output: Path = typer.Option(..., "-o", help="output folder (model
 def weights_cmd(model: Path = typer.Argument(..., help="FP32 model.onnx from `edgepack llm export`"),
                 output: Path = typer.Option(..., "-o", help="quantized model.onnx to write"),
                 bits: int = typer.Option(4, help="weight bits: 4 or 8"),
-                block_size: int = typer.Option(32, help="weights per quantization block"),
+                block_size: Optional[int] = typer.Option(None, help="weights per quantization block "
+                                                         "(default: chosen per bit width, weightonly.DEFAULT_BLOCK_SIZE)"),
                 algo: str = typer.Option("rtn", help="rtn | hqq | k_quant (ONNX Runtime's MatMulNBits quantizers)"),
                 head_bits: int = typer.Option(8, help="lm_head bits (0: float)"),
                 embed_bits: int = typer.Option(8, help="embedding bits (0: float)")):

@@ -25,12 +25,18 @@ from ..errors import ModelError, UsageError
 
 ALGOS = ("rtn", "hqq", "k_quant")
 LM_HEAD = "/lm_head/MatMul"
+# the body's block size when none is given, by bit width. At 8 bits ORT's MatMulNBits (accuracy
+# level 4) quantizes the activations to int8 per block of the same length (MLAS' CompInt8 path,
+# amax / 127 per block): on SmolLM2-135M's 16,384-token protocol blocks of 16 are +0.24 % ppl,
+# 32 +0.47 %, 64 +0.69 %, at 171 / 157 / 147 MB (docs/BENCHMARKS.md, issue 15). At 4 bits the
+# weights' own error dominates and 32 was the measured choice.
+DEFAULT_BLOCK_SIZE = {4: 32, 8: 16}
 
 
 @dataclass(frozen=True, kw_only=True)
 class WeightOnlyOptions:
     bits: int = 4                     # body MatMuls: 4 or 8
-    block_size: int = 32              # chosen by measurement (bench_llm.py sweeps 32/64/128)
+    block_size: int | None = None     # None: DEFAULT_BLOCK_SIZE[bits] (chosen by measurement)
     algo: str = "rtn"
     symmetric: bool = True
     lm_head_bits: int | None = 8      # None: keep lm_head in float
@@ -42,6 +48,8 @@ class WeightOnlyOptions:
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise UsageError(f"weight-only bits must be 4 or 8, not {self.bits}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE[self.bits])
         if self.algo not in ALGOS:
             raise UsageError(f"unknown weight-only algorithm {self.algo!r}; choose from {', '.join(ALGOS)}")
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -129,6 +137,7 @@ def quantize_weight_only(src: str | Path, dst: str | Path, options: WeightOnlyOp
                                            accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",))
         model = _quantize(model, c, nodes_to_include=keep8)
     if has_head and options.lm_head_bits:
+        # the head in blocks of at least 32 (also at an 8-bit body of 16: what was measured)
         c = m.DefaultWeightOnlyQuantConfig(block_size=max(32, options.block_size), is_symmetric=True, bits=options.lm_head_bits,
                                            accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",))
         model = _quantize(model, c, nodes_to_include=[LM_HEAD])
