@@ -206,3 +206,31 @@ def test_real_digits_cnn_never_larger_than_a_simpler_variant(tmp_path, assets, m
     assert not rep.float_layers and not rep.float_activations, rep.to_json()
     assert rep.int8_size_bytes <= 1.02 * min(c.size_bytes for c in meeting)
     assert rep.size_ratio >= 3.0 and rep.budget_met
+
+
+def test_float_activations_end_with_the_earliest_ones_float(tmp_path, tiny_model, tiny_data):
+    """After the ranked activations, the most accurate float-activation candidate is tried again
+    with the earliest of its still-quantized activations float (graph order), and float layers
+    keep their evaluations."""
+    import onnx
+
+    from edgepack.quantize.actprec import activation_quantizers
+
+    rep = quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                   tmp_path / "q.onnx", options=QuantizeOptions(max_drop=-1.0, weight_rounding="nearest",
+                                                                latency_threads=(1,), max_evals=8))
+    early = [c for c in rep.candidates if c.name.endswith("earliest")]
+    assert len(early) == 1, [c.name for c in rep.candidates]
+    e = early[0]
+    prior = [c for c in rep.candidates if c.float_activations and c is not e]
+    top = next(c for c in prior if e.name.startswith(c.name + "+"))
+    added = [t for t in e.float_activations if t not in top.float_activations]
+    assert set(top.float_activations) < set(e.float_activations) and added
+    # graph order: what stays quantized in the float-act model starts with what was added
+    int8 = tmp_path / "top-int8.onnx"
+    quantize(tiny_model, load_target("rpi4-2gb"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+             int8, options=QuantizeOptions(max_drop=100.0, weight_rounding="nearest", latency_threads=(1,),
+                                           methods=(top.method,), plain_baselines=False))
+    order = [t for t in activation_quantizers(onnx.load(str(int8))) if t not in top.float_activations]
+    assert order[:len(added)] == added
+    assert any(c.float_layers for c in rep.candidates)

@@ -75,6 +75,7 @@ class QuantizeOptions:
     golden_samples: int = 16               # held-out samples carried in the bundle for the health check
     max_float_activations: int = 64        # most activations the float-activations remedy ranks (0: off)
     float_activations_start: int = 4       # its first candidate keeps this many float; then doubles
+    float_activations_early: float = 0.25  # then the earliest quarter of the rest float too (0: off)
     activation_rank_samples: int = 8       # search samples the activation ranking runs on
     selection_margin: float = 1.0          # standard errors a label-free candidate must clear the floor by
 
