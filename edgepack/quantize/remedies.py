@@ -413,7 +413,7 @@ def _float_activations(s: Search) -> None:
 
 def _with_earliest_float(s: Search, base: CandidateResult) -> CandidateResult | None:
     """The most accurate float-activation candidate so far, with the earliest of its remaining
-    quantized activations float too (``float_activations_early`` of them, in graph order).
+    quantized activations float too (the fraction ``float_activations_early`` of them, in graph order).
 
     Why the earliest: the per-activation ranking scores one quantizer at a time on a few
     samples, and misses what the first layers' noise does downstream. Measured on
@@ -429,9 +429,9 @@ def _with_earliest_float(s: Search, base: CandidateResult) -> CandidateResult | 
         return None
     top = min(done, key=s.accuracy_rank)
     rest = list(activation_quantizers(onnx.load(str(s.paths[top.name]))))
-    k = max(1, round(len(rest) * s.opt.float_activations_early))
     if not rest:
         return None
+    k = max(1, round(len(rest) * s.opt.float_activations_early))
     acts = list(dict.fromkeys(top.float_activations + rest[:k]))
     return _with_float_acts(s, base, acts, f"{top.name}+{k} earliest")
 
