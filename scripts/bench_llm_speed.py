@@ -7,7 +7,8 @@ from ``bench_llm.py all``).
     EDGEPACK_BENCH_TOKENS=1024 nice -n 5 python scripts/bench_llm_speed.py -o out/llm/speed.json --rounds 2
 
 ``--onnx out/llm/A/model.onnx,out/llm/B/model.onnx`` replaces the rows by those ONNX files alone
-(labelled by their folder), e.g. W8 files of different block sizes against each other.
+(labelled by their folder), e.g. W8 files of different block sizes against each other; ``--gguf``
+adds llama.cpp rows (labelled by file name) to them.
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="decodes per worker (their median)")
     ap.add_argument("--new", type=int, default=16, help="new tokens per decode")
     ap.add_argument("--onnx", default="", help="comma-separated ONNX files: these rows instead of the default ones")
+    ap.add_argument("--gguf", default="", help="comma-separated GGUF files (llama.cpp rows), with --onnx")
     a = ap.parse_args()
-    rows = [(Path(p).parent.name, "onnx", p) for p in a.onnx.split(",") if p] or ROWS
+    rows = ([(Path(p).parent.name, "onnx", p) for p in a.onnx.split(",") if p]
+            + [(Path(p).name, "llama", p) for p in a.gguf.split(",") if p]) or ROWS
     ids = B.protocol_ids().tolist()
     res = {label: [] for label, _, _ in rows}
     for _ in range(a.rounds):
