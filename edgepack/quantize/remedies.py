@@ -213,11 +213,9 @@ class Search:
         this host is the board's kind of CPU (:attr:`latency_is_the_boards`), the most accurate
         one not slower than FP32 (float activations can cost more than they save on a CPU)."""
         allowed = [c for c in self.candidates if self.allowed(c)] or self.candidates[:1]
-        fits = selection.fitting(allowed, self.target)
-        meeting = [c for c in fits if self.meets(c)]
-        if not meeting and any(self.meets(c) for c in allowed):
-            self.warnings.append(f"the only candidates within the accuracy budget are larger than {self.target.name}'s "
-                                 f"OTA budget ({self.target.ota_budget_mb:g} MB); the best one that fits was kept")
+        fits, meeting, oversize = selection.meeting_within_ota(allowed, self.target, self.meets)
+        if oversize:
+            self.warnings.append(oversize)
         if meeting:
             simplest = [c for c in meeting if not any(_dominates(s, c) for s in meeting)]
             simplest = [c for c in simplest if c.not_slower_than_fp32] or simplest

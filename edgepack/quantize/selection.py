@@ -25,6 +25,18 @@ def fitting(cands: list, target) -> list:
     return [c for c in cands if c.size_bytes <= target.ota_budget_mb * 1e6] or list(cands)
 
 
+def meeting_within_ota(cands: list, target, meets) -> tuple[list, list, str | None]:
+    """``(fits, meeting, warning)``: the candidates :func:`fitting` the OTA budget, those of them
+    that ``meets`` accepts, and a warning when only oversize candidates meet the accuracy budget."""
+    fits = fitting(cands, target)
+    meeting = [c for c in fits if meets(c)]
+    warning = None
+    if not meeting and any(meets(c) for c in cands):
+        warning = (f"the only candidates within the accuracy budget are larger than {target.name}'s "
+                   f"OTA budget ({target.ota_budget_mb:g} MB); the best one that fits was kept")
+    return fits, meeting, warning
+
+
 def meets(c: Judged, budget: float, *, labelled: bool, margin: float) -> bool:
     """Does ``c`` meet the accuracy budget on the selection split, by a margin?
 
@@ -50,4 +62,4 @@ def accuracy_rank(c: Judged, *, labelled: bool) -> tuple[float, float]:
     return (c.search_drop, -c.output_sqnr_db) if labelled else (-c.output_sqnr_db, c.search_drop)
 
 
-__all__ = ["Judged", "fitting", "meets", "accuracy_rank"]
+__all__ = ["Judged", "fitting", "meeting_within_ota", "meets", "accuracy_rank"]

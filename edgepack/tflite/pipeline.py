@@ -333,11 +333,9 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                 attempt_many(best.calibration, keeps, carry=best.name.startswith("edgepack ONNX"))
         # the ONNX search's rule: the fewest float ops among those that meet the budget by the
         # margin (the most accurate of them), else the most accurate candidate
-        fits = selection.fitting(cands, target)
-        met = [c for c in fits if meets(c)]
-        if not met and any(meets(c) for c in cands):
-            warnings.append(f"the only candidates within the accuracy budget are larger than {target.name}'s "
-                            f"OTA budget ({target.ota_budget_mb:g} MB); the best one that fits was kept")
+        fits, met, oversize = selection.meeting_within_ota(cands, target, meets)
+        if oversize:
+            warnings.append(oversize)
         best = min(met, key=lambda c: (len(c.float_ops), *rank(c))) if met else min(
             fits, key=lambda c: (*rank(c), len(c.float_ops)))
         chosen = files[best.name]
