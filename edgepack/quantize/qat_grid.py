@@ -1,0 +1,457 @@
+"""Quantization-aware fine-tuning on a QDQ model's own grid (the optional `torch` extra).
+
+Why: on an INT8-only board every activation is quantized, and on EfficientNet-Lite0 no
+post-training technique measured here (calibration rules, GPTQ, bias correction, equalization)
+gets full INT8 past ~95 % agreement with FP32 (docs/BENCHMARKS.md): the remaining error is the
+rounding of a few activations whose grid is coarse for their typical values. Only the weights can
+learn to live with that rounding, so this module fine-tunes them *through* it.
+
+What is trained is the chosen QDQ model itself, interpreted in PyTorch op by op (:class:`QdqModule`):
+
+- every activation ``QuantizeLinear -> DequantizeLinear`` pair is fake quantization with the
+  model's own scale and zero point (fixed; round half to even as ONNX, straight-through gradient
+  inside the range, none outside it);
+- every weight and bias ``DequantizeLinear`` of an initializer becomes a float parameter,
+  initialised from its integers, fake-quantized on its own fixed per-channel scales;
+- the loss is knowledge distillation from the *original* FP32 model (ONNX Runtime, the same
+  augmented batch): no labels are needed, only the calibration images.
+
+Afterwards :func:`write_back` rounds the parameters onto the same grids and writes the integers
+into a copy of the QDQ model: scales, zero points and graph are unchanged, so the result is a
+QDQ model of the same shape and size whose arithmetic is exactly what training simulated, and
+LiteRT's transplant (:mod:`edgepack.tflite.transplant`) carries it into a full-integer ``.tflite``.
+The figure that counts is still the held-out agreement with the original FP32 model in the
+board's arithmetic, measured by the caller; training never sees held-out data.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..data import Dataset
+from ..errors import DataError, ModelError
+from .qat import _torch
+
+__all__ = ["GridQatOptions", "GridQatReport", "QdqModule", "finetune_on_grid", "write_back"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridQatOptions:
+    steps: int = 300                 # optimizer steps
+    batch_size: int = 8
+    lr: float = 0.02                 # Adam, in grid steps per step (weights live in grid units); cosine decay
+    bias_lr_scale: float = 64.0      # int32 biases: a grid step is input_scale x weight_scale, far finer
+    loss: str = "kl"                 # "kl": softened distributions; "mse": the logits themselves (output SQNR)
+    temperature: float = 2.0         # distillation softmax temperature (loss "kl")
+    crop_scale: tuple[float, float] = (0.6, 1.0)   # random-resized-crop area range (image inputs only)
+    flip: bool = True
+    threads: int = 0                 # torch threads; 0: torch's default
+    seed: int = 0
+
+
+@dataclass
+class GridQatReport:
+    steps: int
+    seconds: float
+    loss_first: float                # mean distillation loss over the first tenth of the steps
+    loss_last: float                 # ... and over the last tenth
+    weights_changed: int             # integers that moved
+    weights_total: int
+    log: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the interpreter
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _dtype_range(zp: np.ndarray | None) -> tuple[int, int]:
+    dt = np.uint8 if zp is None else zp.dtype
+    if dt == np.int32:
+        return -(2 ** 31), 2 ** 31 - 1
+    info = np.iinfo(dt)
+    return int(info.min), int(info.max)
+
+
+def _bshape(v: np.ndarray, axis: int, ndim: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-axis vector over a tensor of ``ndim`` dimensions."""
+    if v.ndim == 0 or v.size == 1:
+        return ()
+    s = [1] * ndim
+    s[axis % ndim] = v.size
+    return tuple(s)
+
+
+class QdqModule:
+    """A QDQ ONNX model as a differentiable PyTorch function with its weights as parameters.
+
+    Shape-only subgraphs (Shape, Gather, Concat of constants, ...) are evaluated in numpy;
+    every op on data is a torch op. Unsupported ops raise ModelError naming them.
+    """
+
+    TORCH_OPS = ("Conv", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "ReduceMean", "Flatten",
+                 "Reshape", "Gemm", "MatMul", "MaxPool", "AveragePool", "Pad", "Transpose", "Concat", "Softmax",
+                 "Sigmoid", "Identity", "QuantizeLinear", "DequantizeLinear", "Squeeze", "Unsqueeze")
+    NUMPY_OPS = ("Constant", "ConstantOfShape", "Slice", "Cast", "Shape", "Gather", "Unsqueeze", "Squeeze",
+                 "Concat", "Reshape", "Transpose", "Identity", "Add", "Sub", "Mul", "Div", "Range")
+
+    def __init__(self, qdq: onnx.ModelProto):
+        torch = _torch()
+        self.torch = torch
+        self.model = qdq
+        g = qdq.graph
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.inputs = [i.name for i in g.input if i.name not in self.consts]
+        self.outputs = [o.name for o in g.output]
+        self.nodes = list(g.node)
+        unknown = sorted({n.op_type for n in self.nodes if n.op_type not in self.TORCH_OPS + self.NUMPY_OPS})
+        if unknown:
+            raise ModelError(f"quantization-aware fine-tuning cannot interpret op(s) {', '.join(unknown)}: "
+                             "use post-training quantization for this model")
+        # trainable: each DequantizeLinear whose input is an int8/int32 initializer (weights, biases)
+        self.params: dict[str, "torch.nn.Parameter"] = {}
+        self.grid: dict[str, tuple] = {}     # DQ output name -> (q init name, scale, zp, qmin, qmax)
+        by_init: dict[str, str] = {}         # a weight read by two DequantizeLinear nodes is one parameter
+        for n in self.nodes:
+            if n.op_type == "DequantizeLinear" and n.input[0] in self.consts:
+                q = self.consts[n.input[0]]
+                if q.dtype not in (np.int8, np.uint8, np.int32):
+                    continue
+                if n.input[0] in by_init:
+                    self.params[n.output[0]] = self.params[by_init[n.input[0]]]
+                    self.grid[n.output[0]] = self.grid[by_init[n.input[0]]]
+                    continue
+                by_init[n.input[0]] = n.output[0]
+                s = self.consts[n.input[1]].astype(np.float32)
+                z = self.consts[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros_like(q, shape=())
+                axis = int(_attrs(n).get("axis", 1))
+                qmin, qmax = _dtype_range(q if q.dtype == np.int32 else z)
+                if q.dtype == np.int8:
+                    qmin = max(qmin, -127)   # symmetric int8 weights (LiteRT requires [-127, 127])
+                shp = _bshape(s, axis, q.ndim)
+                # the parameter lives in grid steps (w / s + z): one learning rate fits layers whose
+                # scales differ by orders of magnitude, and rounding it gives the integers back
+                self.params[n.output[0]] = torch.nn.Parameter(torch.from_numpy(q.astype(np.float32)))
+                self.grid[n.output[0]] = (n.input[0], torch.from_numpy(np.reshape(s, shp).copy()),
+                                          torch.from_numpy(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
+
+    def parameters(self) -> list:
+        seen: dict[int, object] = {}
+        for p in self.params.values():
+            seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    # fake quantization, straight-through inside the range
+    def _fq(self, x, s, z, qmin, qmax):
+        return self._fq_steps(x / s + z, s, z, qmin, qmax)
+
+    def _fq_steps(self, v, s, z, qmin, qmax):
+        """``v`` in grid steps: round (half to even, as ONNX), clamp, dequantize."""
+        t = self.torch
+        v = v + (t.round(v) - v).detach()
+        return (t.clamp(v, qmin, qmax) - z) * s
+
+    def bias_parameters(self) -> list:
+        """The int32 biases' parameters (a grid step is tiny: they get their own learning rate)."""
+        ids = {id(self.params[k]) for k, g in self.grid.items() if g[4] > 2 ** 16}
+        return [p for p in self.parameters() if id(p) in ids]
+
+    def __call__(self, _trace: dict | None = None, **feeds):
+        t = self.torch
+        F = t.nn.functional
+        env: dict[str, object] = dict(self.consts)
+        env.update(feeds)
+        for n in self.nodes:
+            ins = [env[i] if i else None for i in n.input]
+            a = _attrs(n)
+            op = n.op_type
+            data = any(isinstance(v, t.Tensor) for v in ins)
+            if n.output[0] in self.params:
+                _, s, z, qmin, qmax = self.grid[n.output[0]]
+                out = self._fq_steps(self.params[n.output[0]], s, z, qmin, qmax)
+            elif not data:
+                out = _numpy_op(op, ins, a)
+            else:
+                out = self._torch_op(op, ins, a, n, F)
+            env[n.output[0]] = out
+        if _trace is not None:
+            _trace.update(env)
+        return [env[o] for o in self.outputs]
+
+    def _torch_op(self, op, ins, a, n, F):
+        t = self.torch
+
+        def T(v):
+            return v if isinstance(v, t.Tensor) else t.from_numpy(np.asarray(v, dtype=np.float32))
+
+        if op == "QuantizeLinear":
+            # the fake-quantized float value; the paired DequantizeLinear then passes it through
+            s = np.asarray(ins[1], np.float32)
+            z = np.asarray(ins[2]) if len(ins) > 2 and ins[2] is not None else np.zeros((), np.uint8)
+            qmin, qmax = _dtype_range(z)
+            shp = _bshape(s, int(a.get("axis", 1)), ins[0].dim())
+            out = self._fq(ins[0], T(np.reshape(s, shp)), T(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
+            out._edgepack_fq = True
+            return out
+        if op in ("DequantizeLinear", "Identity"):
+            return ins[0]
+        if op == "Conv":
+            w, b = ins[1], (ins[2] if len(ins) > 2 else None)
+            k = w.shape[2:]
+            pads = list(a.get("pads", [0] * (2 * len(k))))
+            x = ins[0]
+            if any(pads):
+                half = len(pads) // 2
+                if pads[:half] == pads[half:]:
+                    return F.conv2d(x, T(w), None if b is None else T(b), tuple(a.get("strides", [1] * len(k))),
+                                    tuple(pads[:half]), tuple(a.get("dilations", [1] * len(k))), int(a.get("group", 1)))
+                tp = []
+                for i in reversed(range(half)):
+                    tp += [pads[i], pads[i + half]]
+                x = F.pad(x, tp)
+            return F.conv2d(x, T(w), None if b is None else T(b), tuple(a.get("strides", [1] * len(k))), 0,
+                            tuple(a.get("dilations", [1] * len(k))), int(a.get("group", 1)))
+        if op == "Clip":
+            lo = float(np.asarray(ins[1])) if len(ins) > 1 and ins[1] is not None else a.get("min", None)
+            hi = float(np.asarray(ins[2])) if len(ins) > 2 and ins[2] is not None else a.get("max", None)
+            return t.clamp(ins[0], lo, hi)
+        if op == "Relu":
+            return F.relu(ins[0])
+        if op in ("Add", "Sub", "Mul", "Div"):
+            x, y = T(ins[0]), T(ins[1])
+            return {"Add": t.add, "Sub": t.sub, "Mul": t.mul, "Div": t.div}[op](x, y)
+        if op == "GlobalAveragePool":
+            return ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True)
+        if op == "ReduceMean":
+            axes = a.get("axes") or (list(np.asarray(ins[1]).tolist()) if len(ins) > 1 and ins[1] is not None else None)
+            return ins[0].mean(dim=tuple(axes) if axes else None, keepdim=bool(a.get("keepdims", 1)))
+        if op == "Flatten":
+            ax = int(a.get("axis", 1))
+            return ins[0].reshape(int(np.prod(ins[0].shape[:ax])), -1)
+        if op == "Reshape":
+            shape = [int(v) for v in np.asarray(ins[1]).tolist()]
+            shape = [ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
+            return ins[0].reshape(shape)
+        if op == "Gemm":
+            x, w = T(ins[0]), T(ins[1])
+            if a.get("transA", 0):
+                x = x.t()
+            if a.get("transB", 0):
+                w = w.t()
+            y = a.get("alpha", 1.0) * (x @ w)
+            return y if len(ins) < 3 or ins[2] is None else y + a.get("beta", 1.0) * T(ins[2])
+        if op == "MatMul":
+            return T(ins[0]) @ T(ins[1])
+        if op in ("MaxPool", "AveragePool"):
+            k = tuple(a["kernel_shape"])
+            pads = list(a.get("pads", [0] * (2 * len(k))))
+            half = len(pads) // 2
+            if pads[:half] != pads[half:]:
+                raise ModelError(f"{op} {n.name}: asymmetric pads are not interpretable for fine-tuning")
+            fn = F.max_pool2d if op == "MaxPool" else F.avg_pool2d
+            return fn(ins[0], k, tuple(a.get("strides", k)), tuple(pads[:half]))
+        if op == "Pad":
+            pads = [int(v) for v in np.asarray(ins[1] if len(ins) > 1 else a["pads"]).tolist()]
+            mode = a.get("mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            val = float(np.asarray(ins[2])) if len(ins) > 2 and ins[2] is not None else 0.0
+            half = len(pads) // 2
+            tp = []
+            for i in reversed(range(half)):
+                tp += [pads[i], pads[i + half]]
+            while len(tp) > 2 and tp[-1] == 0 and tp[-2] == 0:
+                tp = tp[:-2]
+            return F.pad(ins[0], tp, mode=mode, value=val) if mode == "constant" else F.pad(ins[0], tp, mode=mode)
+        if op == "Transpose":
+            return ins[0].permute(*a["perm"]) if "perm" in a else ins[0].permute(*reversed(range(ins[0].dim())))
+        if op == "Concat":
+            return t.cat([T(v) for v in ins], dim=int(a["axis"]))
+        if op == "Softmax":
+            return t.softmax(ins[0], dim=int(a.get("axis", -1)))
+        if op == "Sigmoid":
+            return t.sigmoid(ins[0])
+        if op == "Squeeze":
+            axes = a.get("axes") or (np.asarray(ins[1]).tolist() if len(ins) > 1 and ins[1] is not None else None)
+            x = ins[0]
+            for ax in sorted(axes or [i for i, d in enumerate(x.shape) if d == 1], reverse=True):
+                x = x.squeeze(ax)
+            return x
+        if op == "Unsqueeze":
+            axes = a.get("axes") or np.asarray(ins[1]).tolist()
+            x = ins[0]
+            for ax in sorted(axes):
+                x = x.unsqueeze(ax)
+            return x
+        raise ModelError(f"quantization-aware fine-tuning cannot interpret {op} ({n.name}) on data")
+
+
+def _numpy_op(op, ins, a):
+    """Shape arithmetic on constants (all inputs numpy)."""
+    if op == "Constant":
+        return numpy_helper.to_array(a["value"]) if "value" in a else np.asarray(
+            a.get("value_float", a.get("value_int", a.get("value_floats", a.get("value_ints")))))
+    if op == "ConstantOfShape":
+        v = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        return np.full(tuple(int(s) for s in ins[0]), v.reshape(-1)[0], dtype=v.dtype)
+    if op == "Shape":
+        return np.asarray(ins[0].shape, dtype=np.int64)
+    if op == "Cast":
+        return np.asarray(ins[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
+    if op == "Gather":
+        return np.take(ins[0], ins[1], axis=int(a.get("axis", 0)))
+    if op == "Unsqueeze":
+        axes = a.get("axes") or np.asarray(ins[1]).tolist()
+        x = np.asarray(ins[0])
+        for ax in sorted(axes):
+            x = np.expand_dims(x, ax)
+        return x
+    if op == "Squeeze":
+        axes = a.get("axes") or (np.asarray(ins[1]).tolist() if len(ins) > 1 and ins[1] is not None else None)
+        return np.squeeze(ins[0], axis=tuple(axes) if axes else None)
+    if op == "Concat":
+        return np.concatenate([np.atleast_1d(v) for v in ins], axis=int(a["axis"]))
+    if op == "Reshape":
+        shape = [int(v) for v in np.asarray(ins[1]).tolist()]
+        shape = [ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
+        return np.reshape(ins[0], shape)
+    if op == "Transpose":
+        return np.transpose(ins[0], a.get("perm"))
+    if op == "Slice":
+        x = np.asarray(ins[0])
+        starts, ends = np.asarray(ins[1]).tolist(), np.asarray(ins[2]).tolist()
+        axes = np.asarray(ins[3]).tolist() if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+        steps = np.asarray(ins[4]).tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+        sl = [slice(None)] * x.ndim
+        for s, e, ax, st in zip(starts, ends, axes, steps):
+            lim = x.shape[ax]
+            e = max(min(e, lim), -lim - 1) if st < 0 else min(max(e, -lim), lim)
+            sl[ax] = slice(s, e, st)
+        return x[tuple(sl)]
+    if op == "Identity":
+        return ins[0]
+    if op == "Range":
+        return np.arange(ins[0], ins[1], ins[2])
+    if op in ("Add", "Sub", "Mul", "Div"):
+        f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
+        r = f(ins[0], ins[1])
+        return r.astype(ins[0].dtype) if op == "Div" and np.issubdtype(np.asarray(ins[0]).dtype, np.integer) else r
+    raise ModelError(f"quantization-aware fine-tuning cannot interpret {op} on constants")
+
+
+# ---------------------------------------------------------------- training
+
+def _augment(torch, x, gen, o: GridQatOptions):
+    """Random resized crop and horizontal flip of an NCHW image batch, back to its size."""
+    if x.dim() != 4 or x.shape[-1] < 16:
+        return x
+    F = torch.nn.functional
+    n, _, h, w = x.shape
+    out = []
+    for i in range(n):
+        area = float(torch.empty(1).uniform_(*o.crop_scale, generator=gen))
+        ch, cw = max(8, int(round(h * area ** 0.5))), max(8, int(round(w * area ** 0.5)))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        c = x[i:i + 1, :, y0:y0 + ch, x0:x0 + cw]
+        if (ch, cw) != (h, w):
+            c = F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
+        if o.flip and bool(torch.rand(1, generator=gen) < 0.5):
+            c = c.flip(-1)
+        out.append(c)
+    return torch.cat(out)
+
+
+def finetune_on_grid(qdq_path: str | Path, fp32_path: str | Path, calib: Dataset, *,
+                     options: GridQatOptions | None = None,
+                     progress: Callable[[str], None] = lambda m: None) -> tuple[QdqModule, GridQatReport]:
+    """Fine-tune the weights of the QDQ model at ``qdq_path`` on its own grids by distillation
+    from the FP32 model at ``fp32_path`` on (augmented) ``calib`` samples."""
+    import onnxruntime as ort
+
+    torch = _torch()
+    o = options or GridQatOptions()
+    if len(calib) == 0:
+        raise DataError("fine-tuning needs calibration samples")
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    qdq = onnx.load(str(qdq_path))
+    mod = QdqModule(qdq)
+    if len(mod.inputs) != 1 or len(mod.outputs) != 1:
+        raise ModelError("quantization-aware fine-tuning takes single-input, single-output models")
+    so = ort.SessionOptions()
+    if o.threads:
+        so.intra_op_num_threads = o.threads
+    teacher = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
+    tin = teacher.get_inputs()[0].name
+    xs = np.stack([np.asarray(calib.loader(i), dtype=np.float32) for i in range(len(calib))])
+    if xs.ndim == 5 and xs.shape[1] == 1:
+        xs = xs[:, 0]
+    gen = torch.Generator().manual_seed(o.seed)
+    biases = {id(p) for p in mod.bias_parameters()}
+    opt = torch.optim.Adam([{"params": [p for p in mod.parameters() if id(p) not in biases], "lr": o.lr},
+                            {"params": [p for p in mod.parameters() if id(p) in biases], "lr": o.lr * o.bias_lr_scale}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, o.steps))
+    T = o.temperature
+    losses, log = [], []
+    t0 = time.perf_counter()
+    for step in range(o.steps):
+        idx = torch.randint(0, len(xs), (min(o.batch_size, len(xs)),), generator=gen)
+        x = _augment(torch, torch.from_numpy(xs[idx.numpy()]), gen, o)
+        with torch.no_grad():
+            tl = torch.from_numpy(teacher.run(None, {tin: x.numpy()})[0])
+        sl = mod(**{mod.inputs[0]: x})[0]
+        if o.loss == "mse":
+            loss = torch.mean((sl - tl) ** 2)
+        else:
+            loss = torch.nn.functional.kl_div(torch.log_softmax(sl / T, -1), torch.log_softmax(tl / T, -1),
+                                              log_target=True, reduction="batchmean") * T * T
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 25 == 0 or step == o.steps - 1:
+            top1 = float((sl.argmax(-1) == tl.argmax(-1)).float().mean())
+            log.append({"step": step, "loss": round(float(np.mean(losses[-25:])), 5), "batch_top1_agreement": top1,
+                        "seconds": round(time.perf_counter() - t0, 1)})
+            progress(f"fine-tuning step {step + 1}/{o.steps}: distillation loss {np.mean(losses[-25:]):.4f}")
+    tenth = max(1, len(losses) // 10)
+    changed = total = 0
+    for name, p in mod.params.items():
+        qname, s, z, qmin, qmax = mod.grid[name]
+        q = _integers(torch, p, s, z, qmin, qmax)
+        changed += int((q != mod.consts[qname].astype(np.int64)).sum())
+        total += q.size
+    return mod, GridQatReport(steps=o.steps, seconds=round(time.perf_counter() - t0, 1),
+                              loss_first=round(float(np.mean(losses[:tenth])), 5),
+                              loss_last=round(float(np.mean(losses[-tenth:])), 5),
+                              weights_changed=changed, weights_total=total, log=log)
+
+
+def _integers(torch, p, s, z, qmin, qmax) -> np.ndarray:
+    with torch.no_grad():
+        return torch.clamp(torch.round(p), qmin, qmax).numpy().astype(np.int64)
+
+
+def write_back(mod: QdqModule, output: str | Path) -> Path:
+    """The QDQ model with the fine-tuned integers in place of its weights and biases (same grids)."""
+    torch = mod.torch
+    m = onnx.ModelProto()
+    m.CopyFrom(mod.model)
+    new = {}
+    for name, p in mod.params.items():
+        qname, s, z, qmin, qmax = mod.grid[name]
+        new[qname] = _integers(torch, p, s, z, qmin, qmax).astype(mod.consts[qname].dtype)
+    for init in m.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    output = Path(output)
+    onnx.save(m, str(output))
+    return output
