@@ -92,15 +92,13 @@ def _bshape(v: np.ndarray, axis: int, ndim: int) -> tuple[int, ...]:
 class QdqModule:
     """A QDQ ONNX model as a differentiable PyTorch function with its weights as parameters.
 
-    Shape-only subgraphs (Shape, Gather, Concat of constants, ...) are evaluated in numpy;
-    every op on data is a torch op. Unsupported ops raise ModelError naming them.
+    The ops are those of the constant-folded QDQ CNNs edgepack's quantizer writes (ORT's
+    pre-processing folds exporter shape and pad arithmetic into Conv pads and initializers);
+    any other op raises ModelError naming it.
     """
 
-    TORCH_OPS = ("Conv", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "ReduceMean", "Flatten",
-                 "Reshape", "Gemm", "MatMul", "MaxPool", "AveragePool", "Pad", "Transpose", "Concat", "Softmax",
-                 "Sigmoid", "Identity", "QuantizeLinear", "DequantizeLinear", "Squeeze", "Unsqueeze")
-    NUMPY_OPS = ("Constant", "ConstantOfShape", "Slice", "Cast", "Shape", "Gather", "Unsqueeze", "Squeeze",
-                 "Concat", "Reshape", "Transpose", "Identity", "Add", "Sub", "Mul", "Div", "Range")
+    OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul",
+           "MaxPool", "AveragePool", "Concat", "Identity", "QuantizeLinear", "DequantizeLinear")
 
     def __init__(self, qdq: onnx.ModelProto):
         torch = _torch()
@@ -111,7 +109,7 @@ class QdqModule:
         self.inputs = [i.name for i in g.input if i.name not in self.consts]
         self.outputs = [o.name for o in g.output]
         self.nodes = list(g.node)
-        unknown = sorted({n.op_type for n in self.nodes if n.op_type not in self.TORCH_OPS + self.NUMPY_OPS})
+        unknown = sorted({n.op_type for n in self.nodes if n.op_type not in self.OPS})
         if unknown:
             raise ModelError(f"quantization-aware fine-tuning cannot interpret op(s) {', '.join(unknown)}: "
                              "use post-training quantization for this model")
@@ -163,7 +161,7 @@ class QdqModule:
         ids = {id(self.params[k]) for k, g in self.grid.items() if g[4] > 2 ** 16}
         return [p for p in self.parameters() if id(p) in ids]
 
-    def __call__(self, _trace: dict | None = None, **feeds):
+    def __call__(self, **feeds):
         t = self.torch
         F = t.nn.functional
         env: dict[str, object] = dict(self.consts)
@@ -172,17 +170,12 @@ class QdqModule:
             ins = [env[i] if i else None for i in n.input]
             a = _attrs(n)
             op = n.op_type
-            data = any(isinstance(v, t.Tensor) for v in ins)
             if n.output[0] in self.params:
                 _, s, z, qmin, qmax = self.grid[n.output[0]]
                 out = self._fq_steps(self.params[n.output[0]], s, z, qmin, qmax)
-            elif not data:
-                out = _numpy_op(op, ins, a)
             else:
                 out = self._torch_op(op, ins, a, n, F)
             env[n.output[0]] = out
-        if _trace is not None:
-            _trace.update(env)
         return [env[o] for o in self.outputs]
 
     def _torch_op(self, op, ins, a, n, F):
@@ -197,54 +190,38 @@ class QdqModule:
             z = np.asarray(ins[2]) if len(ins) > 2 and ins[2] is not None else np.zeros((), np.uint8)
             qmin, qmax = _dtype_range(z)
             shp = _bshape(s, int(a.get("axis", 1)), ins[0].dim())
-            out = self._fq(ins[0], T(np.reshape(s, shp)), T(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
-            out._edgepack_fq = True
-            return out
+            return self._fq(ins[0], T(np.reshape(s, shp)), T(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
         if op in ("DequantizeLinear", "Identity"):
             return ins[0]
         if op == "Conv":
-            w, b = ins[1], (ins[2] if len(ins) > 2 else None)
-            k = w.shape[2:]
-            pads = list(a.get("pads", [0] * (2 * len(k))))
-            x = ins[0]
-            if any(pads):
-                half = len(pads) // 2
-                if pads[:half] == pads[half:]:
-                    return F.conv2d(x, T(w), None if b is None else T(b), tuple(a.get("strides", [1] * len(k))),
-                                    tuple(pads[:half]), tuple(a.get("dilations", [1] * len(k))), int(a.get("group", 1)))
-                tp = []
-                for i in reversed(range(half)):
-                    tp += [pads[i], pads[i + half]]
-                x = F.pad(x, tp)
-            return F.conv2d(x, T(w), None if b is None else T(b), tuple(a.get("strides", [1] * len(k))), 0,
-                            tuple(a.get("dilations", [1] * len(k))), int(a.get("group", 1)))
+            x, w, b = ins[0], T(ins[1]), (T(ins[2]) if len(ins) > 2 and ins[2] is not None else None)
+            k = len(w.shape) - 2
+            pads = list(a.get("pads", [0] * (2 * k)))
+            padding = tuple(pads[:k])
+            if pads[:k] != pads[k:]:  # asymmetric ("same" at stride 2): pad first, as torch's pad orders it
+                x = F.pad(x, [p for i in reversed(range(k)) for p in (pads[i], pads[i + k])])
+                padding = 0
+            return F.conv2d(x, w, b, tuple(a.get("strides", [1] * k)), padding, tuple(a.get("dilations", [1] * k)),
+                            int(a.get("group", 1)))
         if op == "Clip":
             lo = float(np.asarray(ins[1])) if len(ins) > 1 and ins[1] is not None else a.get("min", None)
             hi = float(np.asarray(ins[2])) if len(ins) > 2 and ins[2] is not None else a.get("max", None)
             return t.clamp(ins[0], lo, hi)
         if op == "Relu":
             return F.relu(ins[0])
-        if op in ("Add", "Sub", "Mul", "Div"):
-            x, y = T(ins[0]), T(ins[1])
-            return {"Add": t.add, "Sub": t.sub, "Mul": t.mul, "Div": t.div}[op](x, y)
+        if op in ("Add", "Mul"):
+            return (t.add if op == "Add" else t.mul)(T(ins[0]), T(ins[1]))
         if op == "GlobalAveragePool":
             return ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True)
-        if op == "ReduceMean":
-            axes = a.get("axes") or (list(np.asarray(ins[1]).tolist()) if len(ins) > 1 and ins[1] is not None else None)
-            return ins[0].mean(dim=tuple(axes) if axes else None, keepdim=bool(a.get("keepdims", 1)))
         if op == "Flatten":
             ax = int(a.get("axis", 1))
             return ins[0].reshape(int(np.prod(ins[0].shape[:ax])), -1)
         if op == "Reshape":
             shape = [int(v) for v in np.asarray(ins[1]).tolist()]
-            shape = [ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
-            return ins[0].reshape(shape)
+            return ins[0].reshape([ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)])
         if op == "Gemm":
             x, w = T(ins[0]), T(ins[1])
-            if a.get("transA", 0):
-                x = x.t()
-            if a.get("transB", 0):
-                w = w.t()
+            x, w = (x.t() if a.get("transA", 0) else x), (w.t() if a.get("transB", 0) else w)
             y = a.get("alpha", 1.0) * (x @ w)
             return y if len(ins) < 3 or ins[2] is None else y + a.get("beta", 1.0) * T(ins[2])
         if op == "MatMul":
@@ -252,97 +229,23 @@ class QdqModule:
         if op in ("MaxPool", "AveragePool"):
             k = tuple(a["kernel_shape"])
             pads = list(a.get("pads", [0] * (2 * len(k))))
-            half = len(pads) // 2
-            if pads[:half] != pads[half:]:
+            if pads[:len(k)] != pads[len(k):]:
                 raise ModelError(f"{op} {n.name}: asymmetric pads are not interpretable for fine-tuning")
             fn = F.max_pool2d if op == "MaxPool" else F.avg_pool2d
-            return fn(ins[0], k, tuple(a.get("strides", k)), tuple(pads[:half]))
-        if op == "Pad":
-            pads = [int(v) for v in np.asarray(ins[1] if len(ins) > 1 else a["pads"]).tolist()]
-            mode = a.get("mode", b"constant")
-            mode = mode.decode() if isinstance(mode, bytes) else mode
-            val = float(np.asarray(ins[2])) if len(ins) > 2 and ins[2] is not None else 0.0
-            half = len(pads) // 2
-            tp = []
-            for i in reversed(range(half)):
-                tp += [pads[i], pads[i + half]]
-            while len(tp) > 2 and tp[-1] == 0 and tp[-2] == 0:
-                tp = tp[:-2]
-            return F.pad(ins[0], tp, mode=mode, value=val) if mode == "constant" else F.pad(ins[0], tp, mode=mode)
-        if op == "Transpose":
-            return ins[0].permute(*a["perm"]) if "perm" in a else ins[0].permute(*reversed(range(ins[0].dim())))
+            return fn(ins[0], k, tuple(a.get("strides", k)), tuple(pads[:len(k)]))
         if op == "Concat":
             return t.cat([T(v) for v in ins], dim=int(a["axis"]))
-        if op == "Softmax":
-            return t.softmax(ins[0], dim=int(a.get("axis", -1)))
-        if op == "Sigmoid":
-            return t.sigmoid(ins[0])
-        if op == "Squeeze":
-            axes = a.get("axes") or (np.asarray(ins[1]).tolist() if len(ins) > 1 and ins[1] is not None else None)
-            x = ins[0]
-            for ax in sorted(axes or [i for i, d in enumerate(x.shape) if d == 1], reverse=True):
-                x = x.squeeze(ax)
-            return x
-        if op == "Unsqueeze":
-            axes = a.get("axes") or np.asarray(ins[1]).tolist()
-            x = ins[0]
-            for ax in sorted(axes):
-                x = x.unsqueeze(ax)
-            return x
-        raise ModelError(f"quantization-aware fine-tuning cannot interpret {op} ({n.name}) on data")
+        raise ModelError(f"quantization-aware fine-tuning cannot interpret {op} ({n.name})")
 
-
-def _numpy_op(op, ins, a):
-    """Shape arithmetic on constants (all inputs numpy)."""
-    if op == "Constant":
-        return numpy_helper.to_array(a["value"]) if "value" in a else np.asarray(
-            a.get("value_float", a.get("value_int", a.get("value_floats", a.get("value_ints")))))
-    if op == "ConstantOfShape":
-        v = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
-        return np.full(tuple(int(s) for s in ins[0]), v.reshape(-1)[0], dtype=v.dtype)
-    if op == "Shape":
-        return np.asarray(ins[0].shape, dtype=np.int64)
-    if op == "Cast":
-        return np.asarray(ins[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
-    if op == "Gather":
-        return np.take(ins[0], ins[1], axis=int(a.get("axis", 0)))
-    if op == "Unsqueeze":
-        axes = a.get("axes") or np.asarray(ins[1]).tolist()
-        x = np.asarray(ins[0])
-        for ax in sorted(axes):
-            x = np.expand_dims(x, ax)
-        return x
-    if op == "Squeeze":
-        axes = a.get("axes") or (np.asarray(ins[1]).tolist() if len(ins) > 1 and ins[1] is not None else None)
-        return np.squeeze(ins[0], axis=tuple(axes) if axes else None)
-    if op == "Concat":
-        return np.concatenate([np.atleast_1d(v) for v in ins], axis=int(a["axis"]))
-    if op == "Reshape":
-        shape = [int(v) for v in np.asarray(ins[1]).tolist()]
-        shape = [ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
-        return np.reshape(ins[0], shape)
-    if op == "Transpose":
-        return np.transpose(ins[0], a.get("perm"))
-    if op == "Slice":
-        x = np.asarray(ins[0])
-        starts, ends = np.asarray(ins[1]).tolist(), np.asarray(ins[2]).tolist()
-        axes = np.asarray(ins[3]).tolist() if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
-        steps = np.asarray(ins[4]).tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-        sl = [slice(None)] * x.ndim
-        for s, e, ax, st in zip(starts, ends, axes, steps):
-            lim = x.shape[ax]
-            e = max(min(e, lim), -lim - 1) if st < 0 else min(max(e, -lim), lim)
-            sl[ax] = slice(s, e, st)
-        return x[tuple(sl)]
-    if op == "Identity":
-        return ins[0]
-    if op == "Range":
-        return np.arange(ins[0], ins[1], ins[2])
-    if op in ("Add", "Sub", "Mul", "Div"):
-        f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
-        r = f(ins[0], ins[1])
-        return r.astype(ins[0].dtype) if op == "Div" and np.issubdtype(np.asarray(ins[0]).dtype, np.integer) else r
-    raise ModelError(f"quantization-aware fine-tuning cannot interpret {op} on constants")
+    def integers(self) -> dict[str, np.ndarray]:
+        """Each trained weight and bias initializer rounded onto its grid, in its own dtype."""
+        t = self.torch
+        out = {}
+        with t.no_grad():
+            for name, p in self.params.items():
+                qname, _, _, qmin, qmax = self.grid[name]
+                out[qname] = t.clamp(t.round(p), qmin, qmax).numpy().astype(self.consts[qname].dtype)
+        return out
 
 
 # ---------------------------------------------------------------- training
@@ -423,32 +326,20 @@ def finetune_on_grid(qdq_path: str | Path, fp32_path: str | Path, calib: Dataset
                         "seconds": round(time.perf_counter() - t0, 1)})
             progress(f"fine-tuning step {step + 1}/{o.steps}: distillation loss {np.mean(losses[-25:]):.4f}")
     tenth = max(1, len(losses) // 10)
-    changed = total = 0
-    for name, p in mod.params.items():
-        qname, s, z, qmin, qmax = mod.grid[name]
-        q = _integers(torch, p, s, z, qmin, qmax)
-        changed += int((q != mod.consts[qname].astype(np.int64)).sum())
-        total += q.size
+    new = mod.integers()
+    changed = sum(int((q != mod.consts[k]).sum()) for k, q in new.items())
+    total = sum(q.size for q in new.values())
     return mod, GridQatReport(steps=o.steps, seconds=round(time.perf_counter() - t0, 1),
                               loss_first=round(float(np.mean(losses[:tenth])), 5),
                               loss_last=round(float(np.mean(losses[-tenth:])), 5),
                               weights_changed=changed, weights_total=total, log=log)
 
 
-def _integers(torch, p, s, z, qmin, qmax) -> np.ndarray:
-    with torch.no_grad():
-        return torch.clamp(torch.round(p), qmin, qmax).numpy().astype(np.int64)
-
-
 def write_back(mod: QdqModule, output: str | Path) -> Path:
     """The QDQ model with the fine-tuned integers in place of its weights and biases (same grids)."""
-    torch = mod.torch
     m = onnx.ModelProto()
     m.CopyFrom(mod.model)
-    new = {}
-    for name, p in mod.params.items():
-        qname, s, z, qmin, qmax = mod.grid[name]
-        new[qname] = _integers(torch, p, s, z, qmin, qmax).astype(mod.consts[qname].dtype)
+    new = mod.integers()
     for init in m.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
