@@ -115,7 +115,7 @@ class QdqModule:
                              "use post-training quantization for this model")
         # trainable: each DequantizeLinear whose input is an int8/int32 initializer (weights, biases)
         self.params: dict[str, "torch.nn.Parameter"] = {}
-        self.grid: dict[str, tuple] = {}     # DQ output name -> (q init name, scale, zp, qmin, qmax)
+        self.grid: dict[str, tuple] = {}     # DQ output name -> (q init name, scale, zp, qmin, qmax, stored integers)
         by_init: dict[str, str] = {}         # a weight read by two DequantizeLinear nodes is one parameter
         for n in self.nodes:
             if n.op_type == "DequantizeLinear" and n.input[0] in self.consts:
@@ -134,11 +134,13 @@ class QdqModule:
                 if q.dtype == np.int8:
                     qmin = max(qmin, -127)   # symmetric int8 weights (LiteRT requires [-127, 127])
                 shp = _bshape(s, axis, q.ndim)
-                # the parameter lives in grid steps (w / s + z): one learning rate fits layers whose
-                # scales differ by orders of magnitude, and rounding it gives the integers back
-                self.params[n.output[0]] = torch.nn.Parameter(torch.from_numpy(q.astype(np.float32)))
+                # the parameter is the move from the stored integers, in grid steps: one learning rate
+                # fits layers whose scales differ by orders of magnitude, and int32 biases beyond
+                # float32's 2**24 come back exactly where training left them alone
+                self.params[n.output[0]] = torch.nn.Parameter(torch.zeros(q.shape))
                 self.grid[n.output[0]] = (n.input[0], torch.from_numpy(np.reshape(s, shp).copy()),
-                                          torch.from_numpy(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
+                                          torch.from_numpy(np.reshape(z, shp).astype(np.float32)), qmin, qmax,
+                                          torch.from_numpy(q.astype(np.float32)))
 
     def parameters(self) -> list:
         seen: dict[int, object] = {}
@@ -171,8 +173,8 @@ class QdqModule:
             a = _attrs(n)
             op = n.op_type
             if n.output[0] in self.params:
-                _, s, z, qmin, qmax = self.grid[n.output[0]]
-                out = self._fq_steps(self.params[n.output[0]], s, z, qmin, qmax)
+                _, s, z, qmin, qmax, q0 = self.grid[n.output[0]]
+                out = self._fq_steps(q0 + self.params[n.output[0]], s, z, qmin, qmax)
             else:
                 out = self._torch_op(op, ins, a, n, F)
             env[n.output[0]] = out
@@ -243,8 +245,9 @@ class QdqModule:
         out = {}
         with t.no_grad():
             for name, p in self.params.items():
-                qname, _, _, qmin, qmax = self.grid[name]
-                out[qname] = t.clamp(t.round(p), qmin, qmax).numpy().astype(self.consts[qname].dtype)
+                qname, qmin, qmax = self.grid[name][0], self.grid[name][3], self.grid[name][4]
+                moved = self.consts[qname].astype(np.int64) + t.round(p).numpy().astype(np.int64)
+                out[qname] = np.clip(moved, qmin, qmax).astype(self.consts[qname].dtype)
         return out
 
 
