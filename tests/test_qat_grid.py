@@ -81,3 +81,14 @@ def test_fine_tuning_moves_integers_and_keeps_the_grids(digits):
         got = mod(**{mod.inputs[0]: x})[0].numpy()
     ref = _outputs(out, test.subset(np.arange(32)))
     assert np.abs(got - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
+
+
+def test_an_untrained_module_writes_every_integer_back(digits):
+    """No training, no change: write_back returns the stored integers exactly, int32 biases included
+    (the parameters are moves from them, not float32 copies that would round biases beyond 2**24)."""
+    _, q, _, _, d = digits
+    mod = QdqModule(onnx.load(str(q)))
+    out = write_back(mod, d / "same.onnx")
+    a = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer}
+    b = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
