@@ -39,6 +39,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--loss", choices=("kl", "mse"), default="kl")
+    p.add_argument("--learn-ranges", action="store_true", help="also learn the activation grids' scales (LSQ)")
+    p.add_argument("--range-lr", type=float, default=0.005)
+    p.add_argument("--mixup", type=float, default=0.0, help="Beta(a, a) blend of image pairs (0: off)")
+    p.add_argument("--crop-min", type=float, default=0.6, help="smallest random-crop area (1: no crops)")
+    p.add_argument("--no-weights", action="store_true", help="leave the weight integers as they are")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-o", "--output", type=Path, required=True)
     a = p.parse_args()
@@ -57,7 +62,8 @@ def main() -> int:
 
     before = judge(a.qdq)
     print("before", before, file=sys.stderr)
-    o = GridQatOptions(steps=a.steps, batch_size=a.batch, lr=a.lr, threads=a.threads, loss=a.loss)
+    o = GridQatOptions(steps=a.steps, batch_size=a.batch, lr=a.lr, threads=a.threads, loss=a.loss,
+                       learn_ranges=a.learn_ranges, range_lr=a.range_lr, weights=not a.no_weights, mixup=a.mixup, crop_scale=(a.crop_min, 1.0))
     t = time.perf_counter()
     mod, rep = finetune_on_grid(a.qdq, a.model, cal, options=o, progress=lambda m: print(m, file=sys.stderr))
     out = write_back(mod, a.output.with_suffix(".onnx"))

@@ -92,3 +92,33 @@ def test_an_untrained_module_writes_every_integer_back(digits):
     a = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer}
     b = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
     assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_learned_ranges_write_back_what_the_module_computes(digits):
+    """Learning the activation grids (LSQ): only scales move when the weights are frozen, each learned
+    grid gets its own scale initializer, biases on a learned input grid are re-gridded on
+    ``input scale x weight scale``, and the written model computes what the module computes."""
+    fp32, q, calib, test, d = digits
+    o = GridQatOptions(steps=30, batch_size=16, threads=1, learn_ranges=True, weights=False, range_lr=0.02)
+    mod, rep = finetune_on_grid(q, fp32, calib, options=o)
+    assert rep.scales_changed > 0 and any(abs(r - 1) > 1e-3 for r in rep.scale_ratios.values())
+    out = write_back(mod, d / "lsq.onnx")
+    a, b = onnx.load(str(q)), onnx.load(str(out))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    ia = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert all(np.array_equal(ia[k], ib[k]) for k in ia if ia[k].dtype == np.int8)   # frozen weights
+    for n in b.graph.node:                   # every bias grid is its input grid times its weight grid
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2:
+            prod = {o: x for x in b.graph.node for o in x.output}
+            xs, ws, bs = (ib[prod[n.input[i]].input[1]] for i in range(3))
+            assert np.allclose(bs, xs * ws, rtol=1e-6)
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([np.asarray(test.loader(i), np.float32) for i in range(32)]))
+        got = mod(**{mod.inputs[0]: x})[0].numpy()
+    ref = _outputs(out, test.subset(np.arange(32)))
+    # the module keeps each bias on its old, finer grid while training; written on the new grid an
+    # output may round one step the other way now and then, never more
+    step = next(float(ib[n.input[1]]) for n in b.graph.node if n.output[0] == b.graph.output[0].name)
+    diff = np.abs(got - ref)
+    assert diff.max() <= step * 1.01 and (diff > 1e-3 * np.abs(ref).max()).mean() < 0.01

@@ -51,8 +51,12 @@ class GridQatOptions:
     temperature: float = 2.0         # distillation softmax temperature (loss "kl")
     crop_scale: tuple[float, float] = (0.6, 1.0)   # random-resized-crop area range (image inputs only)
     flip: bool = True
+    mixup: float = 0.0               # > 0: blend each image with another of the batch, weight ~ Beta(mixup, mixup)
     threads: int = 0                 # torch threads; 0: torch's default
     seed: int = 0
+    weights: bool = True             # train the weight and bias integers
+    learn_ranges: bool = False       # train each activation grid's scale (LSQ; its zero point stays)
+    range_lr: float = 0.005          # Adam on log(scale / calibrated scale)
 
 
 @dataclass
@@ -63,6 +67,8 @@ class GridQatReport:
     loss_last: float                 # ... and over the last tenth
     weights_changed: int             # integers that moved
     weights_total: int
+    scales_changed: int = 0          # activation grids whose scale moved (learn_ranges)
+    scale_ratios: dict = field(default_factory=dict)   # Q node output -> learned / calibrated scale
     log: list[dict] = field(default_factory=list)
 
 
@@ -100,7 +106,11 @@ class QdqModule:
     OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul",
            "MaxPool", "AveragePool", "Concat", "Identity", "QuantizeLinear", "DequantizeLinear")
 
-    def __init__(self, qdq: onnx.ModelProto):
+    #: activation grids never learned: the model input's (pixels sit exactly on it) and those of
+    #: tensors LiteRT requires to share their input's grid (its int8 RESHAPE copies bytes)
+    FIXED_AFTER = ("Reshape", "Flatten")
+
+    def __init__(self, qdq: onnx.ModelProto, *, learn_ranges: bool = False):
         torch = _torch()
         self.torch = torch
         self.model = qdq
@@ -141,6 +151,15 @@ class QdqModule:
                 self.grid[n.output[0]] = (n.input[0], torch.from_numpy(np.reshape(s, shp).copy()),
                                           torch.from_numpy(np.reshape(z, shp).astype(np.float32)), qmin, qmax,
                                           torch.from_numpy(q.astype(np.float32)))
+        # learned activation grids: one log-ratio per QuantizeLinear of a computed tensor; the
+        # bias of each op reading it keeps its float value and is re-gridded on write_back
+        self.log_scales: dict[str, "torch.nn.Parameter"] = {}
+        if learn_ranges:
+            producer = {o: n for n in self.nodes for o in n.output}
+            for n in self.nodes:
+                src = producer.get(n.input[0])
+                if n.op_type == "QuantizeLinear" and src is not None and src.op_type not in self.FIXED_AFTER:
+                    self.log_scales[n.output[0]] = torch.nn.Parameter(torch.zeros(()))
 
     def parameters(self) -> list:
         seen: dict[int, object] = {}
@@ -157,6 +176,14 @@ class QdqModule:
         t = self.torch
         v = v + (t.round(v) - v).detach()
         return (t.clamp(v, qmin, qmax) - z) * s
+
+    def scale_parameters(self) -> list:
+        """The learned activation grids' log-ratios (empty unless ``learn_ranges``)."""
+        return list(self.log_scales.values())
+
+    def learned_scales(self) -> dict[str, float]:
+        """Q node output -> learned scale / calibrated scale."""
+        return {k: float(self.torch.exp(p.detach())) for k, p in self.log_scales.items()}
 
     def bias_parameters(self) -> list:
         """The int32 biases' parameters (a grid step is tiny: they get their own learning rate)."""
@@ -175,12 +202,14 @@ class QdqModule:
             if n.output[0] in self.params:
                 _, s, z, qmin, qmax, q0 = self.grid[n.output[0]]
                 out = self._fq_steps(q0 + self.params[n.output[0]], s, z, qmin, qmax)
+            elif n.output[0] in self.log_scales:
+                out = self._torch_op(op, ins, a, n, F, t.exp(self.log_scales[n.output[0]]))
             else:
                 out = self._torch_op(op, ins, a, n, F)
             env[n.output[0]] = out
         return [env[o] for o in self.outputs]
 
-    def _torch_op(self, op, ins, a, n, F):
+    def _torch_op(self, op, ins, a, n, F, ratio=1.0):
         t = self.torch
 
         def T(v):
@@ -192,7 +221,7 @@ class QdqModule:
             z = np.asarray(ins[2]) if len(ins) > 2 and ins[2] is not None else np.zeros((), np.uint8)
             qmin, qmax = _dtype_range(z)
             shp = _bshape(s, int(a.get("axis", 1)), ins[0].dim())
-            return self._fq(ins[0], T(np.reshape(s, shp)), T(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
+            return self._fq(ins[0], T(np.reshape(s, shp)) * ratio, T(np.reshape(z, shp).astype(np.float32)), qmin, qmax)
         if op in ("DequantizeLinear", "Identity"):
             return ins[0]
         if op == "Conv":
@@ -239,21 +268,40 @@ class QdqModule:
             return t.cat([T(v) for v in ins], dim=int(a["axis"]))
         raise ModelError(f"quantization-aware fine-tuning cannot interpret {op} ({n.name})")
 
+    def _bias_inputs(self) -> dict[str, str]:
+        """Bias DQ output -> the QuantizeLinear output its op reads (the grid its scale is made of)."""
+        producer = {o: n for n in self.nodes for o in n.output}
+        out = {}
+        for n in self.nodes:
+            if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2] in self.grid:
+                dq = producer.get(n.input[0])
+                if dq is not None and dq.op_type == "DequantizeLinear":
+                    out[n.input[2]] = dq.input[0]
+        return out
+
     def integers(self) -> dict[str, np.ndarray]:
-        """Each trained weight and bias initializer rounded onto its grid, in its own dtype."""
+        """Each trained weight and bias initializer rounded onto its grid, in its own dtype (a bias
+        whose input grid was learned is re-gridded on ``input scale x weight scale`` anew)."""
         t = self.torch
+        ratios = self.learned_scales()
+        reads = self._bias_inputs() if ratios else {}
         out = {}
         with t.no_grad():
             for name, p in self.params.items():
                 qname, qmin, qmax = self.grid[name][0], self.grid[name][3], self.grid[name][4]
-                moved = self.consts[qname].astype(np.int64) + t.round(p).numpy().astype(np.int64)
+                r = ratios.get(reads.get(name, ""), 1.0)
+                if r != 1.0:
+                    steps = (self.consts[qname].astype(np.float64) + p.numpy().astype(np.float64)) / r
+                    moved = np.round(steps).astype(np.int64)
+                else:
+                    moved = self.consts[qname].astype(np.int64) + t.round(p).numpy().astype(np.int64)
                 out[qname] = np.clip(moved, qmin, qmax).astype(self.consts[qname].dtype)
         return out
 
 
 # ---------------------------------------------------------------- training
 
-def _augment(torch, x, gen, o: GridQatOptions):
+def _augment(torch, x, gen, o: GridQatOptions, rng: np.random.Generator | None = None):
     """Random resized crop and horizontal flip of an NCHW image batch, back to its size."""
     if x.dim() != 4 or x.shape[-1] < 16:
         return x
@@ -271,7 +319,12 @@ def _augment(torch, x, gen, o: GridQatOptions):
         if o.flip and bool(torch.rand(1, generator=gen) < 0.5):
             c = c.flip(-1)
         out.append(c)
-    return torch.cat(out)
+    x = torch.cat(out)
+    if o.mixup > 0 and n > 1:          # new views for distillation: the teacher labels the blend itself
+        rng = rng or np.random.default_rng(o.seed)
+        lam = torch.from_numpy(rng.beta(o.mixup, o.mixup, (n, 1, 1, 1)).astype(np.float32))
+        x = lam * x + (1 - lam) * x[torch.randperm(n, generator=gen)]
+    return x
 
 
 def finetune_on_grid(qdq_path: str | Path, fp32_path: str | Path, calib: Dataset, *,
@@ -288,7 +341,7 @@ def finetune_on_grid(qdq_path: str | Path, fp32_path: str | Path, calib: Dataset
     if o.threads:
         torch.set_num_threads(o.threads)
     qdq = onnx.load(str(qdq_path))
-    mod = QdqModule(qdq)
+    mod = QdqModule(qdq, learn_ranges=o.learn_ranges)
     if len(mod.inputs) != 1 or len(mod.outputs) != 1:
         raise ModelError("quantization-aware fine-tuning takes single-input, single-output models")
     so = ort.SessionOptions()
@@ -300,16 +353,25 @@ def finetune_on_grid(qdq_path: str | Path, fp32_path: str | Path, calib: Dataset
     if xs.ndim == 5 and xs.shape[1] == 1:
         xs = xs[:, 0]
     gen = torch.Generator().manual_seed(o.seed)
+    rng = np.random.default_rng(o.seed)
     biases = {id(p) for p in mod.bias_parameters()}
-    opt = torch.optim.Adam([{"params": [p for p in mod.parameters() if id(p) not in biases], "lr": o.lr},
-                            {"params": [p for p in mod.parameters() if id(p) in biases], "lr": o.lr * o.bias_lr_scale}])
+    if not o.weights:
+        for p in mod.parameters():
+            p.requires_grad_(False)
+    groups = [{"params": mod.scale_parameters(), "lr": o.range_lr}] if o.learn_ranges else []
+    if o.weights:
+        groups += [{"params": [p for p in mod.parameters() if id(p) not in biases], "lr": o.lr},
+                   {"params": [p for p in mod.parameters() if id(p) in biases], "lr": o.lr * o.bias_lr_scale}]
+    if not groups:
+        raise DataError("nothing to fine-tune: set weights=True or learn_ranges=True")
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, o.steps))
     T = o.temperature
     losses, log = [], []
     t0 = time.perf_counter()
     for step in range(o.steps):
         idx = torch.randint(0, len(xs), (min(o.batch_size, len(xs)),), generator=gen)
-        x = _augment(torch, torch.from_numpy(xs[idx.numpy()]), gen, o)
+        x = _augment(torch, torch.from_numpy(xs[idx.numpy()]), gen, o, rng)
         with torch.no_grad():
             tl = torch.from_numpy(teacher.run(None, {tin: x.numpy()})[0])
         sl = mod(**{mod.inputs[0]: x})[0]
@@ -335,17 +397,53 @@ def finetune_on_grid(qdq_path: str | Path, fp32_path: str | Path, calib: Dataset
     return mod, GridQatReport(steps=o.steps, seconds=round(time.perf_counter() - t0, 1),
                               loss_first=round(float(np.mean(losses[:tenth])), 5),
                               loss_last=round(float(np.mean(losses[-tenth:])), 5),
-                              weights_changed=changed, weights_total=total, log=log)
+                              weights_changed=changed, weights_total=total, log=log,
+                              scales_changed=sum(r != 1.0 for r in mod.learned_scales().values()),
+                              scale_ratios={k: round(r, 4) for k, r in mod.learned_scales().items()})
 
 
 def write_back(mod: QdqModule, output: str | Path) -> Path:
-    """The QDQ model with the fine-tuned integers in place of its weights and biases (same grids)."""
+    """The QDQ model with the fine-tuned integers in place of its weights and biases; with learned
+    ranges, each learned activation grid (and the bias grids made of it) gets its own new scale."""
     m = onnx.ModelProto()
     m.CopyFrom(mod.model)
     new = mod.integers()
     for init in m.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    ratios = {k: r for k, r in mod.learned_scales().items() if r != 1.0}
+    if ratios:
+        _rescale(m, mod, ratios)
     output = Path(output)
     onnx.save(m, str(output))
     return output
+
+
+def _rescale(m: onnx.ModelProto, mod: QdqModule, ratios: dict[str, float]) -> None:
+    """Give every learned Q/DQ pair, and every bias DQ on a learned input grid, a scale initializer
+    of its own (the calibrated ones may be shared by value between tensors)."""
+    scale_of: dict[str, np.ndarray] = {}
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and n.output[0] in ratios:
+            s_new = np.asarray(mod.consts[n.input[1]], np.float32) * np.float32(ratios[n.output[0]])
+            scale_of[n.output[0]] = s_new
+            name = f"{n.output[0]}_lsq_scale"
+            m.graph.initializer.append(numpy_helper.from_array(s_new.astype(np.float32), name))
+            n.input[1] = name
+    weight_scale = {dq: mod.consts[nd.input[1]] for nd in m.graph.node for dq in nd.output
+                    if nd.op_type == "DequantizeLinear" and dq in mod.grid}
+    reads = mod._bias_inputs()
+    wscale_of_bias = {}
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and reads.get(n.input[2]) in scale_of:
+            wscale_of_bias[n.input[2]] = weight_scale[n.input[1]]
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        if n.input[0] in scale_of:                       # the learned activation's DQ
+            n.input[1] = f"{n.input[0]}_lsq_scale"
+        elif n.output[0] in wscale_of_bias:              # a bias on a learned input grid
+            s_b = (scale_of[reads[n.output[0]]] * np.asarray(wscale_of_bias[n.output[0]], np.float32)).astype(np.float32)
+            name = f"{n.output[0]}_lsq_scale"
+            m.graph.initializer.append(numpy_helper.from_array(s_b.reshape(np.shape(mod.consts[n.input[1]])), name))
+            n.input[1] = name
