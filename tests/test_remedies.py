@@ -16,7 +16,8 @@ from edgepack.targets import load_target
 
 def test_registry_is_ordered_by_cost_and_complete():
     order = [r.name for r in sorted(REGISTRY.values(), key=lambda r: r.cost)]
-    assert order == ["calibration", "plain", "dynamic", "smoothquant", "float-activations", "float-layers"]
+    assert order == ["calibration", "plain", "dynamic", "smoothquant", "split-activations", "float-activations",
+                     "float-layers"]
     assert all(r.description and callable(r.applies) and callable(r.apply) for r in REGISTRY.values())
     # float layers (size cost) come after everything that keeps the size
     assert REGISTRY["float-layers"].cost > max(r.cost for n, r in REGISTRY.items() if n != "float-layers")
@@ -55,6 +56,42 @@ def test_int8_only_board_gets_no_float_activations(tmp_path, tiny_model, tiny_da
                    tmp_path / "q.onnx", options=QuantizeOptions(max_drop=-1.0, weight_rounding="nearest",
                                                                 latency_threads=(1,), max_evals=6))
     assert "float-activations" not in rep.remedies_tried and not rep.float_activations
+
+
+def _relu6_cnn(path):
+    """The tiny CNN with ReLU6 (Clip(0, 6)) after its first conv, as EfficientNet-Lite and MobileNet."""
+    from conftest import small_cnn
+
+    m = onnx.load(str(small_cnn(path)))
+    relu = next(n for n in m.graph.node if n.name == "relu1")
+    relu.op_type = "Clip"
+    relu.input.extend(["six_lo", "six_hi"])
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.float32), n)
+                                for n, v in (("six_lo", 0.0), ("six_hi", 6.0))])
+    onnx.save(m, str(path))
+    return path
+
+
+def test_int8_only_board_gets_split_activations(tmp_path, tiny_data):
+    """On an INT8-only board a missed budget tries splitting the most sensitive ReLU6 output
+    (actsplit.py) before float layers: each candidate is all INT8 and its first conv writes k
+    channels per channel; the chosen one's split is in the report and the model's metadata."""
+    model = _relu6_cnn(tmp_path / "relu6.onnx")
+    rep = quantize(model, load_target("phone-npu-int8"), load_dataset(tiny_data[0]), load_dataset(tiny_data[1]),
+                   tmp_path / "q.onnx", options=QuantizeOptions(max_drop=-1.0, weight_rounding="nearest",
+                                                                latency_threads=(1,), max_evals=8))
+    assert "split-activations" in rep.remedies_tried
+    assert rep.remedies_tried.index("split-activations") < rep.remedies_tried.index("float-layers")
+    split = [c for c in rep.candidates if c.remedy == "split-activations"]
+    assert [c.variant for c in split] == ["split2", "split4"] and all(c.npu_eligible for c in split)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    if rep.variant.startswith("split"):
+        assert rep.split_activations == ["r1"] and rep.split_pieces == int(rep.variant[5:])
+        assert meta["edgepack.split_activations"] == f"r1 x{rep.split_pieces}"
+        w = {i.name: i for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+        assert any(list(v.dims[:1]) == [8 * rep.split_pieces] and v.data_type == onnx.TensorProto.INT8 for v in w.values())
+    else:
+        assert not rep.split_activations and meta["edgepack.split_activations"] == ""
 
 
 def test_without_quantizers_is_exactly_float_there(tmp_path, tiny_model, tiny_data):

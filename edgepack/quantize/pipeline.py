@@ -78,6 +78,8 @@ class QuantizeOptions:
     float_activations_early: float = 0.25  # then the earliest quarter of the rest float too (0: off)
     activation_rank_samples: int = 8       # search samples the activation ranking runs on
     selection_margin: float = 1.0          # standard errors a label-free candidate must clear the floor by
+    split_activations: int = 1             # INT8-only boards: most sensitive ReLU6 outputs split (0: off)
+    split_pieces: tuple[int, ...] = (2, 4)  # one candidate per piece count
 
 
 @dataclass
@@ -131,6 +133,8 @@ class QuantizeReport:
     numerics: str = "exact"                 # the target's INT8 arithmetic every figure is computed in
     host_int8: str = ""                     # this host's INT8 instructions (edgepack.quantize.numerics.host_int8)
     host_kernel_agreement: float | None = None  # the held-out agreement on this host's own fused kernels
+    split_activations: list[str] = field(default_factory=list)  # ReLU6 outputs split into pieces (actsplit)
+    split_pieces: int = 0
     unfused_agreement: float | None = None  # the held-out agreement of the QDQ graph run unfused (exact products,
     #                                         float requantization: the first approximation, ~1 point optimistic)
     latency_source: str = "host"            # "host-proxy" when the target is not this kind of CPU
@@ -345,9 +349,11 @@ def _write_output(output: Path, s: Search, chosen: CandidateResult, holdout: Dat
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.copyfile(path, tmp)
     m = onnx.load(str(tmp))
+    split = s.splits.get(chosen.variant)
     for k, v in (("edgepack.quantized_for", s.target.name), ("edgepack.calibration", chosen.method),
                  ("edgepack.float_layers", ",".join(chosen.float_layers)),
-                 ("edgepack.float_activations", ",".join(chosen.float_activations))):
+                 ("edgepack.float_activations", ",".join(chosen.float_activations)),
+                 ("edgepack.split_activations", f"{','.join(split.tensors)} x{split.pieces}" if split else "")):
         p = m.metadata_props.add()
         p.key, p.value = k, v
     onnx.save(m, str(tmp))
@@ -377,7 +383,9 @@ def _report(s: Search, chosen: CandidateResult, output: Path, final: Comparison,
         host_kernel_agreement=round(host_final.agreement, 3),
         latency_source="host" if target.arch == host.machine and target.int8_arithmetic == host.arithmetic
         else "host-proxy",
-        remedies_tried=list(s.tried), float_activations=list(chosen.float_activations))
+        remedies_tried=list(s.tried), float_activations=list(chosen.float_activations),
+        split_activations=list(s.splits[chosen.variant].tensors) if chosen.variant in s.splits else [],
+        split_pieces=s.splits[chosen.variant].pieces if chosen.variant in s.splits else 0)
 
 
 def _write_golden(path: Path, model: Path, info: ModelInfo, data: Dataset, n: int, judge) -> None:

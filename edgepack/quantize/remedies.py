@@ -96,6 +96,7 @@ class Search:
     best: CandidateResult | None = None
     tried: list[str] = field(default_factory=list)   # remedies run, in order
     activation_ranking: list = field(default_factory=list)   # actprec.ActivationScore, worst first
+    splits: dict = field(default_factory=dict)       # variant -> actsplit.SplitReport (split-activations)
 
     # ------------------------------------------------------------------ budget and state
     baseline_evals: int = 0              # the plain per-tensor/per-channel baselines (not in max_evals)
@@ -366,6 +367,48 @@ def _smoothquant(s: Search) -> None:
     if s.best is not None and s.best.variant == "smoothquant":
         s.warnings.append(f"SmoothQuant migrated scales on {srep.tensors} tensor(s): worst channel ratio "
                           f"{srep.max_ratio_before}x -> {srep.max_ratio_after}x")
+
+
+def _split_applies(s: Search) -> bool:
+    """Only where every activation must be INT8 (a board that runs float keeps a sensitive one
+    float instead, cheaper) and the model has ReLU6 outputs read only by convolutions."""
+    if s.target.float_allowed or s.opt.allow_cpu_fallback or s.opt.split_activations <= 0 or s.left <= 0:
+        return False
+    from .actsplit import splittable
+
+    return (s.work / "pre.onnx").exists() and bool(splittable(onnx.load(str(s.work / "pre.onnx"))))
+
+
+@remedy("split-activations", 2, "INT8-only boards: the most sensitive ReLU6 outputs as k clipped pieces "
+        "each on its own INT8 grid (log2 k more bits, same float function, all INT8): a few KB and a few "
+        "% of MACs", _split_applies)
+def _split_activations(s: Search) -> None:
+    """Rank the activation quantizers of the best candidate (actprec.rank_activations), split
+    the top ``split_activations`` splittable ones into each of ``split_pieces`` pieces, and
+    judge each variant as any other candidate (actsplit.py says why and what it costs)."""
+    from .actprec import rank_activations
+    from .actsplit import split_activations, splittable
+
+    base = s.best if s.best is not None and s.best.method != "dynamic" else None
+    if base is None:
+        return
+    pre = onnx.load(str(s.work / "pre.onnx"))
+    ok = set(splittable(pre))
+    _, feeds = next(s.data.feeds(min(s.opt.activation_rank_samples, len(s.data)), s.info.input_names))
+    ranked = rank_activations(s.info.path, s.paths[base.name], feeds, limit=s.opt.max_float_activations or 64)
+    chosen = [r.tensor for r in ranked if r.tensor in ok][:s.opt.split_activations]
+    if not s.activation_ranking:
+        s.activation_ranking = ranked
+    if not chosen:
+        return
+    for k in s.opt.split_pieces:
+        if s.left <= 0 or s.met():
+            break
+        m, rep = split_activations(pre, chosen, pieces=k)
+        label = f"split{k}"
+        s.prepare(m, label)
+        s.splits[label] = rep
+        s.evaluate(label, base.method, [], f"int8/{base.method}+{len(chosen)} split x{k}", remedy="split-activations")
 
 
 def _float_activations_applies(s: Search) -> bool:

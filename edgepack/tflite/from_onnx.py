@@ -137,14 +137,15 @@ def onnx_to_tflite(onnx_path: Path, out: Path) -> Path:
                 padding, oh_, ow = S.Padding.VALID, (H - kh) // s[0] + 1, (W - kw) // s[1] + 1
             group = a.get("group", 1)
             bt = tensor(o + "/b", [w.shape[0]], b)
-            if group == 1:
+            if group == 1 or (group != C and w.shape[1] * group == C):
+                # plain, or grouped: LiteRT's CONV_2D takes the groups from input / filter channels
                 wt = tensor(o + "/w", [w.shape[0], kh, kw, w.shape[1]], w.transpose(0, 2, 3, 1))
                 opt = S.Conv2DOptionsT()
                 code, otype = S.BuiltinOperator.CONV_2D, S.BuiltinOptions.Conv2DOptions
             else:
                 if not (group == C and w.shape[1] == 1):
-                    raise ModelError(f"{Path(onnx_path).name}: grouped Conv {n.name!r} is not depthwise; "
-                                     "the LiteRT translation takes plain and depthwise convolutions only")
+                    raise ModelError(f"{Path(onnx_path).name}: grouped Conv {n.name!r}: its "
+                                     "weight does not match the input's channels")
                 wt = tensor(o + "/w", [1, kh, kw, w.shape[0]], w.transpose(1, 2, 3, 0))
                 opt = S.DepthwiseConv2DOptionsT()
                 opt.depthMultiplier = w.shape[0] // C

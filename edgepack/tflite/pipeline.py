@@ -252,18 +252,21 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
         files: dict[str, Path] = {}
         runs: dict[str, Any] = {}
 
-        qdq = None
+        qdq, carry_src = None, (model, float_tfl)
         if model.suffix.lower() == ".onnx" and (o.qdq_model or o.onnx_search):
             qdq = Path(o.qdq_model) if o.qdq_model else _onnx_search(
                 model, target if allow_float else target.integer_only(), cal, search, hold, work, budget, log)
             qdq_float = _qdq_float_layers(qdq)
+            # a QDQ model of split activations (edgepack.quantize.actsplit) is carried into the
+            # .tflite of the same split network: translated again, same float function
+            carry_src = _split_source(model, qdq, work, log) or (model, float_tfl)
             # a float layer of the ONNX model reads and writes float there: in a .tflite, its island,
             # float weights included, so within the same float-bytes cap as the islands found here
             qdq_keep = list(islands(finfo, within_cost(finfo, float_layer_tensors(model, qdq_float), o.max_float_bytes))
                             ) if allow_float else []
 
         samples: dict = {}
-        raw: dict[tuple[str, tuple[str, ...]], tuple[Path, Any]] = {}
+        raw: dict[tuple[Path, str, tuple[str, ...]], tuple[Path, Any]] = {}
 
         def attempt_many(calibration: str, keeps: list[list[str]], carry: bool = False, note: str = "") -> list[TfliteCandidate]:
             """One quantizer calibration, one candidate per float set in ``keeps``, each judged in LiteRT."""
@@ -271,22 +274,23 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             paths = [work / f"cand{len(cands) + i}.tflite" for i in range(len(keeps))]
             t = time.perf_counter()
             log(f"candidates {calibration}{' (carried over)' if carry else ''}: {len(keeps)}")
-            todo = [tuple(k) for k in dict.fromkeys(map(tuple, keeps)) if (qcal, tuple(k)) not in raw]
+            src_onnx, src_tfl = carry_src if carry else (model, float_tfl)
+            todo = [tuple(k) for k in dict.fromkeys(map(tuple, keeps)) if (src_tfl, qcal, tuple(k)) not in raw]
             if todo:  # the quantizer's own output, kept: other rules re-grid or carry over from it
                 outs = [work / f"raw{len(raw) + i}.tflite" for i in range(len(todo))]
-                for k, pth, run in zip(todo, outs, quantize_variants(float_tfl, x, list(zip(outs, todo)),
+                for k, pth, run in zip(todo, outs, quantize_variants(src_tfl, x, list(zip(outs, todo)),
                                                                      calibration=qcal, threads=2)):
-                    raw[(qcal, k)] = (pth, run)
+                    raw[(src_tfl, qcal, k)] = (pth, run)
             rs = []
             for pth, k in zip(paths, keeps):
-                shutil.copyfile(raw[(qcal, tuple(k))][0], pth)
-                rs.append(raw[(qcal, tuple(k))][1])
+                shutil.copyfile(raw[(src_tfl, qcal, tuple(k))][0], pth)
+                rs.append(raw[(src_tfl, qcal, tuple(k))][1])
             if rule and not samples:
                 samples.update(activation_samples(float_tfl, x))
             out = []
             for path, keep, run in zip(paths, keeps, rs):
                 if carry:
-                    tr = transplant(path, model, qdq, path, float_tflite=float_tfl)
+                    tr = transplant(path, src_onnx, qdq, path, float_tflite=src_tfl)
                     lost = [k for k in tr.kept if "float in the ONNX model" not in k]
                     if lost:
                         warnings.append(f"carried over from the ONNX model except: {'; '.join(lost[:4])}")
@@ -388,6 +392,28 @@ def _onnx_search(model: Path, target, cal: Dataset, search: Dataset, hold: Datas
     quantize(model, target, cal, hold, out, search=search,
              options=QuantizeOptions(max_drop=budget, latency_threads=(1,), golden_samples=1))
     return out
+
+
+def _split_source(model: Path, qdq: Path, work: Path, log) -> tuple[Path, Path] | None:
+    """The split FP32 network (ONNX, float .tflite) a QDQ model of split activations was made
+    from, per its ``edgepack.split_activations`` metadata ("t1,t2 xK"); None when it has none."""
+    import onnx
+
+    from ..quantize.actsplit import split_activations
+    from .from_onnx import fold_for_tflite, onnx_to_float_tflite
+
+    meta = {p.key: p.value for p in onnx.load(str(qdq), load_external_data=False).metadata_props}
+    spec = meta.get("edgepack.split_activations", "")
+    if not spec:
+        return None
+    names, _, k = spec.rpartition(" x")
+    if not names or not k.isdigit():
+        raise ModelError(f"{qdq.name}: unreadable edgepack.split_activations metadata {spec[:80]!r}")
+    log(f"the ONNX model splits {len(names.split(','))} activation(s) into {k} pieces: translating that network")
+    folded = fold_for_tflite(model, work / "split-folded.onnx")
+    m, _ = split_activations(onnx.load(str(folded)), names.split(","), pieces=int(k))
+    onnx.save(m, str(work / "split.onnx"))
+    return work / "split.onnx", onnx_to_float_tflite(work / "split.onnx", work / "split-float.tflite")
 
 
 def _qdq_float_layers(qdq: Path) -> list[str]:
