@@ -144,7 +144,7 @@ def agent_bench(model: Path, runtime: str, threads: int, runs: int = 50) -> dict
 
 def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_args: list[str], rounds: int,
                 work: Path, target: str, max_drop: float, onnx_int8: Path | None = None,
-                full_integer_run: bool = False, pt2: Path | None = None) -> dict:
+                full_integer_run: bool = False, pt2: Path | None = None, finetune: int = 0) -> dict:
     from edgepack.tflite import read_tflite
     from edgepack.tflite.convert import quantize_float_tflite
     from edgepack.tflite.from_onnx import onnx_to_float_tflite
@@ -176,9 +176,11 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     res["tflite_report"]["quantize_seconds"], res["tflite_report"]["peak_rss_mb"] = round(wall_t, 1), round(rss_t, 1)
     fi_out = None
     if full_integer_run:  # what an INT8-only board gets: its own ONNX search with no float part, carried over
-        log(f"{name}: edgepack quantize --format tflite --full-integer (the ONNX search as for an INT8-only board)")
+        log(f"{name}: edgepack quantize --format tflite --full-integer --finetune {finetune} (the ONNX search as for "
+            "an INT8-only board, then its model fine-tuned on its grid)")
         fi_out = work / f"{name}-edgepack-fullint.tflite"
-        wall_f, _, rep_f = cli([*common, "-o", str(fi_out), "--format", "tflite", "--threads", "1", "--full-integer"])
+        wall_f, _, rep_f = cli([*common, "-o", str(fi_out), "--format", "tflite", "--threads", "1", "--full-integer",
+                                "--finetune", str(finetune)])
         res["tflite_full_integer_report"] = {k: v for k, v in rep_f.items() if k not in ("io",)}
         res["tflite_full_integer_report"]["quantize_seconds"] = round(wall_f, 1)
     pt2_out = None
@@ -236,7 +238,8 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
     res["rows"].append(row(f"edgepack --format tflite ({target}: float islands allowed)", tfl_out,
                            float_islands=rep_t.get("float_ops")))
     if fi_out is not None:
-        res["rows"].append(row("edgepack --format tflite --full-integer (as for an INT8-only board)", fi_out))
+        res["rows"].append(row(f"edgepack --format tflite --full-integer --finetune {finetune} (as for an INT8-only board)",
+                               fi_out))
     if pt2_out is not None:
         res["rows"].append(row(f"edgepack {pt2.name} --format tflite (from PyTorch, its own search)", pt2_out,
                                float_islands=res["tflite_from_pt2_report"].get("float_ops")))
@@ -264,7 +267,8 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
         log(f"{name}: latency {th} thread(s): {lat}")
         res.setdefault("agent_bench", {})[f"threads_{th}"] = {
             "litert_int8": agent_bench(tfl_out, "litert", th), "onnxruntime_int8": agent_bench(onnx_out, "onnxruntime", th),
-            "onnxruntime_fp32": agent_bench(model, "onnxruntime", th)}
+            "onnxruntime_fp32": agent_bench(model, "onnxruntime", th),
+            **({"litert_int8_full_integer": agent_bench(fi_out, "litert", th)} if fi_out is not None else {})}
         log(f"{name}: agent bench {th} thread(s): {res['agent_bench'][f'threads_{th}']}")
     return res
 
@@ -272,6 +276,8 @@ def bench_model(name: str, model: Path, calib: dict, search: Path, ev: dict, pp_
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--finetune", type=int, default=150, help="EfficientNet full integer: fine-tuning steps "
+                    "on the INT8 grid (0: off)")
     ap.add_argument("--only", choices=["fashion", "efficientnet"], default=None)
     ap.add_argument("--onnx-int8", type=Path, help="EfficientNet: reuse this edgepack INT8 ONNX model (e.g. "
                     "out/efficientnet-lite0-int8.onnx from scripts/main.sh) instead of running the ONNX search")
@@ -300,7 +306,7 @@ def main() -> int:
                 "efficientnet-lite0", asset("models/efficientnet-lite0.onnx"),
                 {"path": calib, "n": 100, "ds": load_dataset(calib, pp)}, calib,
                 {"path": asset("images/natural-eval"), "ds": load_dataset(asset("images/natural-eval"), pp)},
-                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8, full_integer_run=True,
+                ["--preprocess", spec], a.rounds, work, "rpi4-2gb", 3.0, a.onnx_int8, full_integer_run=True, finetune=a.finetune,
                 pt2=effnet_pt2(work / "efficientnet-lite0.pt2") if a.pt2 else None))
             out.write_text(json.dumps(results, indent=2, default=str))
         if a.only in (None, "fashion"):

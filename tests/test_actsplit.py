@@ -9,6 +9,7 @@ import pytest
 from edgepack.data import load_dataset
 from edgepack.errors import ModelError
 from edgepack.quantize.actsplit import split_activations, splittable
+from edgepack.quantize.graph import attribute as graph_attr
 from edgepack.quantize.workflows import resolve_preprocessing
 from edgepack.tflite.from_onnx import fold_for_tflite
 
@@ -29,8 +30,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def test_split_keeps_the_float_function_and_repeats_the_filters(effnet):
     """The stem's ReLU6 output in 2 and 4 pieces: same logits on real photos, the same ReLU6 (each
-    piece written k times larger), the stem and its depthwise reader k times wider, every other node
-    untouched."""
+    piece written k times larger), the stem k times wider, its depthwise reader one plain conv with
+    a block-diagonal filter (XNNPACK runs no int8 grouped conv), every other node untouched."""
     m, x = effnet
     names = splittable(m)
     assert "/_swish/Clip_output_0" in names and len(names) >= 16       # stem + the expand and depthwise ReLU6s
@@ -47,7 +48,10 @@ def test_split_keeps_the_float_function_and_repeats_the_filters(effnet):
         clip = next(n for n in s.graph.node if n.output[0] == "/_swish/Clip_output_0")
         assert float(si[clip.input[2]]) == 6.0
         dw = next(n for n in s.graph.node if n.input[0] == "/_swish/Clip_output_0")
-        assert si[dw.input[1]].shape == (32, k, 3, 3)
+        wd = si[dw.input[1]]                   # the depthwise reader: one dense, block-diagonal conv
+        assert wd.shape == (32, 32 * k, 3, 3) and graph_attr(dw, "group", 1) == 1
+        mask = np.kron(np.eye(32), np.ones((1, k)))[:, :, None, None] > 0
+        assert not wd[~np.broadcast_to(mask, wd.shape)].any()
         untouched = [n for n in m.graph.node if n.name not in (stem.name, clip.name, dw.name)]
         assert all(np.array_equal(inits[i], si[i]) for n in untouched for i in n.input if i in inits)
 

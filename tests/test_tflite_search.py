@@ -231,3 +231,34 @@ def test_litert_choice_stays_within_the_ota_budget(tmp_path, tiny_model, tiny_da
     small = replace(load_target("rpi4-2gb"), ota_budget_mb=max(c.size_bytes for c in ints) / 1e6)
     r2 = quantize_tflite(tiny_model, small, calib, ev, tmp_path / "b.tflite", options=opts)
     assert r2.full_integer and r2.int8_size_bytes <= small.ota_budget_mb * 1e6
+
+
+@needs_converter
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_full_integer_search_also_judges_the_grid_fine_tuned_model(tmp_path):
+    """With ``finetune_steps`` the carried-over QDQ model is fine-tuned on its own INT8 grid (real
+    PyTorch, edgepack.quantize.qat_grid) and carried over as one more candidate: same graph and
+    size (a learned grid is a scale of its own), full integer, judged in LiteRT; the distillation does not lose signal on held-out
+    samples of the same distribution."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from edgepack.data import load_dataset
+    from edgepack.targets import load_target
+    from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
+
+    model = _flatten_cnn(tmp_path / "flat.onnx")
+    x = np.random.default_rng(5).normal(0, 1, (192, 1, 8, 8)).astype(np.float32)
+    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0].argmax(1)
+    np.savez(tmp_path / "calib.npz", inputs=x[:64])
+    np.savez(tmp_path / "eval.npz", inputs=x[64:], labels=y[64:])
+    calib, ev = load_dataset(tmp_path / "calib.npz"), load_dataset(tmp_path / "eval.npz")
+    opts = TfliteOptions(max_drop=100.0, calibrations=("minmax",), latency_threads=(1,), latency_rounds=1,
+                         golden_samples=2, full_integer=True, finetune_steps=30)
+    r = quantize_tflite(model, load_target("rpi4-2gb"), calib, ev, tmp_path / "m.tflite", options=opts)
+    by = {c.name: c for c in r.candidates}
+    plain = by["edgepack ONNX search, carried over"]
+    tuned = by["edgepack ONNX search, carried over, fine-tuned on its grid (30 steps)"]
+    assert abs(tuned.size_bytes - plain.size_bytes) <= 0.02 * plain.size_bytes and tuned.float_ops == []
+    assert tuned.output_sqnr_db >= plain.output_sqnr_db - 0.5, (tuned, plain)
+    assert r.full_integer and not any("carried over from the ONNX model except" in w for w in r.warnings)

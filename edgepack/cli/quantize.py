@@ -120,7 +120,7 @@ def _as_tflite(a: dict) -> None:
     """``quantize --format tflite``: the LiteRT path (edgepack/tflite) with the same options."""
     from ._common import QUANTIZE_FORMATS
     keys = ("model", "target", "calib", "eval_", "output", "search", "max_drop", "calib_size", "preprocess",
-            "preprocess_hook", "labels", "threads", "max_evals", "as_json", "report", "carry_over", "full_integer")
+            "preprocess_hook", "labels", "threads", "max_evals", "as_json", "report", "carry_over", "full_integer", "finetune")
     return QUANTIZE_FORMATS["tflite"](**{k: a[k] for k in keys})
 
 
@@ -136,6 +136,10 @@ def quantize(
                                               "(default: run the ONNX search first)"),
     full_integer: bool = typer.Option(False, "--full-integer", help="with --format tflite: no float op even "
                                       "where the target could run one (the gate then refuses any)"),
+    finetune: int = typer.Option(0, "--finetune", help="with --format tflite: also fine-tune the carried-over INT8 "
+                                 "model on its own grid for N steps (distilled from MODEL on the calibration "
+                                 "samples; needs torch) and judge it as one more candidate; 150 is the measured "
+                                 "recipe. Pass a --search split apart from --calib to judge it unbiased"),
     eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="INT8 ONNX model to write (default: "
                                           "MODEL-int8.onnx in the project's out folder)"),
@@ -177,6 +181,9 @@ def quantize(
         args["model"] = model
         if fmt == "tflite":
             return _as_tflite(args | {"output": output})
+        if finetune:
+            from ..errors import DataError
+            raise DataError("--finetune goes with --format tflite; for an ONNX model use `edgepack qat`")
         tgt = load_target(target)
         _check_choices(method, ALL_METHODS, rounding)
         load_model(model)  # fail fast on a bad model, before data is opened

@@ -67,10 +67,10 @@ def quantize_tflite_cmd(*, model: Path, target: str, calib: Path, eval_: Path, o
                         max_drop: Optional[float], calib_size: Optional[int], preprocess: Optional[str],
                         preprocess_hook: Optional[str], labels: Optional[Path], threads: list[int], max_evals: int,
                         as_json: bool, report: Optional[Path], carry_over: Optional[Path] = None,
-                        full_integer: bool = False) -> None:
+                        full_integer: bool = False, finetune: int = 0) -> None:
     """`edgepack quantize --format tflite`: raises EdgepackError (the caller prints one line)."""
     from ..data import load_dataset
-    from ..errors import ModelError
+    from ..errors import DataError, ModelError
     from ..targets import load_target
     from ..tflite.pipeline import TfliteOptions, quantize_tflite
 
@@ -90,8 +90,14 @@ def quantize_tflite_cmd(*, model: Path, target: str, calib: Path, eval_: Path, o
     if carry_over is not None:
         from ..modelinfo import load_model
         load_model(carry_over, allow_quantized=True)
+    if finetune < 0:
+        raise DataError(f"--finetune takes a number of steps >= 0, got {finetune}")
+    if finetune:
+        from ..quantize.qat import _torch
+        _torch()  # a missing torch is said before any work
     opts = TfliteOptions(max_drop=max_drop, calib_size=calib_size, latency_threads=tuple(threads), max_evals=max_evals,
-                         qdq_model=str(carry_over) if carry_over else None, full_integer=full_integer)
+                         qdq_model=str(carry_over) if carry_over else None, full_integer=full_integer,
+                         finetune_steps=finetune)
     log = (lambda m: None) if as_json else (lambda m: Console(stderr=True).print(f"[dim]{escape(m)} ...[/]"))
     r = quantize_tflite(model, tgt, cal, ev, output, search=se, options=opts, log=log)
     rp = report or output.with_suffix(".json")

@@ -8,6 +8,9 @@ The steps, each measured:
    calibration rule (its min/max and moving average; percentile and MSE ranges re-gridded by
    :mod:`.ranges`; edgepack's ONNX search carried over, :mod:`.transplant`), each judged on the selection split in LiteRT with XNNPACK, whose int8 kernels
    are exact (int32 accumulation), so the host's figure is the board's;
+   with ``finetune_steps``, the carried-over QDQ model is also fine-tuned on its own INT8 grid
+   (weights and activation scales, distilled from the FP32 model on the calibration samples:
+   :mod:`edgepack.quantize.qat_grid`) and carried over as one more candidate;
 3. if the best one still misses the budget and the target allows float, the tensors written by
    the ops that lose the most signal (per-op SQNR on a few selection samples) are kept in float
    with their producer and readers (:mod:`.floatacts`: keeping one op float still quantizes its
@@ -58,6 +61,8 @@ class TfliteOptions:
     qdq_model: str | None = None             # ...or carry over this edgepack INT8 QDQ model of the source
     full_integer: bool = False               # no float op even where the target could run one
     selection_margin: float = 1.0            # as QuantizeOptions: standard errors a label-free candidate clears the floor by
+    finetune_steps: int = 0                  # > 0: also fine-tune the carried-over INT8 model on its own grid
+    #                                          (edgepack.quantize.qat_grid, needs torch) and judge that too
 
 
 @dataclass
@@ -264,17 +269,21 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             # float weights included, so within the same float-bytes cap as the islands found here
             qdq_keep = list(islands(finfo, within_cost(finfo, float_layer_tensors(model, qdq_float), o.max_float_bytes))
                             ) if allow_float else []
+        qdq_ft = _finetune(model, qdq, cal, work, o.finetune_steps, log) if qdq is not None and o.finetune_steps else None
+        carried: dict[str, Path] = {}            # candidate name -> the QDQ model carried into it
 
         samples: dict = {}
         raw: dict[tuple[Path, str, tuple[str, ...]], tuple[Path, Any]] = {}
 
-        def attempt_many(calibration: str, keeps: list[list[str]], carry: bool = False, note: str = "") -> list[TfliteCandidate]:
-            """One quantizer calibration, one candidate per float set in ``keeps``, each judged in LiteRT."""
+        def attempt_many(calibration: str, keeps: list[list[str]], carry: Path | None = None, note: str = ""
+                         ) -> list[TfliteCandidate]:
+            """One quantizer calibration, one candidate per float set in ``keeps``, each judged in LiteRT;
+            ``carry``: the QDQ model whose grids each candidate takes over."""
             qcal, rule = CALIBRATION_RULES[calibration]
             paths = [work / f"cand{len(cands) + i}.tflite" for i in range(len(keeps))]
             t = time.perf_counter()
             log(f"candidates {calibration}{' (carried over)' if carry else ''}: {len(keeps)}")
-            src_onnx, src_tfl = carry_src if carry else (model, float_tfl)
+            src_onnx, src_tfl = carry_src if carry is not None else (model, float_tfl)
             todo = [tuple(k) for k in dict.fromkeys(map(tuple, keeps)) if (src_tfl, qcal, tuple(k)) not in raw]
             if todo:  # the quantizer's own output, kept: other rules re-grid or carry over from it
                 outs = [work / f"raw{len(raw) + i}.tflite" for i in range(len(todo))]
@@ -289,14 +298,14 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                 samples.update(activation_samples(float_tfl, x))
             out = []
             for path, keep, run in zip(paths, keeps, rs):
-                if carry:
-                    tr = transplant(path, src_onnx, qdq, path, float_tflite=src_tfl)
+                if carry is not None:
+                    tr = transplant(path, src_onnx, carry, path, float_tflite=src_tfl)
                     lost = [k for k in tr.kept if "float in the ONNX model" not in k]
                     if lost:
                         warnings.append(f"carried over from the ONNX model except: {'; '.join(lost[:4])}")
                 elif rule:
                     regrid(path, float_tfl, choose_ranges(samples, rule), path)
-                name = ("edgepack ONNX search, carried over" if carry else calibration) + (
+                name = ("edgepack ONNX search, carried over" if carry is not None else calibration) + (
                     f" + {len(keep)} float op(s)" if keep else "") + note
                 try:
                     c = compare(ref_s, predict_tflite(path, search), search.labels)
@@ -310,6 +319,8 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                                        output_sqnr_db=round(c.output_sqnr_db, 2), search_se=round(c.drop_se, 3))
                 cands.append(cand)
                 files[name], runs[name] = path, run
+                if carry is not None:
+                    carried[name] = carry
                 out.append(cand)
             return out
 
@@ -319,7 +330,9 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             attempt_many(cm, [[]])
         if qdq is not None:
             keeps = [[]] + ([qdq_keep] if qdq_keep else [])
-            attempt_many("minmax", keeps, carry=True, note=" (its float layers quantized)" if qdq_float else "")
+            attempt_many("minmax", keeps, carry=qdq, note=" (its float layers quantized)" if qdq_float else "")
+        if qdq_ft is not None:
+            attempt_many("minmax", [[]], carry=qdq_ft, note=f", fine-tuned on its grid ({o.finetune_steps} steps)")
         labelled = search.labels is not None
         meets = lambda c: selection.meets(c, budget, labelled=labelled, margin=o.selection_margin)  # noqa: E731
         rank = lambda c: (*selection.accuracy_rank(c, labelled=labelled), c.size_bytes)  # noqa: E731
@@ -334,7 +347,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             steps = [k for k in o.float_steps if k <= len(ranked)][:o.max_evals - len(cands)]
             keeps = [list(dict.fromkeys([*best.float_ops, *islands(finfo, ranked[:k])])) for k in steps]
             if keeps:
-                attempt_many(best.calibration, keeps, carry=best.name.startswith("edgepack ONNX"))
+                attempt_many(best.calibration, keeps, carry=carried.get(best.name))
         # the ONNX search's rule: the fewest float ops among those that meet the budget by the
         # margin (the most accurate of them), else the most accurate candidate
         fits, met, oversize = selection.meeting_within_ota(cands, target, meets)
@@ -392,6 +405,18 @@ def _onnx_search(model: Path, target, cal: Dataset, search: Dataset, hold: Datas
     quantize(model, target, cal, hold, out, search=search,
              options=QuantizeOptions(max_drop=budget, latency_threads=(1,), golden_samples=1))
     return out
+
+
+def _finetune(model: Path, qdq: Path, cal: Dataset, work: Path, steps: int, log) -> Path:
+    """The QDQ model fine-tuned on its own INT8 grid (weights and activation scales, distilled
+    from ``model`` on the calibration samples; :mod:`edgepack.quantize.qat_grid`'s defaults are
+    the recipe measured best on EfficientNet-Lite0). Same graph and size; its metadata (a split
+    network, float layers) stays, so it is carried over like the model it came from."""
+    from ..quantize.qat_grid import GridQatOptions, finetune_on_grid, write_back
+
+    log(f"fine-tuning the INT8 model on its grid ({steps} steps on {len(cal)} calibration samples)")
+    mod, _ = finetune_on_grid(qdq, model, cal, options=GridQatOptions(steps=steps), progress=log)
+    return write_back(mod, work / "edgepack-int8-finetuned.onnx")
 
 
 def _split_source(model: Path, qdq: Path, work: Path, log) -> tuple[Path, Path] | None:
