@@ -141,24 +141,31 @@ def _flatten_cnn(path):
     return path
 
 
+def _flatten_case(tmp_path, *, seed: int, n: int, n_calib: int):
+    """The flatten CNN, its first ``n_calib`` of ``n`` random inputs to calibrate, the rest
+    labelled with the FP32 model's own top-1 to judge."""
+    import onnxruntime as ort
+
+    from edgepack.data import load_dataset
+
+    model = _flatten_cnn(tmp_path / "flat.onnx")
+    x = np.random.default_rng(seed).normal(0, 1, (n, 1, 8, 8)).astype(np.float32)
+    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0].argmax(1)
+    np.savez(tmp_path / "calib.npz", inputs=x[:n_calib])
+    np.savez(tmp_path / "eval.npz", inputs=x[n_calib:], labels=y[n_calib:])
+    return model, load_dataset(tmp_path / "calib.npz"), load_dataset(tmp_path / "eval.npz")
+
+
 @needs_converter
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_carried_over_search_maps_flatten_gemm_columns(tmp_path):
     """The ONNX search's integers carried into the .tflite compute what LiteRT's own quantizer's
     candidate computes to within INT8 noise: a Gemm after a spatial Flatten gets its weight columns
     in H,W,C order (a C,H,W copy scored chance on the Fashion CNN, 10.6 %)."""
-    import onnxruntime as ort
-
-    from edgepack.data import load_dataset
     from edgepack.targets import load_target
     from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
 
-    model = _flatten_cnn(tmp_path / "flat.onnx")
-    x = np.random.default_rng(4).normal(0, 1, (160, 1, 8, 8)).astype(np.float32)
-    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0].argmax(1)
-    np.savez(tmp_path / "calib.npz", inputs=x[:32])
-    np.savez(tmp_path / "eval.npz", inputs=x[32:], labels=y[32:])
-    calib, ev = load_dataset(tmp_path / "calib.npz"), load_dataset(tmp_path / "eval.npz")
+    model, calib, ev = _flatten_case(tmp_path, seed=4, n=160, n_calib=32)
     opts = TfliteOptions(max_drop=100.0, calibrations=("minmax",), latency_threads=(1,), latency_rounds=1,
                          golden_samples=2)
     r = quantize_tflite(model, load_target("rpi4-2gb"), calib, ev, tmp_path / "m.tflite", options=opts)
@@ -241,18 +248,10 @@ def test_full_integer_search_also_judges_the_grid_fine_tuned_model(tmp_path):
     size (a learned grid is a scale of its own), full integer, judged in LiteRT; the distillation does not lose signal on held-out
     samples of the same distribution."""
     pytest.importorskip("torch")
-    import onnxruntime as ort
-
-    from edgepack.data import load_dataset
     from edgepack.targets import load_target
     from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
 
-    model = _flatten_cnn(tmp_path / "flat.onnx")
-    x = np.random.default_rng(5).normal(0, 1, (192, 1, 8, 8)).astype(np.float32)
-    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0].argmax(1)
-    np.savez(tmp_path / "calib.npz", inputs=x[:64])
-    np.savez(tmp_path / "eval.npz", inputs=x[64:], labels=y[64:])
-    calib, ev = load_dataset(tmp_path / "calib.npz"), load_dataset(tmp_path / "eval.npz")
+    model, calib, ev = _flatten_case(tmp_path, seed=5, n=192, n_calib=64)
     opts = TfliteOptions(max_drop=100.0, calibrations=("minmax",), latency_threads=(1,), latency_rounds=1,
                          golden_samples=2, full_integer=True, finetune_steps=30)
     r = quantize_tflite(model, load_target("rpi4-2gb"), calib, ev, tmp_path / "m.tflite", options=opts)

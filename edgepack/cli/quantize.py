@@ -82,12 +82,14 @@ def _confirm(board: str, model: Path, output: Path, holdout, ev, r, seed: int, m
     return confirm_on_board(board, model, output, hold, r.agreement, max_mismatch=max_mismatch).to_dict()
 
 
-def _source(model: Path, fmt: str, output_given, as_json: bool) -> tuple[Path, Path]:
+def _source(model: Path, fmt: str, output_given, as_json: bool, finetune: int = 0) -> tuple[Path, Path]:
     """The FP32 ONNX (or float .tflite) model to start from, and the output path for ``fmt``."""
     from ..errors import DataError
 
     if fmt not in ("onnx", "tflite"):
         raise DataError(f"--format must be onnx or tflite, got {fmt!r}")
+    if finetune and fmt != "tflite":
+        raise DataError("--finetune goes with --format tflite; for an ONNX model use `edgepack qat`")
     output = output_path(output_given, f"{model.stem}-int8{'.tflite' if fmt == 'tflite' else '.onnx'}")
     return (_from_torch(model, output, as_json) if model.suffix.lower() == ".pt2" else model), output
 
@@ -124,6 +126,16 @@ def _as_tflite(a: dict) -> None:
     return QUANTIZE_FORMATS["tflite"](**{k: a[k] for k in keys})
 
 
+# the LiteRT path's own options (``--format tflite``)
+CARRY_OVER_OPT = typer.Option(None, "--carry-over", help="with --format tflite: an edgepack INT8 ONNX model of MODEL "
+                              "whose search result is carried over (default: run the ONNX search first)")
+FULL_INTEGER_OPT = typer.Option(False, "--full-integer", help="with --format tflite: no float op even where the "
+                                "target could run one (the gate then refuses any)")
+FINETUNE_OPT = typer.Option(0, "--finetune", help="with --format tflite: also judge the carried-over INT8 model "
+                            "fine-tuned N steps on its own grid (distilled on --calib; needs torch; 150: the measured "
+                            "recipe; a --search apart from --calib judges it unbiased)")
+
+
 def quantize(
     model: Path = typer.Argument(..., help="FP32 ONNX model, a PyTorch torch.export program (.pt2), or a float "
                                  ".tflite with --format tflite"),
@@ -131,15 +143,9 @@ def quantize(
     calib: Path = typer.Option(..., "--calib", help="calibration data: image folder, .npy or .npz"),
     fmt: str = typer.Option("onnx", "--format", help="output format: onnx (QDQ) or tflite (full-integer "
                             "INT8 for LiteRT targets; needs scripts/setup-tflite.sh)"),
-    carry_over: Optional[Path] = typer.Option(None, "--carry-over", help="with --format tflite: an edgepack INT8 "
-                                              "ONNX model of MODEL whose search result is carried over "
-                                              "(default: run the ONNX search first)"),
-    full_integer: bool = typer.Option(False, "--full-integer", help="with --format tflite: no float op even "
-                                      "where the target could run one (the gate then refuses any)"),
-    finetune: int = typer.Option(0, "--finetune", help="with --format tflite: also fine-tune the carried-over INT8 "
-                                 "model on its own grid for N steps (distilled from MODEL on the calibration "
-                                 "samples; needs torch) and judge it as one more candidate; 150 is the measured "
-                                 "recipe. Pass a --search split apart from --calib to judge it unbiased"),
+    carry_over: Optional[Path] = CARRY_OVER_OPT,
+    full_integer: bool = FULL_INTEGER_OPT,
+    finetune: int = FINETUNE_OPT,
     eval_: Path = typer.Option(..., "--eval", help="evaluation data (final figures)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="INT8 ONNX model to write (default: "
                                           "MODEL-int8.onnx in the project's out folder)"),
@@ -177,13 +183,10 @@ def quantize(
         from ..quantize.workflows import resolve_preprocessing, write_report
         from ..targets import load_target
 
-        model, output = _source(model, fmt, output_given, as_json)
+        model, output = _source(model, fmt, output_given, as_json, finetune)
         args["model"] = model
         if fmt == "tflite":
             return _as_tflite(args | {"output": output})
-        if finetune:
-            from ..errors import DataError
-            raise DataError("--finetune goes with --format tflite; for an ONNX model use `edgepack qat`")
         tgt = load_target(target)
         _check_choices(method, ALL_METHODS, rounding)
         load_model(model)  # fail fast on a bad model, before data is opened
