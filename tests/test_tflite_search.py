@@ -261,3 +261,18 @@ def test_full_integer_search_also_judges_the_grid_fine_tuned_model(tmp_path):
     assert abs(tuned.size_bytes - plain.size_bytes) <= 0.02 * plain.size_bytes and tuned.float_ops == []
     assert tuned.output_sqnr_db >= plain.output_sqnr_db - 0.5, (tuned, plain)
     assert r.full_integer and not any("carried over from the ONNX model except" in w for w in r.warnings)
+
+
+def test_finetune_of_a_float_tflite_is_refused_before_any_work(tmp_path, float_tfl):
+    """Fine-tuning needs the ONNX search's QDQ model: a float .tflite source says so at once."""
+    from edgepack.data import load_dataset
+    from edgepack.errors import ModelError
+    from edgepack.targets import load_target
+    from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
+
+    np.savez(tmp_path / "c.npz", inputs=np.zeros((2, 1, 8, 8), np.float32))
+    d = load_dataset(tmp_path / "c.npz")
+    with pytest.raises(ModelError, match="give the FP32 .onnx"):
+        quantize_tflite(float_tfl, load_target("rpi4-2gb"), d, d, tmp_path / "m.tflite",
+                        options=TfliteOptions(finetune_steps=10))
+    assert not (tmp_path / "m.tflite").exists()

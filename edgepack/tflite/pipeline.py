@@ -215,6 +215,9 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                           "run there (drop --format tflite, or pick a target whose runtimes include litert)")
     if output.suffix.lower() != ".tflite":
         raise ModelError(f"output {output} must end in .tflite with --format tflite")
+    if o.finetune_steps and (model.suffix.lower() == ".tflite" or not (o.qdq_model or o.onnx_search)):
+        raise ModelError("--finetune fine-tunes edgepack's INT8 ONNX model of the source: give the FP32 .onnx "
+                         "(not a .tflite) and keep the ONNX search or --carry-over")
     from .convert import converter_python
     converter_python()  # a missing converter is said before any work
     if len(calib) == 0 or len(evaluation) == 0:
