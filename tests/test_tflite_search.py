@@ -264,9 +264,10 @@ def test_full_integer_search_also_judges_the_grid_fine_tuned_model(tmp_path):
 
 
 def test_finetune_of_a_float_tflite_is_refused_before_any_work(tmp_path, float_tfl):
-    """Fine-tuning needs the ONNX search's QDQ model: a float .tflite source says so at once."""
+    """Fine-tuning needs the ONNX search's QDQ model and a step count: a float .tflite source or
+    negative steps say so at once."""
     from edgepack.data import load_dataset
-    from edgepack.errors import ModelError
+    from edgepack.errors import DataError, ModelError
     from edgepack.targets import load_target
     from edgepack.tflite.pipeline import TfliteOptions, quantize_tflite
 
@@ -275,4 +276,7 @@ def test_finetune_of_a_float_tflite_is_refused_before_any_work(tmp_path, float_t
     with pytest.raises(ModelError, match="give the FP32 .onnx"):
         quantize_tflite(float_tfl, load_target("rpi4-2gb"), d, d, tmp_path / "m.tflite",
                         options=TfliteOptions(finetune_steps=10))
+    with pytest.raises(DataError, match="steps >= 0"):
+        quantize_tflite(float_tfl, load_target("rpi4-2gb"), d, d, tmp_path / "m.tflite",
+                        options=TfliteOptions(finetune_steps=-1))
     assert not (tmp_path / "m.tflite").exists()

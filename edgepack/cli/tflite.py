@@ -70,7 +70,7 @@ def quantize_tflite_cmd(*, model: Path, target: str, calib: Path, eval_: Path, o
                         full_integer: bool = False, finetune: int = 0) -> None:
     """`edgepack quantize --format tflite`: raises EdgepackError (the caller prints one line)."""
     from ..data import load_dataset
-    from ..errors import DataError, ModelError
+    from ..errors import ModelError
     from ..targets import load_target
     from ..tflite.pipeline import TfliteOptions, quantize_tflite
 
@@ -90,9 +90,7 @@ def quantize_tflite_cmd(*, model: Path, target: str, calib: Path, eval_: Path, o
     if carry_over is not None:
         from ..modelinfo import load_model
         load_model(carry_over, allow_quantized=True)
-    if finetune < 0:
-        raise DataError(f"--finetune takes a number of steps >= 0, got {finetune}")
-    if finetune:
+    if finetune > 0:
         from ..quantize.qat import _torch
         _torch()  # a missing torch is said before any work
     opts = TfliteOptions(max_drop=max_drop, calib_size=calib_size, latency_threads=tuple(threads), max_evals=max_evals,

@@ -215,6 +215,8 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
                           "run there (drop --format tflite, or pick a target whose runtimes include litert)")
     if output.suffix.lower() != ".tflite":
         raise ModelError(f"output {output} must end in .tflite with --format tflite")
+    if o.finetune_steps < 0:
+        raise DataError(f"--finetune takes a number of steps >= 0, got {o.finetune_steps}")
     if o.finetune_steps and (model.suffix.lower() == ".tflite" or not (o.qdq_model or o.onnx_search)):
         raise ModelError("--finetune fine-tunes edgepack's INT8 ONNX model of the source: give the FP32 .onnx "
                          "(not a .tflite) and keep the ONNX search or --carry-over")
@@ -285,7 +287,7 @@ def quantize_tflite(model: str | Path, target, calib: Dataset, evaluation: Datas
             qcal, rule = CALIBRATION_RULES[calibration]
             paths = [work / f"cand{len(cands) + i}.tflite" for i in range(len(keeps))]
             t = time.perf_counter()
-            log(f"candidates {calibration}{' (carried over)' if carry else ''}: {len(keeps)}")
+            log(f"candidates {calibration}{' (carried over)' if carry is not None else ''}: {len(keeps)}")
             src_onnx, src_tfl = carry_src if carry is not None else (model, float_tfl)
             todo = [tuple(k) for k in dict.fromkeys(map(tuple, keeps)) if (src_tfl, qcal, tuple(k)) not in raw]
             if todo:  # the quantizer's own output, kept: other rules re-grid or carry over from it
@@ -413,8 +415,9 @@ def _onnx_search(model: Path, target, cal: Dataset, search: Dataset, hold: Datas
 def _finetune(model: Path, qdq: Path, cal: Dataset, work: Path, steps: int, log) -> Path:
     """The QDQ model fine-tuned on its own INT8 grid (weights and activation scales, distilled
     from ``model`` on the calibration samples; :mod:`edgepack.quantize.qat_grid`'s defaults are
-    the recipe measured best on EfficientNet-Lite0). Same graph and size; its metadata (a split
-    network, float layers) stays, so it is carried over like the model it came from."""
+    the recipe measured best on EfficientNet-Lite0). Same graph (each learned grid a scale of its
+    own); its metadata (a split network, float layers) stays, so it is carried over like the
+    model it came from."""
     from ..quantize.qat_grid import GridQatOptions, finetune_on_grid, write_back
 
     log(f"fine-tuning the INT8 model on its grid ({steps} steps on {len(cal)} calibration samples)")
